@@ -1,0 +1,344 @@
+"""EDM2 network (Karras et al. 2024, config G): magnitude-preserving UNet and its preconditioning.
+
+Numerically identical to the published EDM2 code (state-dict keys, shapes and outputs), so EDM2
+teacher pickles and our students share one implementation. The UNet can be built as its encoder
+half, its decoder half or both, so the NCVSD networks reuse the same layers.
+"""
+
+import numpy as np
+import torch
+
+from torch_utils import misc
+from torch_utils import persistence
+
+#----------------------------------------------------------------------------
+# Magnitude-preserving primitives.
+
+def normalize(x, dim=None, eps=1e-4):
+    """Scale to unit RMS over `dim` (all but the first by default); eps scaled by the element ratio."""
+    if dim is None:
+        dim = list(range(1, x.ndim))
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    norm = torch.add(eps, norm, alpha=np.sqrt(norm.numel() / x.numel()))
+    return x / norm.to(x.dtype)
+
+def resample(x, f=(1, 1), mode='keep'):
+    """Down- or upsample by 2 with the separable filter `f` (depthwise conv)."""
+    if mode == 'keep':
+        return x
+    taps = np.float32(f)
+    assert taps.ndim == 1 and len(taps) % 2 == 0
+    pad = (len(taps) - 1) // 2
+    taps = taps / taps.sum()
+    kernel = misc.const_like(x, np.outer(taps, taps)[np.newaxis, np.newaxis, :, :])
+    channels = x.shape[1]
+    if mode == 'down':
+        return torch.nn.functional.conv2d(x, kernel.tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=(pad,))
+    assert mode == 'up'
+    return torch.nn.functional.conv_transpose2d(x, (kernel * 4).tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=(pad,))
+
+def mp_silu(x):
+    return torch.nn.functional.silu(x) / 0.596
+
+def mp_sum(a, b, t=0.5):
+    """Magnitude-preserving interpolation: t=0 gives a, t=1 gives b."""
+    return a.lerp(b, t) / np.sqrt((1 - t) ** 2 + t ** 2)
+
+def mp_cat(a, b, dim=1, t=0.5):
+    """Magnitude-preserving concatenation with balance t between a and b."""
+    size_a, size_b = a.shape[dim], b.shape[dim]
+    scale = np.sqrt((size_a + size_b) / ((1 - t) ** 2 + t ** 2))
+    weight_a = scale / np.sqrt(size_a) * (1 - t)
+    weight_b = scale / np.sqrt(size_b) * t
+    return torch.cat([weight_a * a, weight_b * b], dim=dim)
+
+@persistence.persistent_class
+class MPFourier(torch.nn.Module):
+    """Fourier features cos(2π(f·x + φ))·√2 with frozen random f, φ."""
+
+    def __init__(self, num_channels, bandwidth=1):
+        super().__init__()
+        self.register_buffer('freqs', 2 * np.pi * torch.randn(num_channels) * bandwidth)
+        self.register_buffer('phases', 2 * np.pi * torch.rand(num_channels))
+
+    def forward(self, x):
+        features = x.to(torch.float32).ger(self.freqs.to(torch.float32)) + self.phases.to(torch.float32)
+        return (features.cos() * np.sqrt(2)).to(x.dtype)
+
+@persistence.persistent_class
+class MPConv(torch.nn.Module):
+    """Convolution (kernel [k, k]) or linear layer (kernel []) with normalised weights."""
+
+    forced_normalization = True     # EDM2 renormalises in each training forward; students do it per optimizer step.
+
+    def __init__(self, in_channels, out_channels, kernel):
+        super().__init__()
+        self.out_channels = out_channels
+        self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+
+    def effective_weight(self, gain=1):
+        """Normalised, magnitude-preserving float32 weight; forced normalisation in training."""
+        weight = self.weight.to(torch.float32)
+        if self.training and self.forced_normalization:
+            with torch.no_grad():
+                self.weight.copy_(normalize(weight))
+        weight = normalize(weight)
+        return weight * (gain / np.sqrt(weight[0].numel()))
+
+    def forward(self, x, gain=1):
+        weight = self.effective_weight(gain).to(x.dtype)
+        if weight.ndim == 2:
+            return x @ weight.t()
+        assert weight.ndim == 4
+        return torch.nn.functional.conv2d(x, weight, padding=(weight.shape[-1] // 2,))
+
+@torch.no_grad()
+def normalize_weights_(module):
+    """Forced weight normalisation of every MPConv in `module`, outside autograd."""
+    for layer in module.modules():
+        if isinstance(layer, MPConv):
+            layer.weight.copy_(normalize(layer.weight.to(torch.float32)))
+
+def disable_forward_normalization_(module):
+    """Leave the weights untouched in forward (normalize_weights_ is then called after each optimizer step)."""
+    for layer in module.modules():
+        if isinstance(layer, MPConv):
+            layer.forced_normalization = False
+
+#----------------------------------------------------------------------------
+# UNet block.
+
+@persistence.persistent_class
+class Block(torch.nn.Module):
+    """Residual block; 'enc' blocks map channels before the residual, 'dec' blocks after it."""
+
+    def __init__(self, in_channels, out_channels, emb_channels, flavor='enc', resample_mode='keep',
+        resample_filter=[1, 1], attention=False, channels_per_head=64, dropout=0, res_balance=0.3,
+        attn_balance=0.3, clip_act=256,
+    ):
+        super().__init__()
+        self.out_channels = out_channels
+        self.flavor = flavor
+        self.resample_filter = resample_filter
+        self.resample_mode = resample_mode
+        self.num_heads = out_channels // channels_per_head if attention else 0
+        self.dropout = dropout
+        self.res_balance = res_balance
+        self.attn_balance = attn_balance
+        self.clip_act = clip_act
+        self.emb_gain = torch.nn.Parameter(torch.zeros([]))
+        self.conv_res0 = MPConv(out_channels if flavor == 'enc' else in_channels, out_channels, kernel=[3, 3])
+        self.emb_linear = MPConv(emb_channels, out_channels, kernel=[])
+        self.conv_res1 = MPConv(out_channels, out_channels, kernel=[3, 3])
+        self.conv_skip = MPConv(in_channels, out_channels, kernel=[1, 1]) if in_channels != out_channels else None
+        self.attn_qkv = MPConv(out_channels, out_channels * 3, kernel=[1, 1]) if self.num_heads != 0 else None
+        self.attn_proj = MPConv(out_channels, out_channels, kernel=[1, 1]) if self.num_heads != 0 else None
+
+    def forward(self, x, emb):
+        x = resample(x, f=self.resample_filter, mode=self.resample_mode)
+        if self.flavor == 'enc':
+            if self.conv_skip is not None:
+                x = self.conv_skip(x)
+            x = normalize(x, dim=1)
+
+        residual = self.conv_res0(mp_silu(x))
+        scale = self.emb_linear(emb, gain=self.emb_gain) + 1
+        residual = mp_silu(residual * scale.unsqueeze(2).unsqueeze(3).to(residual.dtype))
+        if self.training and self.dropout != 0:
+            residual = torch.nn.functional.dropout(residual, p=self.dropout)
+        residual = self.conv_res1(residual)
+
+        if self.flavor == 'dec' and self.conv_skip is not None:
+            x = self.conv_skip(x)
+        x = mp_sum(x, residual, t=self.res_balance)
+
+        if self.num_heads != 0:
+            x = mp_sum(x, self.attention(x), t=self.attn_balance)
+        if self.clip_act is not None:
+            x = x.clip_(-self.clip_act, self.clip_act)
+        return x
+
+    def attention(self, x):
+        """Self-attention over pixels with pixel-normalised q, k, v."""
+        qkv = self.attn_qkv(x)
+        qkv = qkv.reshape(qkv.shape[0], self.num_heads, -1, 3, qkv.shape[2] * qkv.shape[3])
+        q, k, v = normalize(qkv, dim=2).unbind(3)                     # [N, heads, C/heads, HW] each
+        weights = torch.einsum('nhcq,nhck->nhqk', q, k / np.sqrt(q.shape[2])).softmax(dim=3)
+        out = torch.einsum('nhqk,nhck->nhcq', weights, v)
+        return self.attn_proj(out.reshape(*x.shape))
+
+#----------------------------------------------------------------------------
+# UNet.
+
+def unet_layout(img_resolution, img_channels, model_channels=192, channel_mult=[1, 2, 3, 4],
+    num_blocks=3, attn_resolutions=[16, 8]):
+    """Names and shapes of the UNet layers: (encoder specs, decoder specs, final channels).
+
+    Each spec is (name, kind, kwargs) with kind 'conv' (an MPConv) or 'block' (a Block without emb_channels).
+    """
+    widths = [model_channels * mult for mult in channel_mult]
+    enc = []
+    cout = img_channels + 1
+    for level, channels in enumerate(widths):
+        res = img_resolution >> level
+        if level == 0:
+            enc.append((f'{res}x{res}_conv', 'conv', dict(in_channels=cout, out_channels=channels)))
+            cout = channels
+        else:
+            enc.append((f'{res}x{res}_down', 'block', dict(in_channels=cout, out_channels=cout, flavor='enc', resample_mode='down')))
+        for idx in range(num_blocks):
+            enc.append((f'{res}x{res}_block{idx}', 'block', dict(in_channels=cout, out_channels=channels, flavor='enc', attention=(res in attn_resolutions))))
+            cout = channels
+
+    dec = []
+    skips = [spec[2]['out_channels'] for spec in enc]
+    for level, channels in reversed(list(enumerate(widths))):
+        res = img_resolution >> level
+        if level == len(widths) - 1:
+            dec.append((f'{res}x{res}_in0', 'block', dict(in_channels=cout, out_channels=cout, flavor='dec', attention=True)))
+            dec.append((f'{res}x{res}_in1', 'block', dict(in_channels=cout, out_channels=cout, flavor='dec')))
+        else:
+            dec.append((f'{res}x{res}_up', 'block', dict(in_channels=cout, out_channels=cout, flavor='dec', resample_mode='up')))
+        for idx in range(num_blocks + 1):
+            dec.append((f'{res}x{res}_block{idx}', 'block', dict(in_channels=cout + skips.pop(), out_channels=channels, flavor='dec', attention=(res in attn_resolutions))))
+            cout = channels
+    return enc, dec, cout
+
+@persistence.persistent_class
+class UNet(torch.nn.Module):
+    """EDM2 UNet. `parts` selects which halves exist: 'both' (EDM2), 'encoder' or 'decoder'.
+
+    Every part has its own noise/label embedding; the decoder half also owns out_conv and out_gain.
+    """
+
+    def __init__(self, img_resolution, img_channels, label_dim, model_channels=192, channel_mult=[1, 2, 3, 4],
+        channel_mult_noise=None, channel_mult_emb=None, num_blocks=3, attn_resolutions=[16, 8],
+        label_balance=0.5, concat_balance=0.5, parts='both', **block_kwargs,
+    ):
+        super().__init__()
+        assert parts in ('both', 'encoder', 'decoder')
+        widths = [model_channels * mult for mult in channel_mult]
+        noise_channels = model_channels * channel_mult_noise if channel_mult_noise is not None else widths[0]
+        emb_channels = model_channels * channel_mult_emb if channel_mult_emb is not None else max(widths)
+        self.label_balance = label_balance
+        self.concat_balance = concat_balance
+        enc_specs, dec_specs, final_channels = unet_layout(img_resolution, img_channels, model_channels,
+            channel_mult, num_blocks, attn_resolutions)
+        self.num_skips = len(enc_specs)
+        if parts != 'encoder':
+            self.out_gain = torch.nn.Parameter(torch.zeros([]))
+
+        self.emb_fourier = MPFourier(noise_channels)
+        self.emb_noise = MPConv(noise_channels, emb_channels, kernel=[])
+        self.emb_label = MPConv(label_dim, emb_channels, kernel=[]) if label_dim != 0 else None
+
+        def build(specs):
+            layers = torch.nn.ModuleDict()
+            for name, kind, kwargs in specs:
+                if kind == 'conv':
+                    layers[name] = MPConv(kwargs['in_channels'], kwargs['out_channels'], kernel=[3, 3])
+                else:
+                    layers[name] = Block(emb_channels=emb_channels, **kwargs, **block_kwargs)
+            return layers
+        if parts != 'decoder':
+            self.enc = build(enc_specs)
+        if parts != 'encoder':
+            self.dec = build(dec_specs)
+            self.out_conv = MPConv(final_channels, img_channels, kernel=[3, 3])
+
+    def embed(self, noise_labels, class_labels):
+        """[N] noise labels (+ [N, label_dim] labels) -> [N, emb_channels] embedding."""
+        emb = self.emb_noise(self.emb_fourier(noise_labels))
+        if self.emb_label is not None:
+            emb = mp_sum(emb, self.emb_label(class_labels * np.sqrt(class_labels.shape[1])), t=self.label_balance)
+        return mp_silu(emb)
+
+    def encode(self, x, emb):
+        """[N, C, H, W] input -> (deepest feature map, list of every encoder output for the skips)."""
+        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        skips = []
+        for name, layer in self.enc.items():
+            x = layer(x) if 'conv' in name else layer(x, emb)
+            skips.append(x)
+        return x, skips
+
+    def decode(self, x, skips, emb):
+        """Deepest feature map and skips (consumed from the end) -> [N, img_channels, H, W]."""
+        skips = list(skips)
+        for name, block in self.dec.items():
+            if 'block' in name:
+                x = mp_cat(x, skips.pop(), t=self.concat_balance)
+            x = block(x, emb)
+        return self.out_conv(x, gain=self.out_gain)
+
+    def forward(self, x, noise_labels, class_labels):
+        emb = self.embed(noise_labels, class_labels)
+        x, skips = self.encode(x, emb)
+        return self.decode(x, skips, emb)
+
+#----------------------------------------------------------------------------
+# Preconditioning (EDM) and the uncertainty head.
+
+def precond_coefficients(sigma, sigma_data):
+    """EDM's c_skip, c_out, c_in (all [N, 1, 1, 1]) and c_noise ([N]) for sigma [N, 1, 1, 1]."""
+    c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
+    c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
+    c_in = 1 / (sigma_data ** 2 + sigma ** 2).sqrt()
+    c_noise = sigma.flatten().log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+def prepare_inputs(x, sigma, class_labels, label_dim):
+    """float32 x, sigma as [N, 1, 1, 1] and one-hot labels [N or 1, label_dim] (None without labels)."""
+    x = x.to(torch.float32)
+    sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
+    if label_dim == 0:
+        class_labels = None
+    elif class_labels is None:
+        class_labels = torch.zeros([1, label_dim], device=x.device)
+    else:
+        class_labels = class_labels.to(torch.float32).reshape(-1, label_dim)
+    return x, sigma, class_labels
+
+def compute_dtype(use_fp16, device, force_fp32):
+    """float16 for the UNet body on CUDA when enabled, float32 elsewhere."""
+    return torch.float16 if (use_fp16 and device.type == 'cuda' and not force_fp32) else torch.float32
+
+@persistence.persistent_class
+class Precond(torch.nn.Module):
+    """D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise, label), plus logvar(σ) for loss weighting."""
+
+    def __init__(self, img_resolution, img_channels, label_dim, use_fp16=True, sigma_data=0.5,
+        logvar_channels=128, **unet_kwargs,
+    ):
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.use_fp16 = use_fp16
+        self.sigma_data = sigma_data
+        self.unet = UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **unet_kwargs)
+        self.logvar_fourier = MPFourier(logvar_channels)
+        self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
+
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, return_logvar=False, **unet_kwargs):
+        x, sigma, class_labels = prepare_inputs(x, sigma, class_labels, self.label_dim)
+        dtype = compute_dtype(self.use_fp16, x.device, force_fp32)
+        c_skip, c_out, c_in, c_noise = precond_coefficients(sigma, self.sigma_data)
+        F_x = self.unet((c_in * x).to(dtype), c_noise, class_labels, **unet_kwargs)
+        D_x = c_skip * x + c_out * F_x.to(torch.float32)
+        if return_logvar:
+            return D_x, self.logvar(c_noise)
+        return D_x
+
+    def logvar(self, c_noise):
+        """u(σ) of EDM2's uncertainty-weighted loss, [N, 1, 1, 1]."""
+        return self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
+
+#----------------------------------------------------------------------------
+# The NCVSD wrapper is pickled by reference under this module's name by the released checkpoints.
+
+def __getattr__(name):
+    if name == 'GenerativeDenoiser':
+        from training.networks_ncvsd import GenerativeDenoiser
+        return GenerativeDenoiser
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -1,0 +1,181 @@
+"""NCVSD networks: the conditional denoiser (generator G and fake score S), the discriminator,
+and the GenerativeDenoiser wrapper that samples p(x | y, σ) in one or a few evaluations.
+
+All of them reuse the EDM2 UNet halves of networks_edm2 and start from a teacher's weights.
+"""
+
+import torch
+
+from torch_utils import persistence
+from training.networks_edm2 import (UNet, MPConv, MPFourier, mp_sum, mp_cat, precond_coefficients,
+    prepare_inputs, compute_dtype, normalize_weights_, disable_forward_normalization_)
+from training.noise_levels import as_sigma, combine_conditions, sampling_grid, parse_ts
+
+#----------------------------------------------------------------------------
+
+@persistence.persistent_class
+class ControlledDecoder(UNet):
+    """EDM2 decoder half whose input and skips blend in a control encoder's, with learned weights in [0, 1]."""
+
+    def __init__(self, **unet_kwargs):
+        super().__init__(parts='decoder', **unet_kwargs)
+        self.additional_x_weight = torch.nn.Parameter(torch.zeros([1]))
+        self.additional_skips_weight = torch.nn.Parameter(torch.zeros([self.num_skips]))
+
+    @torch.no_grad()
+    def clip_weights_(self):
+        """Forced clipping of the mixing weights to [0, 1]."""
+        self.additional_x_weight.clamp_(0, 1)
+        self.additional_skips_weight.clamp_(0, 1)
+
+    def mixed_decode(self, x, skips, ctrl_x, ctrl_skips, emb):
+        """Decode mp_sum(enc, ctrl, t=w) of the deepest features and of every skip (w = 0: ctrl ignored)."""
+        x_weight = self.additional_x_weight.clip(0, 1).to(x.dtype)
+        skip_weights = self.additional_skips_weight.clip(0, 1).to(x.dtype)
+        x = mp_sum(x, ctrl_x, t=x_weight)
+        skips = [mp_sum(skip, ctrl_skip, t=weight) for skip, ctrl_skip, weight in zip(skips, ctrl_skips, skip_weights)]
+        return self.decode(x, skips, emb)
+
+class _TwoEncoderNetwork(torch.nn.Module):
+    """Shared part of G/S and the discriminator: `enc` sees (x, σ), `ctrl` sees the condition (y, σ_y)."""
+
+    def _init_common(self, img_resolution, img_channels, label_dim, use_fp16, sigma_data, unet_kwargs):
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.use_fp16 = use_fp16
+        self.sigma_data = sigma_data
+        self.unet_kwargs = dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **unet_kwargs)
+        self.ctrl = UNet(parts='encoder', **self.unet_kwargs)
+        self.enc = UNet(parts='encoder', **self.unet_kwargs)
+
+    def _encode_both(self, x, sigma, condition_x, condition_sigma, class_labels, force_fp32):
+        """Precondition and encode input and condition; returns what the heads need."""
+        x, sigma, class_labels = prepare_inputs(x, sigma, class_labels, self.label_dim)
+        condition_x, condition_sigma, _ = prepare_inputs(condition_x, condition_sigma, None, 0)
+        dtype = compute_dtype(self.use_fp16, x.device, force_fp32)
+        c_skip, c_out, c_in, c_noise = precond_coefficients(sigma, self.sigma_data)
+        _, _, cond_c_in, cond_c_noise = precond_coefficients(condition_sigma, self.sigma_data)
+        enc_x, enc_skips = self.enc.encode((c_in * x).to(dtype), self.enc.embed(c_noise, class_labels))
+        ctrl_x, ctrl_skips = self.ctrl.encode((cond_c_in * condition_x).to(dtype), self.ctrl.embed(cond_c_noise, class_labels))
+        return dict(x=x, class_labels=class_labels, c_skip=c_skip, c_out=c_out, c_noise=c_noise,
+            enc_x=enc_x, enc_skips=enc_skips, ctrl_x=ctrl_x, ctrl_skips=ctrl_skips)
+
+    def init_from_pretrained(self, teacher):
+        """Copy the teacher UNet's weights into every part with matching names (new weights keep their init)."""
+        unet_state = teacher.unet.state_dict()
+        for part in self._pretrained_parts():
+            part.load_state_dict(unet_state, strict=False)
+        return self
+
+    def prepare_for_training(self):
+        """Weights normalised once per optimizer step by `project_()` rather than inside forward."""
+        disable_forward_normalization_(self)
+        self.project_()
+        return self
+
+    @torch.no_grad()
+    def project_(self):
+        """Forced weight normalisation (and weight clipping); call after every optimizer step."""
+        normalize_weights_(self)
+        for module in self.modules():
+            if isinstance(module, ControlledDecoder):
+                module.clip_weights_()
+
+@persistence.persistent_class
+class ConditionalPrecond(_TwoEncoderNetwork):
+    """D(x; σ | y, σ_y): the generator G and the fake score S of NCVSD, with a logvar head."""
+
+    def __init__(self, img_resolution, img_channels, label_dim, use_fp16=True, sigma_data=0.5,
+        logvar_channels=128, **unet_kwargs,
+    ):
+        super().__init__()
+        self._init_common(img_resolution, img_channels, label_dim, use_fp16, sigma_data, unet_kwargs)
+        self.dec = ControlledDecoder(**self.unet_kwargs)
+        self.logvar_fourier = MPFourier(logvar_channels)
+        self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
+
+    def _pretrained_parts(self):
+        return [self.ctrl, self.enc, self.dec]
+
+    def init_from_pretrained(self, teacher):
+        super().init_from_pretrained(teacher)
+        if hasattr(teacher, 'logvar_linear'):
+            self.logvar_fourier.load_state_dict(teacher.logvar_fourier.state_dict())
+            self.logvar_linear.load_state_dict(teacher.logvar_linear.state_dict())
+        return self
+
+    def forward(self, x, sigma, condition_x, condition_sigma, class_labels=None, force_fp32=False, return_logvar=False):
+        h = self._encode_both(x, sigma, condition_x, condition_sigma, class_labels, force_fp32)
+        emb = self.dec.embed(h['c_noise'], h['class_labels'])
+        F_x = self.dec.mixed_decode(h['enc_x'], h['enc_skips'], h['ctrl_x'], h['ctrl_skips'], emb)
+        D_x = h['c_skip'] * h['x'] + h['c_out'] * F_x.to(torch.float32)
+        if return_logvar:
+            logvar = self.logvar_linear(self.logvar_fourier(h['c_noise'])).reshape(-1, 1, 1, 1)
+            return D_x, logvar
+        return D_x
+
+@persistence.persistent_class
+class ConditionalDiscriminator(_TwoEncoderNetwork):
+    """logit(x, σ | y, σ_y) = out_conv(mean over pixels of mp_cat(ctrl features, enc features))."""
+
+    def __init__(self, img_resolution, img_channels, label_dim, use_fp16=True, sigma_data=0.5,
+        logvar_channels=128, **unet_kwargs,
+    ):
+        super().__init__()
+        self._init_common(img_resolution, img_channels, label_dim, use_fp16, sigma_data, unet_kwargs)
+        features = [spec for spec in self.enc.enc.values()][-1].out_channels
+        self.out_conv = MPConv(2 * features, 1, kernel=[])
+
+    def _pretrained_parts(self):
+        return [self.ctrl, self.enc]
+
+    def forward(self, x, sigma, condition_x, condition_sigma, class_labels=None, force_fp32=False):
+        h = self._encode_both(x, sigma, condition_x, condition_sigma, class_labels, force_fp32)
+        features = mp_cat(h['ctrl_x'], h['enc_x']).to(torch.float32).mean(dim=(2, 3))  # [N, 2C]
+        return self.out_conv(features)                                                    # [N, 1]
+
+#----------------------------------------------------------------------------
+
+class GenerativeDenoiser(torch.nn.Module):
+    """G(y, σ): a sample of p(x | y = x + σn), from one evaluation of a conditional network.
+
+    Plain (non-persistent) module: released checkpoints pickle it by reference. Attributes added
+    after the published ones need class-level defaults.
+    """
+
+    def __init__(self, model, gamma=0.414, init_sigma=80.0):
+        super().__init__()
+        self.model = model
+        self.gamma = gamma
+        self.init_sigma = init_sigma
+        self.img_resolution = model.img_resolution
+        self.img_channels = model.img_channels
+        self.label_dim = model.label_dim
+
+    def denoise(self, y, sigma, labels=None, return_logvar=False, randn_like=torch.randn_like, force_fp32=False):
+        """One evaluation: σ̂ = σ(1+γ), ŷ = y + z·sqrt(σ̂² − σ²), x = net(ŷ, σ̂ | y, σ)."""
+        sigma = as_sigma(sigma, y).expand(y.shape[0], 1, 1, 1)
+        sigma_hat = sigma * (1 + self.gamma)
+        y_hat = y + randn_like(y) * (sigma_hat.square() - sigma.square()).sqrt()
+        return self.model(y_hat, sigma_hat, condition_x=y, condition_sigma=sigma, class_labels=labels,
+            force_fp32=force_fp32, return_logvar=return_logvar)
+
+    def forward(self, y, sigma, labels=None, return_logvar=False, ts=None, randn_like=torch.randn_like, force_fp32=False):
+        """Sample p(x | y, σ). With `ts` (grid indices ending at 39): len(ts) − 1 evaluations of
+        G at (y_eff, σ_eff), each combining (y, σ) with a fresh noisy x_t at the grid's next level."""
+        if ts is None:
+            return self.denoise(y, sigma, labels, return_logvar, randn_like, force_fp32)
+        grid = sampling_grid().tolist()
+        ts = parse_ts(ts)
+        x_t = randn_like(y) * grid[ts[0]]
+        for step, (index, next_index) in enumerate(zip(ts[:-1], ts[1:])):
+            y_eff, sigma_eff = combine_conditions(y, sigma, x_t, grid[index])
+            x0 = self.denoise(y_eff, sigma_eff, labels, return_logvar, randn_like, force_fp32)
+            if step < len(ts) - 2:
+                x_t = (x0[0] if return_logvar else x0) + randn_like(y) * grid[next_index]
+        return x0
+
+    def sample(self, noise, labels=None, ts=(10, 22, 39), randn_like=torch.randn_like):
+        """Unconditional generation: y = init_sigma·noise at σ = init_sigma."""
+        return self(noise * self.init_sigma, self.init_sigma, labels=labels, ts=ts, randn_like=randn_like)
