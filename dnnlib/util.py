@@ -5,6 +5,7 @@ import importlib
 import io
 import os
 import re
+import sys
 import tempfile
 import urllib.parse
 
@@ -25,6 +26,14 @@ class EasyDict(dict):
 
 class UserError(Exception):
     """A problem with the user's input: the CLIs print its one-line message, not a traceback."""
+
+def run_cli(fn, *args, **kwargs):
+    """Run library code for a CLI: a UserError becomes a one-line message and exit status 1."""
+    try:
+        return fn(*args, **kwargs)
+    except UserError as err:
+        print(f'Error: {err}', file=sys.stderr, flush=True)
+        sys.exit(1)
 
 #----------------------------------------------------------------------------
 # Cache directory.

@@ -1,0 +1,24 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
+sys.path.insert(0, ROOT)
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+def load_fixture(name):
+    return torch.load(os.path.join(FIXTURES, name), weights_only=True)
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Never touch the user's download cache from a test."""
+    monkeypatch.setenv('NCVSD_CACHE_DIR', str(tmp_path / 'cache'))
+
+def run_python(args, cwd=None, env=None, timeout=300):
+    """Run `python args...` in a fresh process from the repository root; returns CompletedProcess."""
+    import subprocess
+    full_env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+    return subprocess.run([sys.executable] + list(args), cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)

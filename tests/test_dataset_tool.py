@@ -1,0 +1,78 @@
+import json
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from conftest import run_python
+from training.dataset import ImageFolderDataset
+from training.dataset_io import convert_dataset
+from dnnlib.util import UserError
+
+def make_images(folder, sizes, labels=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(sizes):
+        PIL.Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f'im{i}.png')
+    if labels is not None:
+        (folder / 'dataset.json').write_text(json.dumps({'labels': [[f'im{i}.png', l] for i, l in enumerate(labels)]}))
+    return folder
+
+@pytest.mark.parametrize('transform', [None, 'center-crop', 'center-crop-wide', 'center-crop-dhariwal'])
+def test_convert_round_trip(tmp_path, transform):
+    src = make_images(tmp_path / 'src', [(48, 32)] * 3 + [(40, 40)] * 2, labels=[0, 2, 1, 2, 0])
+    dest = tmp_path / 'out.zip'
+    convert_dataset(str(src), str(dest), transform=transform, resolution='16x16')
+    dataset = ImageFolderDataset(str(dest), xflip=True)
+    assert len(dataset) == 10 and dataset.image_shape == [3, 16, 16] and dataset.label_dim == 3
+    image, label = dataset[1]
+    assert image.dtype == np.uint8 and image.shape == (3, 16, 16)
+    assert label.tolist() == [0, 0, 1]
+    assert np.array_equal(dataset[6][0], image[:, :, ::-1])
+
+def test_convert_keeps_pixels_and_max_images(tmp_path):
+    src = make_images(tmp_path / 'src', [(8, 8)] * 4)
+    convert_dataset(str(src), str(tmp_path / 'folder'), max_images=3)
+    dataset = ImageFolderDataset(str(tmp_path / 'folder'), max_size=2)
+    assert len(dataset) == 2 and not dataset.has_labels
+    original = np.array(PIL.Image.open(src / 'im0.png')).transpose(2, 0, 1)
+    assert np.array_equal(ImageFolderDataset(str(tmp_path / 'folder'))[0][0], original)
+
+def test_dataset_resolution_check(tmp_path):
+    src = make_images(tmp_path / 'src', [(8, 8)] * 2)
+    with pytest.raises(UserError, match='8x8 images but 16x16'):
+        ImageFolderDataset(str(src), resolution=16)
+
+@pytest.mark.parametrize('case, message', [
+    ('empty', 'holds no images'),
+    ('corrupt', 'cannot decode'),
+    ('mixed', 'pass --resolution'),
+    ('dest', 'not empty'),
+    ('transform', 'is not one of'),
+    ('missing', 'does not exist'),
+])
+def test_bad_inputs_give_one_line_errors(tmp_path, case, message):
+    src = make_images(tmp_path / 'src', [(8, 8), (8, 8)])
+    args = ['dataset_tool.py', 'convert', f'--source={src}', f'--dest={tmp_path / "out.zip"}']
+    if case == 'empty':
+        (tmp_path / 'empty').mkdir()
+        args[2] = f'--source={tmp_path / "empty"}'
+    elif case == 'corrupt':
+        (src / 'im1.png').write_bytes(b'not a png')
+    elif case == 'mixed':
+        make_images(tmp_path / 'src2', [(8, 8), (9, 8)])
+        args[2] = f'--source={tmp_path / "src2"}'
+    elif case == 'dest':
+        (tmp_path / 'full').mkdir()
+        (tmp_path / 'full' / 'x').write_text('x')
+        args[3] = f'--dest={tmp_path / "full"}'
+    elif case == 'transform':
+        args.append('--transform=stretch')
+    elif case == 'missing':
+        args[2] = f'--source={tmp_path / "nowhere"}'
+    result = run_python(args)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert 'Traceback' not in result.stderr
+    assert not (tmp_path / 'out.zip').exists()

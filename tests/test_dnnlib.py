@@ -1,0 +1,58 @@
+import http.server
+import os
+import threading
+
+import pytest
+
+import dnnlib
+from dnnlib import util
+
+def test_easydict_and_construct_by_name():
+    cfg = dnnlib.EasyDict(class_name='collections.OrderedDict', a=1)
+    cfg.b = 2
+    obj = util.construct_class_by_name(**cfg)
+    assert dict(obj) == dict(a=1, b=2)
+    with pytest.raises(AttributeError):
+        cfg.missing
+
+def test_parsers():
+    assert util.parse_int_list('0-3,7,10-12') == [0, 1, 2, 3, 7, 10, 11, 12]
+    assert util.parse_nimg('64Mi') == 64 << 20 and util.parse_nimg('4Ki') == 4096 and util.parse_nimg('1000') == 1000
+    with pytest.raises(util.UserError):
+        util.parse_nimg('lots')
+    with pytest.raises(util.UserError):
+        util.parse_int_list('1-')
+
+def test_cache_dir_follows_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv('NCVSD_CACHE_DIR', str(tmp_path))
+    assert dnnlib.make_cache_dir_path('downloads') == os.path.join(str(tmp_path), 'downloads')
+
+def test_open_url_local_and_file_url(tmp_path):
+    path = tmp_path / 'a.bin'
+    path.write_bytes(b'hello')
+    with util.open_url(str(path)) as f:
+        assert f.read() == b'hello'
+    with util.open_url(path.as_uri()) as f:
+        assert f.read() == b'hello'
+    with pytest.raises(util.UserError, match='not found'):
+        util.open_url(str(tmp_path / 'missing.pkl'))
+
+def test_open_url_http_is_cached(tmp_path):
+    served = tmp_path / 'served'
+    served.mkdir()
+    (served / 'model.pkl').write_bytes(b'weights')
+    handler = lambda *args: http.server.SimpleHTTPRequestHandler(*args, directory=str(served))
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f'http://127.0.0.1:{server.server_address[1]}/model.pkl'
+    try:
+        with util.open_url(url, cache_dir=str(tmp_path / 'cache'), verbose=False) as f:
+            assert f.read() == b'weights'
+    finally:
+        server.shutdown()
+        server.server_close()
+    # The server is gone: the second read must come from the cache.
+    with util.open_url(url, cache_dir=str(tmp_path / 'cache'), verbose=False) as f:
+        assert f.read() == b'weights'
+    with pytest.raises(util.UserError, match='offline'):
+        util.open_url(url.replace('model.pkl', 'other.pkl'), cache_dir=str(tmp_path / 'cache'), verbose=False, num_attempts=1)
