@@ -62,6 +62,14 @@ def all_reduce_sum(tensor):
         torch.distributed.all_reduce(tensor)
     return tensor
 
+def all_gather_object(obj):
+    """[obj of rank 0, obj of rank 1, ...]."""
+    if not torch.distributed.is_initialized():
+        return [obj]
+    gathered = [None] * get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
 def broadcast_object(obj, src=0):
     if not torch.distributed.is_initialized():
         return obj

@@ -48,6 +48,19 @@ class StandardRGBEncoder(Encoder):
         return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 @persistence.persistent_class
+class IdentityEncoder(Encoder):
+    """Items already in network space (e.g. samples of an exact teacher's mixture), shown as [-1, 1] images."""
+
+    def encode_pixels(self, x):
+        return x
+
+    def encode_latents(self, x):
+        return x.to(torch.float32)
+
+    def decode(self, x):
+        return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+@persistence.persistent_class
 class StabilityVAEEncoder(Encoder):
     """SD VAE (diffusers AutoencoderKL, from a hub name or a local folder); latents scaled to std ≈ 0.5."""
 

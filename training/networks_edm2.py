@@ -41,8 +41,8 @@ def mp_silu(x):
     return torch.nn.functional.silu(x) / 0.596
 
 def mp_sum(a, b, t=0.5):
-    """Magnitude-preserving interpolation: t=0 gives a, t=1 gives b."""
-    return a.lerp(b, t) / np.sqrt((1 - t) ** 2 + t ** 2)
+    """Magnitude-preserving interpolation: t=0 gives a, t=1 gives b (t a float or a 0-dim tensor)."""
+    return a.lerp(b, t) / ((1 - t) ** 2 + t ** 2) ** 0.5
 
 def mp_cat(a, b, dim=1, t=0.5):
     """Magnitude-preserving concatenation with balance t between a and b."""

@@ -1,0 +1,83 @@
+"""Power-function EMA (Karras et al. 2024) and post-hoc reconstruction of new EMA lengths."""
+
+import copy
+
+import numpy as np
+import torch
+
+def exp_to_std(exp):
+    """Relative standard deviation of the power-function EMA profile t^γ."""
+    exp = np.float64(exp)
+    return np.sqrt((exp + 1) / (exp + 2) ** 2 / (exp + 3))
+
+def std_to_exp(std):
+    """Inverse of exp_to_std: the largest real root of γ³ + 7γ² + (16 − σ⁻²)γ + (12 − σ⁻²)."""
+    std = np.float64(std)
+    inv_var = std.flatten() ** -2
+    exps = [np.roots([1, 7, 16 - v, 12 - v]).real.max() for v in inv_var]
+    return np.float64(exps).reshape(std.shape)
+
+def power_function_beta(std, t_next, t_delta):
+    """EMA decay for a step of t_delta images ending at t_next."""
+    return (1 - t_delta / t_next) ** (std_to_exp(std) + 1)
+
+class PowerFunctionEMA:
+    """One EMA copy of `net` per relative std; buffers follow the live network."""
+
+    def __init__(self, net, stds=(0.050, 0.100)):
+        self.net = net
+        self.stds = list(stds)
+        self.emas = [copy.deepcopy(net).eval().requires_grad_(False) for _std in self.stds]
+
+    @torch.no_grad()
+    def reset(self):
+        for ema in self.emas:
+            for p_net, p_ema in zip(self.net.parameters(), ema.parameters()):
+                p_ema.copy_(p_net)
+
+    @torch.no_grad()
+    def update(self, cur_nimg, batch_size):
+        for std, ema in zip(self.stds, self.emas):
+            beta = float(power_function_beta(std=std, t_next=cur_nimg, t_delta=batch_size))
+            for p_net, p_ema in zip(self.net.parameters(), ema.parameters()):
+                p_ema.lerp_(p_net.detach(), 1 - beta)
+
+    @torch.no_grad()
+    def get(self):
+        """[(ema network, suffix like '-0.050')] with buffers copied from the live network."""
+        for ema in self.emas:
+            for b_net, b_ema in zip(self.net.buffers(), ema.buffers()):
+                b_ema.copy_(b_net)
+        return [(ema, f'-{std:.3f}') for std, ema in zip(self.stds, self.emas)]
+
+    def state_dict(self):
+        return dict(stds=self.stds, emas=[ema.state_dict() for ema in self.emas])
+
+    def load_state_dict(self, state):
+        self.stds = list(state['stds'])
+        for ema, ema_state in zip(self.emas, state['emas']):
+            ema.load_state_dict(ema_state)
+
+#----------------------------------------------------------------------------
+# Post-hoc reconstruction: the EMA profile of a new std as a least-squares mix of saved profiles.
+
+def power_function_correlation(a_ofs, a_std, b_ofs, b_std):
+    """∫ p_a(t) p_b(t) dt of two EMA profiles p(t) = (γ+1) t^γ / T^(γ+1) on [0, T] (closed form)."""
+    a_exp = std_to_exp(a_std)
+    b_exp = std_to_exp(b_std)
+    t_ratio = a_ofs / b_ofs
+    t_exp = np.where(a_ofs < b_ofs, b_exp, -a_exp)
+    t_max = np.maximum(a_ofs, b_ofs)
+    num = (a_exp + 1) * (b_exp + 1) * t_ratio ** t_exp
+    den = (a_exp + b_exp + 1) * t_max
+    return num / den
+
+def solve_posthoc_coefficients(in_ofs, in_std, out_ofs, out_std):
+    """Coefficients [num_in, num_out] mixing saved EMA snapshots into the requested ones."""
+    in_ofs, in_std = np.broadcast_arrays(in_ofs, in_std)
+    out_ofs, out_std = np.broadcast_arrays(out_ofs, out_std)
+    rv = lambda x: np.float64(x).reshape(-1, 1)
+    cv = lambda x: np.float64(x).reshape(1, -1)
+    A = power_function_correlation(rv(in_ofs), rv(in_std), cv(in_ofs), cv(in_std))
+    B = power_function_correlation(rv(in_ofs), rv(in_std), cv(out_ofs), cv(out_std))
+    return np.linalg.lstsq(A, B, rcond=None)[0]

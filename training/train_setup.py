@@ -1,0 +1,88 @@
+"""From presets and command-line options to a training_loop() call (the library side of train_ncvsd.py)."""
+
+import json
+import os
+
+import torch
+
+import dnnlib
+from dnnlib.util import UserError
+from torch_utils import distributed as dist
+from training import loading
+from training.dataset import ImageFolderDataset
+from training.encoders import StandardRGBEncoder, StabilityVAEEncoder
+from training.noise_levels import parse_ts
+from training.training_loop import training_loop
+
+PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'presets')
+
+def load_preset(name):
+    """A preset by name (presets/<name>.json) or path."""
+    path = name if name.endswith('.json') else os.path.join(PRESET_DIR, f'{name}.json')
+    if not os.path.isfile(path):
+        known = sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith('.json'))
+        raise UserError(f'unknown preset "{name}"; choose one of {", ".join(known)} or give a .json path')
+    with open(path) as f:
+        return dnnlib.EasyDict(json.load(f))
+
+def resolve_options(opts):
+    """Preset values overridden by the options the user gave."""
+    config = load_preset(opts['preset'])
+    config.update({k: v for k, v in opts.items() if k != 'preset'})
+    config.preset = opts['preset']
+    for key in ('duration', 'status', 'snapshot', 'checkpoint'):
+        config[key] = dnnlib.util.parse_nimg(config.get(key, 0))
+    config.ts = parse_ts(config.get('ts', '10,22,39'))
+    return config
+
+def load_teacher(config):
+    """(teacher, encoder or None) from --net, or the preset's built-in exact teacher."""
+    if config.get('net'):
+        data = loading.load_network_data(config.net, verbose=dist.get_rank() == 0)
+        return loading.check_diffusion_network(data['ema'], config.net), data.get('encoder', None)
+    if config.get('teacher'):
+        return dnnlib.util.construct_class_by_name(**config.teacher), None
+    hint = f' (the published one: --net={config.teacher_url})' if config.get('teacher_url') else ''
+    raise UserError(f'preset "{config.preset}" needs a teacher: pass --net=PATH_OR_URL of an EDM2 pickle{hint}')
+
+def make_data(config, teacher, encoder):
+    """(dataset, encoder, dataset_kwargs) from --data, or samples of an exact teacher."""
+    if config.get('data'):
+        dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=config.data,
+            use_labels=bool(config.get('cond', True)), xflip=False, cache=True)
+        dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
+        if encoder is None:
+            latent = dataset.num_channels == 2 * teacher.img_channels
+            encoder = StabilityVAEEncoder() if latent else StandardRGBEncoder()
+        return dataset, encoder, dataset_kwargs
+    if hasattr(teacher, 'make_dataset'):
+        dataset, encoder = teacher.make_dataset(seed=config.get('seed', 0))
+        return dataset, encoder, dnnlib.EasyDict(class_name='exact teacher samples')
+    raise UserError('--data is required (a dataset zip made by dataset_tool.py) unless the teacher is an exact mixture')
+
+def launch(opts):
+    dist.init()
+    config = resolve_options(opts)
+    teacher, encoder = load_teacher(config)
+    dataset, encoder, dataset_kwargs = make_data(config, teacher, encoder)
+    from training.training_loop import check_data_matches, check_run_options
+    check_data_matches(dataset, encoder, teacher, bool(config.get('cond', True)))
+    network_kwargs = dict(config.get('network', {}))
+    network_kwargs['use_fp16'] = bool(config.get('fp16', False))
+    run_options = {k: v for k, v in config.items() if k not in ('outdir', 'workers', 'device')}
+    check_run_options(config.outdir, run_options)
+    dist.print0(json.dumps(run_options, indent=2))
+    training_loop(
+        run_dir=config.outdir, teacher=teacher, dataset=dataset, encoder=encoder, dataset_kwargs=dataset_kwargs,
+        network_kwargs=network_kwargs, init_from_teacher=hasattr(teacher, 'unet'),
+        loss_kwargs=dict(P_mean=config.P_mean, P_std=config.P_std, gan_loss_scaling=config.gan_loss_scaling),
+        lr_kwargs=dict(ref_lr=config.lr, ref_batches=config.ref_batches, rampup_Mimg=config.rampup_Mimg),
+        g_lr_scaling=config.g_lr_scaling, d_lr_scaling=config.d_lr_scaling, gamma=config.gamma,
+        gan_warmup_nimg=int(config.gan_warmup_Kimg * 1000), ema_stds=config.ema_stds,
+        seed=config.get('seed', 0), batch_size=config.batch, batch_gpu=config.get('batch_gpu'),
+        total_nimg=config.duration, status_nimg=config.status, snapshot_nimg=config.snapshot,
+        checkpoint_nimg=config.checkpoint, loss_scaling=config.get('ls', 1.0), ts=config.ts,
+        num_workers=config.get('workers', 2 if torch.cuda.is_available() else 0),
+        grid_size=config.get('grid_size', 64), device=config.get('device'),
+    )
+    dist.shutdown()

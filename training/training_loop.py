@@ -1,0 +1,324 @@
+"""The NCVSD distillation loop (DESIGN §3): fake score, discriminator and generator phases."""
+
+import copy
+import json
+import os
+import pickle
+import time
+
+import numpy as np
+import psutil
+import torch
+
+import dnnlib
+from dnnlib.util import UserError
+from torch_utils import distributed as dist
+from torch_utils import misc
+from torch_utils import training_stats
+from training import loading
+from training.networks_ncvsd import ConditionalPrecond, ConditionalDiscriminator, GenerativeDenoiser
+from training.phema import PowerFunctionEMA
+from training.sampling import StackedRandomGenerator, random_labels, generate_student, save_image_grid
+
+#----------------------------------------------------------------------------
+# Schedules and small pieces.
+
+def learning_rate_schedule(cur_nimg, batch_size, ref_lr=0.010, ref_batches=35000, rampup_Mimg=10):
+    """ref_lr / sqrt(max(nimg / (ref_batches·batch), 1)) · min(nimg / (rampup_Mimg·1e6), 1)."""
+    lr = ref_lr
+    if ref_batches > 0:
+        lr /= np.sqrt(max(cur_nimg / (ref_batches * batch_size), 1))
+    if rampup_Mimg > 0:
+        lr *= min(cur_nimg / (rampup_Mimg * 1e6), 1)
+    return lr
+
+class RandomState:
+    """Every random number generator of every rank, checkpointed for exact resumption."""
+
+    def __init__(self, device, seed):
+        self.generator = torch.Generator(device).manual_seed(seed)
+        torch.manual_seed(seed)
+
+    def state_dict(self):
+        state = dict(generator=self.generator.get_state(), cpu=torch.get_rng_state())
+        if torch.cuda.is_available():
+            state['cuda'] = torch.cuda.get_rng_state()
+        return dict(ranks=dist.all_gather_object(state))
+
+    def load_state_dict(self, states):
+        if len(states['ranks']) != dist.get_world_size():
+            raise UserError(f'the checkpoint was written by {len(states["ranks"])} ranks but this run has {dist.get_world_size()}; '
+                'resume with the same number of processes')
+        state = states['ranks'][dist.get_rank()]
+        self.generator.set_state(state['generator'])
+        torch.set_rng_state(state['cpu'])
+        if 'cuda' in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state['cuda'])
+
+@torch.no_grad()
+def reduce_gradients_(module, loss_scaling, force_finite=True):
+    """Sum gradients over ranks in one flat all-reduce, undo loss scaling, zero non-finite values."""
+    params = [p for p in module.parameters() if p.grad is not None]
+    if not params:
+        return
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce_sum(flat)
+    flat.div_(loss_scaling)
+    if force_finite:
+        torch.nan_to_num(flat, nan=0, posinf=0, neginf=0, out=flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].reshape(p.shape))
+        offset += p.numel()
+
+def infinite_batches(data_loader, encoder, device):
+    """Endless (images in network space [N, C, H, W], labels [N, L]) on `device`."""
+    for images, labels in data_loader:
+        images = encoder.encode_latents(torch.as_tensor(images).to(device))
+        yield images, torch.as_tensor(labels).to(device, torch.float32)
+
+#----------------------------------------------------------------------------
+# Set-up.
+
+def build_students(teacher, network_kwargs, device, init_from_teacher=True):
+    """Generator, fake score and discriminator with the teacher's architecture (overridable)."""
+    kwargs = dict(teacher.init_kwargs) if hasattr(teacher, 'init_kwargs') else {}
+    kwargs.update(network_kwargs)
+    for name in ('img_resolution', 'img_channels', 'label_dim'):
+        kwargs[name] = getattr(teacher, name)
+    nets = []
+    for cls in (ConditionalPrecond, ConditionalPrecond, ConditionalDiscriminator):
+        net = cls(**kwargs)
+        if init_from_teacher:
+            net.init_from_pretrained(teacher)
+        nets.append(net.train().to(device).prepare_for_training())
+    return nets
+
+def check_data_matches(dataset, encoder, teacher, cond):
+    """Clear errors when the data cannot feed the teacher (resolution, channels, labels)."""
+    item = torch.as_tensor(dataset[0][0])[None]
+    encoded = encoder.encode_latents(item)
+    expected = [teacher.img_channels, teacher.img_resolution, teacher.img_resolution]
+    if list(encoded.shape[1:]) != expected:
+        raise UserError(f'the dataset gives items of shape {list(encoded.shape[1:])} (channels, height, width) '
+            f'but the teacher expects {expected}; convert the data at {teacher.img_resolution}x{teacher.img_resolution} '
+            'with dataset_tool.py (and encode it for latent-space teachers)')
+    if cond and teacher.label_dim != 0 and dataset.label_dim != teacher.label_dim:
+        raise UserError(f'the dataset has {dataset.label_dim} classes but the teacher has label_dim={teacher.label_dim}; '
+            'use the matching dataset, or --cond=False for an unconditional teacher')
+    if cond and teacher.label_dim == 0 and dataset.label_dim != 0:
+        raise UserError(f'the teacher is unconditional but the dataset has labels; pass --cond=False')
+
+RESUMABLE_CHANGES = ('duration', 'status', 'snapshot', 'checkpoint', 'ts', 'batch_gpu', 'grid_size')   # Safe to change on resume.
+
+def check_run_options(run_dir, options):
+    """An outdir belongs to one run: refuse to resume a run with different settings."""
+    path = os.path.join(run_dir, 'training_options.json')
+    identity = {k: v for k, v in options.items() if k not in RESUMABLE_CHANGES}
+    if os.path.isfile(path):
+        with open(path) as f:
+            previous = json.load(f)
+        previous = {k: v for k, v in previous.items() if k in identity}
+        changed = sorted(k for k in set(identity) | set(previous) if identity.get(k) != previous.get(k))
+        if changed and dist.latest_checkpoint(run_dir) is not None:
+            raise UserError(f'--outdir={run_dir} holds checkpoints of a different run (differs in {", ".join(changed)}); '
+                'use a new --outdir, or the original settings to resume')
+    if dist.get_rank() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        temp = path + '.tmp'
+        with open(temp, 'w') as f:
+            json.dump(options, f, indent=2)
+        os.replace(temp, path)
+
+#----------------------------------------------------------------------------
+# Outputs.
+
+def save_snapshot(run_dir, cur_nimg, ema, gamma, encoder, dataset_kwargs, loss_fn, ts, teacher, grid_seeds, device):
+    """network-snapshot-<kimg>-<std>.pkl (+ .png sample grid) for every EMA length; returns the exact metrics if any."""
+    results = {}
+    for ema_net, suffix in ema.get():
+        denoiser = GenerativeDenoiser(copy.deepcopy(ema_net).eval().requires_grad_(False).cpu(), gamma=gamma)
+        data = dnnlib.EasyDict(ema=denoiser, encoder=encoder, dataset_kwargs=dataset_kwargs, loss_fn=loss_fn)
+        base = os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:07d}{suffix}')
+        if dist.get_rank() == 0:
+            with open(base + '.pkl.tmp', 'wb') as f:
+                pickle.dump(data, f)
+            os.replace(base + '.pkl.tmp', base + '.pkl')
+            results[suffix] = save_sample_grid(denoiser.to(device), encoder, ts, teacher, grid_seeds, base + '.png')
+    return results
+
+@torch.no_grad()
+def save_sample_grid(denoiser, encoder, ts, teacher, seeds, path):
+    """Draw samples for fixed seeds, save them as a grid; exact metrics where the teacher has them."""
+    device = next(denoiser.parameters()).device
+    rnd = StackedRandomGenerator(device, seeds)
+    noise = rnd.randn([len(seeds), denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution], device=device)
+    labels = random_labels(rnd, denoiser.label_dim, len(seeds), device)
+    samples = generate_student(denoiser, noise, labels, ts, rnd.randn_like)
+    try:
+        save_image_grid(encoder.decode(samples), path)
+    except UserError as err:
+        print(f'Sample grid skipped: {err}')
+    if hasattr(teacher, 'exact_metrics'):
+        return teacher.exact_metrics(samples, labels)
+    return None
+
+def report_status(state, start_time, prev_time, prev_nimg, stats_path):
+    """One status line and one stats.jsonl record; returns the new (time, nimg) reference."""
+    cur_time = time.time()
+    kimg = state.cur_nimg / 1000
+    sec_per_kimg = (cur_time - prev_time) / max((state.cur_nimg - prev_nimg) / 1000, 1e-8)
+    cpu_mem, gpu_mem = memory_report()
+    training_stats.report0('Progress/kimg', kimg)
+    training_stats.report0('Timing/sec_per_kimg', sec_per_kimg)
+    training_stats.report0('Resources/cpu_mem_gb', cpu_mem)
+    training_stats.report0('Resources/peak_gpu_mem_gb', gpu_mem)
+    collector = training_stats.default_collector
+    collector.update()
+    losses = '  '.join(f'{name.split("/")[1]} {collector.mean(name):<8.4f}'
+        for name in ('Loss/score', 'Loss/discriminator', 'Loss/generator') if collector.num(name))
+    dist.print0(f'kimg {kimg:<9.3f} time {dnnlib.util.format_time(state.total_elapsed_time + cur_time - start_time):<9s} '
+        f'sec/kimg {sec_per_kimg:<8.2f} {losses}  cpumem {cpu_mem:<5.2f} gpumem {gpu_mem:<5.2f}', flush=True)
+    if dist.get_rank() == 0:
+        with open(stats_path, 'at') as f:
+            f.write(json.dumps(dict(collector.as_dict(), timestamp=cur_time)) + '\n')
+    return cur_time, state.cur_nimg
+
+def memory_report():
+    cpu = psutil.Process(os.getpid()).memory_info().rss / 2**30
+    gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    return cpu, gpu
+
+#----------------------------------------------------------------------------
+# The loop.
+
+def training_loop(
+    run_dir,                            # Output folder (resumed if it holds checkpoints).
+    teacher,                            # Frozen teacher denoiser (Precond interface).
+    dataset,                            # Items (uint8 or latent arrays, one-hot labels).
+    encoder,                            # Dataset items -> network space.
+    dataset_kwargs      = None,         # Recorded in snapshots.
+    network_kwargs      = {},           # Overrides of the teacher's constructor arguments.
+    init_from_teacher   = True,         # Copy the teacher UNet's weights into the students.
+    loss_kwargs         = {},           # NCVSDLoss arguments.
+    optimizer_kwargs    = dict(betas=(0.9, 0.99), eps=1e-8),
+    lr_kwargs           = {},           # learning_rate_schedule arguments.
+    g_lr_scaling        = 0.01,
+    d_lr_scaling        = 0.01,
+    gamma               = 0.414,
+    gan_warmup_nimg     = 0,
+    ema_stds            = (0.050, 0.100),
+    seed                = 0,
+    batch_size          = 2048,
+    batch_gpu           = None,
+    total_nimg          = 1 << 20,
+    status_nimg         = 1 << 14,
+    snapshot_nimg       = 1 << 18,
+    checkpoint_nimg     = 1 << 20,
+    loss_scaling        = 1.0,
+    force_finite        = True,
+    ts                  = (10, 22, 39),
+    num_workers         = 0,
+    grid_size           = 64,
+    device              = None,
+):
+    device = torch.device(device) if device is not None else dist.get_device()
+    world_size = dist.get_world_size()
+    batch_gpu_total = batch_size // world_size
+    batch_gpu = batch_gpu or batch_gpu_total
+    if batch_size % (world_size * batch_gpu) != 0:
+        raise UserError(f'--batch={batch_size} is not divisible by ranks × --batch-gpu = {world_size} × {batch_gpu}; '
+            'choose a batch that is a multiple of both')
+    for name, value in dict(duration=total_nimg, status=status_nimg, snapshot=snapshot_nimg, checkpoint=checkpoint_nimg).items():
+        if value and value % batch_size != 0:
+            raise UserError(f'--{name}={value} is not a multiple of --batch={batch_size}')
+    num_rounds = batch_gpu_total // batch_gpu
+    torch.backends.cudnn.benchmark = True
+
+    # Networks, loss, optimizers, EMA.
+    teacher = loading.prepare_frozen(teacher, device)
+    torch.manual_seed(seed)                                 # The same initial weights on every rank.
+    G, S, D = build_students(teacher, network_kwargs, device, init_from_teacher)
+    generator_net = GenerativeDenoiser(G, gamma=gamma)
+    loss_fn = dnnlib.util.construct_class_by_name(class_name='training.loss.NCVSDLoss', **loss_kwargs)
+    optimizers = [torch.optim.Adam(net.parameters(), lr=0, **optimizer_kwargs) for net in (S, D, G)]
+    ema = PowerFunctionEMA(G, stds=ema_stds)
+    rng = RandomState(device, seed + dist.get_rank())
+    state = dnnlib.EasyDict(cur_nimg=0, total_elapsed_time=0.0)
+    checkpoint = dist.CheckpointIO(state=state, G=G, S=S, D=D, S_opt=optimizers[0], D_opt=optimizers[1], G_opt=optimizers[2], ema=ema, rng=rng)
+    checkpoint.load_latest(run_dir)
+
+    # Data: each rank reads its share; the sampler resumes at the same position.
+    sampler = misc.InfiniteSampler(dataset, rank=dist.get_rank(), num_replicas=world_size, seed=seed,
+        start_idx=(state.cur_nimg // batch_size) * 3 * batch_size)
+    data_loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu, num_workers=num_workers,
+        pin_memory=(device.type == 'cuda'), prefetch_factor=(2 if num_workers > 0 else None))
+    batches = infinite_batches(data_loader, encoder, device)
+    grid_seeds = list(range(grid_size))
+
+    dist.print0(f'Training: {total_nimg // 1000} kimg, batch {batch_size} = {world_size} ranks × {num_rounds} rounds × {batch_gpu}, '
+        f'device {device}, starting at {state.cur_nimg // 1000} kimg')
+    stats_path = os.path.join(run_dir, 'stats.jsonl')
+    start_time = time.time()
+    start_nimg = state.cur_nimg
+    prev_status_time, prev_status_nimg = start_time, state.cur_nimg
+
+    def run_phase(net, optimizer, lr, compute_loss):
+        """Accumulate gradients of `net` over the rounds, reduce across ranks, take one Adam step."""
+        for other in (G, S, D):
+            other.requires_grad_(other is net)
+        optimizer.zero_grad(set_to_none=True)
+        for _round in range(num_rounds):
+            images, labels = next(batches)
+            loss = compute_loss(images, labels if teacher.label_dim else None)
+            loss.sum().mul(loss_scaling / batch_gpu_total).backward()
+        reduce_gradients_(net, loss_scaling, force_finite)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        optimizer.step()
+        net.project_()
+
+    def score_phase(images, labels):
+        loss = loss_fn.score_loss(generator_net, S, images, labels, generator=rng.generator)
+        training_stats.report('Loss/score', loss)
+        return loss
+
+    def discriminator_phase(images, labels):
+        loss = loss_fn.discriminator_loss(generator_net, D, images, labels, generator=rng.generator)
+        training_stats.report('Loss/discriminator', loss)
+        return loss
+
+    def generator_phase(images, labels):
+        use_gan = state.cur_nimg >= gan_warmup_nimg
+        loss, gan_loss = loss_fn.generator_loss(generator_net, S, teacher, images, labels, discriminator=D, use_gan=use_gan, generator=rng.generator)
+        training_stats.report('Loss/generator', loss)
+        if gan_loss is None:
+            return loss
+        training_stats.report('Loss/gan', gan_loss)
+        return loss.flatten(1).sum(dim=1) + gan_loss
+
+    while True:
+        done = state.cur_nimg >= total_nimg
+        progressed = state.cur_nimg != start_nimg
+        if (done or (snapshot_nimg and state.cur_nimg % snapshot_nimg == 0)) and (progressed or done):
+            exact = save_snapshot(run_dir, state.cur_nimg, ema, gamma, encoder, dataset_kwargs, loss_fn, ts, teacher, grid_seeds, device)
+            for suffix, metrics in exact.items():
+                for name, value in (metrics or {}).items():
+                    training_stats.report0(f'Exact{suffix}/{name}', value)
+        if (done or (status_nimg and state.cur_nimg % status_nimg == 0)) and (progressed or done):
+            prev_status_time, prev_status_nimg = report_status(state, start_time, prev_status_time, prev_status_nimg, stats_path)
+        if (done or (checkpoint_nimg and state.cur_nimg % checkpoint_nimg == 0)) and progressed:
+            state.total_elapsed_time += time.time() - start_time
+            start_time = time.time()
+            checkpoint.save(os.path.join(run_dir, f'training-state-{state.cur_nimg // 1000:07d}.pt'))
+        if done:
+            break
+
+        # One NCVSD iteration.
+        lr = learning_rate_schedule(state.cur_nimg + batch_size, batch_size, **lr_kwargs)
+        run_phase(S, optimizers[0], lr, score_phase)
+        run_phase(D, optimizers[1], lr * d_lr_scaling, discriminator_phase)
+        run_phase(G, optimizers[2], lr * g_lr_scaling, generator_phase)
+        state.cur_nimg += batch_size
+        ema.update(cur_nimg=state.cur_nimg, batch_size=batch_size)
+    return G, S, D, ema
