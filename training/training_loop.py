@@ -234,6 +234,8 @@ def training_loop(
             raise UserError(f'--{name}={value} is not a multiple of --batch={batch_size}')
     num_rounds = batch_gpu_total // batch_gpu
     torch.backends.cudnn.benchmark = True
+    if dist.get_rank() == 0:
+        os.makedirs(run_dir, exist_ok=True)
 
     # Networks, loss, optimizers, EMA.
     teacher = loading.prepare_frozen(teacher, device)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# NCVSD img64-m: distill edm2-img64-m-2147483-0.060.pkl (download it into ../model_zoo/edm2, see quick_start/edm2.txt).
+# Edit DISTRIBUTED_ARGS for your cluster; --batch-gpu suits an A100-80G and does not change the results.
+set -e
+DISTRIBUTED_ARGS="--standalone --nproc_per_node=8"
+
+torchrun $DISTRIBUTED_ARGS train_ncvsd.py \
+    --preset=img64-m \
+    --net=../model_zoo/edm2/edm2-img64-m-2147483-0.060.pkl \
+    --data=../data/edm2/img64.zip \
+    --outdir=training-runs/ncvsd-img64-m \
+    --batch-gpu=32 --duration=64Mi --checkpoint=4Mi --snapshot=1Mi \
+    "$@"

@@ -1,0 +1,150 @@
+import os
+import pickle
+import textwrap
+
+import pytest
+import torch
+
+from conftest import run_python, ROOT
+from helpers import make_teacher, make_dataset
+from training.dataset import ImageFolderDataset
+from training.encoders import StandardRGBEncoder
+from training.training_loop import training_loop, build_students, learning_rate_schedule
+from training.loading import load_network_data, prepare_frozen
+
+@pytest.fixture(scope='module')
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp('assets')
+    return dict(teacher=str(make_teacher(root / 'teacher.pkl')), data=str(make_dataset(root / 'src', root / 'data.zip')),
+        teacher_res8=str(make_teacher(root / 'teacher8.pkl', resolution=8)),
+        teacher_uncond=str(make_teacher(root / 'teacher_uncond.pkl', label_dim=0)), root=root)
+
+def train_cli(assets, outdir, *extra):
+    return run_python(['train_ncvsd.py', '--preset=tiny', f'--net={assets["teacher"]}', f'--data={assets["data"]}', f'--outdir={outdir}', *extra])
+
+def test_one_iteration_moves_every_student_and_not_the_teacher(assets, tmp_path):
+    teacher = load_network_data(assets['teacher'], verbose=False)['ema']
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    torch.manual_seed(0)
+    initial = [net.state_dict() for net in build_students(prepare_frozen(pickle.loads(pickle.dumps(teacher)), 'cpu'), {'use_fp16': False}, 'cpu')]
+    initial = [{k: v.clone() for k, v in state.items()} for state in initial]
+    G, S, D, ema = training_loop(run_dir=str(tmp_path), teacher=teacher, dataset=ImageFolderDataset(assets['data']),
+        encoder=StandardRGBEncoder(), network_kwargs={'use_fp16': False}, lr_kwargs=dict(ref_lr=0.01, ref_batches=0, rampup_Mimg=0),
+        batch_size=4, batch_gpu=2, total_nimg=4, status_nimg=4, snapshot_nimg=0, checkpoint_nimg=0, grid_size=4, seed=0)
+    for net, before in zip((G, S, D), initial):
+        changed = [name for name, value in net.state_dict().items() if not torch.equal(value, before[name])]
+        assert len(changed) > 0.5 * len(before), type(net).__name__
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value.float(), teacher_before[name].float()), name
+    stats = [line for line in open(tmp_path / 'stats.jsonl')]
+    assert len(stats) == 1
+    import json
+    record = json.loads(stats[0])
+    for name in ('Loss/score', 'Loss/discriminator', 'Loss/generator', 'Loss/gan'):
+        assert record[name]['num'] > 0 and torch.isfinite(torch.tensor(record[name]['mean'])), name
+
+def test_learning_rate_schedule():
+    assert learning_rate_schedule(5e6, 2048, ref_lr=0.01, ref_batches=35000, rampup_Mimg=10) == pytest.approx(0.005)
+    assert learning_rate_schedule(35000 * 2048 * 4, 2048, ref_lr=0.01, ref_batches=35000, rampup_Mimg=10) == pytest.approx(0.005)
+
+def test_resume_gives_identical_weights(assets, tmp_path):
+    straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+    assert train_cli(assets, straight, '--duration=24', '--checkpoint=8', '--snapshot=24').returncode == 0
+    first = train_cli(assets, resumed, '--duration=8', '--checkpoint=8', '--snapshot=24')
+    assert first.returncode == 0, first.stderr
+    second = train_cli(assets, resumed, '--duration=24', '--checkpoint=8', '--snapshot=24')
+    assert second.returncode == 0, second.stderr
+    assert 'Loading' in second.stdout and 'training-state' in second.stdout
+    a = torch.load(straight / 'training-state-0000000.pt', weights_only=False)
+    b = torch.load(resumed / 'training-state-0000000.pt', weights_only=False)
+    assert a['state']['cur_nimg'] == b['state']['cur_nimg'] == 24
+    for key in ('G', 'S', 'D'):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for ema_a, ema_b in zip(a['ema']['emas'], b['ema']['emas']):
+        assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+def test_snapshot_loads_in_a_fresh_process_and_samples(assets, tmp_path):
+    result = train_cli(assets, tmp_path, '--duration=8', '--snapshot=8')
+    assert result.returncode == 0, result.stderr
+    for suffix in ('-0.050', '-0.100'):
+        assert (tmp_path / f'network-snapshot-0000000{suffix}.pkl').is_file()
+        assert (tmp_path / f'network-snapshot-0000000{suffix}.png').is_file()
+    check = textwrap.dedent(f'''
+        import pickle, torch
+        data = pickle.load(open({str(tmp_path / "network-snapshot-0000000-0.050.pkl")!r}, 'rb'))
+        net = data['ema']
+        assert type(net).__name__ == 'GenerativeDenoiser' and set(data) >= {{'ema', 'encoder', 'dataset_kwargs', 'loss_fn'}}
+        labels = torch.eye(4)[:2]
+        x = net(torch.randn(2, 3, 16, 16) * 80, 80.0, labels=labels, ts=[10, 22, 39])
+        assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
+        print(data['encoder'].decode(x).dtype)
+    ''')
+    out = run_python(['-c', check])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == 'torch.uint8'
+
+def test_two_process_torchrun_keeps_ranks_identical(assets, tmp_path):
+    script = tmp_path / 'ddp_run.py'
+    script.write_text(textwrap.dedent(f'''
+        import sys, torch
+        sys.path.insert(0, {ROOT!r})
+        from torch_utils import distributed as dist
+        from training.dataset import ImageFolderDataset
+        from training.encoders import StandardRGBEncoder
+        from training.loading import load_network_data
+        from training.training_loop import training_loop
+        dist.init()
+        teacher = load_network_data({assets["teacher"]!r}, verbose=False)['ema']
+        G, S, D, ema = training_loop(run_dir={str(tmp_path / "run")!r}, teacher=teacher, dataset=ImageFolderDataset({assets["data"]!r}),
+            encoder=StandardRGBEncoder(), network_kwargs={{'use_fp16': False}}, lr_kwargs=dict(ref_lr=0.01, ref_batches=0, rampup_Mimg=0),
+            batch_size=8, batch_gpu=2, total_nimg=16, status_nimg=8, snapshot_nimg=0, checkpoint_nimg=16, grid_size=4)
+        torch.save(dict(G=G.state_dict(), S=S.state_dict(), D=D.state_dict()), {str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.pt')
+        dist.shutdown()
+    '''))
+    result = run_python(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)], env={'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
+    initial = load_network_data(assets['teacher'], verbose=False)['ema'].float().state_dict()
+    for key in ('G', 'S', 'D'):
+        for name, value in ranks[0][key].items():
+            assert torch.equal(value, ranks[1][key][name]), (key, name)
+    assert not torch.equal(ranks[0]['G']['enc.enc.16x16_conv.weight'], initial['unet.enc.16x16_conv.weight'])
+    checkpoint = torch.load(tmp_path / 'run' / 'training-state-0000000.pt', weights_only=False)
+    assert len(checkpoint['rng']['ranks']) == 2
+
+@pytest.mark.parametrize('case, message', [
+    ('ts', 'strictly increasing'),
+    ('batch', 'not divisible'),
+    ('resolution', 'the teacher expects [3, 8, 8]'),
+    ('labels', 'pass --cond=False'),
+    ('not_a_network', 'holds no network'),
+    ('missing', 'file not found'),
+    ('other_run', 'different run'),
+    ('preset', 'unknown preset'),
+])
+def test_clear_errors(assets, tmp_path, case, message):
+    extra = []
+    net, outdir = assets['teacher'], tmp_path / 'run'
+    if case == 'ts':
+        extra = ['--ts=22,10,39']
+    elif case == 'batch':
+        extra = ['--batch=8', '--batch-gpu=3']
+    elif case == 'resolution':
+        net = assets['teacher_res8']
+    elif case == 'labels':
+        net = assets['teacher_uncond']
+    elif case == 'not_a_network':
+        net = str(tmp_path / 'junk.pkl')
+        with open(net, 'wb') as f:
+            pickle.dump({'weights': [1, 2]}, f)
+    elif case == 'missing':
+        net = str(tmp_path / 'nowhere.pkl')
+    elif case == 'other_run':
+        assert train_cli(assets, outdir, '--duration=8').returncode == 0
+        extra = ['--duration=16', '--seed=5']
+    args = ['train_ncvsd.py', '--preset=nonsense' if case == 'preset' else '--preset=tiny', f'--net={net}', f'--data={assets["data"]}', f'--outdir={outdir}', *extra]
+    result = run_python(args)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert 'Traceback' not in result.stderr
