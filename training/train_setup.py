@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 
 import torch
 
@@ -9,6 +10,7 @@ import dnnlib
 from dnnlib.util import UserError
 from torch_utils import distributed as dist
 from training import loading
+from training.analytic import fit_denoiser_network
 from training.dataset import ImageFolderDataset
 from training.encoders import StandardRGBEncoder, StabilityVAEEncoder
 from training.noise_levels import parse_ts
@@ -60,6 +62,25 @@ def make_data(config, teacher, encoder):
         return dataset, encoder, dnnlib.EasyDict(class_name='exact teacher samples')
     raise UserError('--data is required (a dataset zip made by dataset_tool.py) unless the teacher is an exact mixture')
 
+def make_init_net(config, teacher):
+    """The EDM2 network the students start from: the teacher, or (exact teachers) a network fitted to it,
+    cached in the run folder so that a resumed run starts from the same weights."""
+    if hasattr(teacher, 'unet'):
+        return None
+    if 'student_init' not in config:
+        raise UserError(f'the teacher of preset "{config.preset}" is not an EDM2 network; the preset needs "student_init" (see presets/toy.json)')
+    path = os.path.join(config.outdir, 'student-init.pkl')
+    if os.path.isfile(path):
+        return loading.load_network_data(path, verbose=dist.get_rank() == 0)['ema']
+    init_kwargs = dict(config.student_init)
+    net = fit_denoiser_network(teacher, config.network_arch, seed=config.get('seed', 0), verbose=dist.get_rank() == 0, **init_kwargs)
+    if dist.get_rank() == 0:
+        os.makedirs(config.outdir, exist_ok=True)
+        with open(path + '.tmp', 'wb') as f:
+            pickle.dump(dnnlib.EasyDict(ema=net), f)
+        os.replace(path + '.tmp', path)
+    return net
+
 def launch(opts):
     dist.init()
     config = resolve_options(opts)
@@ -72,9 +93,10 @@ def launch(opts):
     run_options = {k: v for k, v in config.items() if k not in ('outdir', 'workers', 'device')}
     check_run_options(config.outdir, run_options)
     dist.print0(json.dumps(run_options, indent=2))
+    init_net = make_init_net(config, teacher)
     training_loop(
         run_dir=config.outdir, teacher=teacher, dataset=dataset, encoder=encoder, dataset_kwargs=dataset_kwargs,
-        network_kwargs=network_kwargs, init_from_teacher=hasattr(teacher, 'unet'),
+        network_kwargs=network_kwargs, init_net=init_net,
         loss_kwargs=dict(P_mean=config.P_mean, P_std=config.P_std, gan_loss_scaling=config.gan_loss_scaling),
         lr_kwargs=dict(ref_lr=config.lr, ref_batches=config.ref_batches, rampup_Mimg=config.rampup_Mimg),
         g_lr_scaling=config.g_lr_scaling, d_lr_scaling=config.d_lr_scaling, gamma=config.gamma,

@@ -80,17 +80,16 @@ def infinite_batches(data_loader, encoder, device):
 #----------------------------------------------------------------------------
 # Set-up.
 
-def build_students(teacher, network_kwargs, device, init_from_teacher=True):
-    """Generator, fake score and discriminator with the teacher's architecture (overridable)."""
-    kwargs = dict(teacher.init_kwargs) if hasattr(teacher, 'init_kwargs') else {}
+def build_students(init_net, network_kwargs, device):
+    """Generator, fake score and discriminator with the architecture and weights of `init_net`
+    (an EDM2 Precond: the teacher itself, or a network fitted to an exact teacher); kwargs override."""
+    kwargs = dict(init_net.init_kwargs)
     kwargs.update(network_kwargs)
     for name in ('img_resolution', 'img_channels', 'label_dim'):
-        kwargs[name] = getattr(teacher, name)
+        kwargs[name] = getattr(init_net, name)
     nets = []
     for cls in (ConditionalPrecond, ConditionalPrecond, ConditionalDiscriminator):
-        net = cls(**kwargs)
-        if init_from_teacher:
-            net.init_from_pretrained(teacher)
+        net = cls(**kwargs).init_from_pretrained(init_net)
         nets.append(net.train().to(device).prepare_for_training())
     return nets
 
@@ -198,8 +197,8 @@ def training_loop(
     dataset,                            # Items (uint8 or latent arrays, one-hot labels).
     encoder,                            # Dataset items -> network space.
     dataset_kwargs      = None,         # Recorded in snapshots.
-    network_kwargs      = {},           # Overrides of the teacher's constructor arguments.
-    init_from_teacher   = True,         # Copy the teacher UNet's weights into the students.
+    network_kwargs      = {},           # Overrides of the constructor arguments of init_net.
+    init_net            = None,         # EDM2 network the students start from (default: the teacher).
     loss_kwargs         = {},           # NCVSDLoss arguments.
     optimizer_kwargs    = dict(betas=(0.9, 0.99), eps=1e-8),
     lr_kwargs           = {},           # learning_rate_schedule arguments.
@@ -240,7 +239,7 @@ def training_loop(
     # Networks, loss, optimizers, EMA.
     teacher = loading.prepare_frozen(teacher, device)
     torch.manual_seed(seed)                                 # The same initial weights on every rank.
-    G, S, D = build_students(teacher, network_kwargs, device, init_from_teacher)
+    G, S, D = build_students(teacher if init_net is None else init_net.to(device), network_kwargs, device)
     generator_net = GenerativeDenoiser(G, gamma=gamma)
     loss_fn = dnnlib.util.construct_class_by_name(class_name='training.loss.NCVSDLoss', **loss_kwargs)
     optimizers = [torch.optim.Adam(net.parameters(), lr=0, **optimizer_kwargs) for net in (S, D, G)]
