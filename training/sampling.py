@@ -51,3 +51,52 @@ def save_image_grid(images, path, grid_w=None):
         images = torch.cat([images, torch.zeros([pad, *images.shape[1:]], dtype=images.dtype)])
     grid = misc.tile_images(images.cpu(), grid_w, grid_h).permute(1, 2, 0).numpy()
     PIL.Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid[:, :, :3]).save(path)
+
+@torch.no_grad()
+def edm_heun_sampler(net, noise, labels=None, num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """EDM's deterministic 2nd-order Heun sampler for a Precond-like teacher (2·num_steps − 1 NFE)."""
+    from training.noise_levels import karras_sigmas
+    t_steps = torch.cat([karras_sigmas(num_steps, sigma_min, sigma_max, rho), torch.zeros(1, dtype=torch.float64)])
+    x = noise.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        d_cur = (x - net(x, t_cur, labels).to(torch.float64)) / t_cur
+        x_next = x + (t_next - t_cur) * d_cur
+        if i < num_steps - 1:
+            d_next = (x_next - net(x_next, t_next, labels).to(torch.float64)) / t_next
+            x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_next)
+        x = x_next
+    return x.to(torch.float32)
+
+def is_generative_denoiser(net):
+    return hasattr(net, 'gamma') and hasattr(net, 'model')
+
+def sample_batch(net, noise, labels, rnd, ts=None, steps=None):
+    """Student (--ts) or teacher (--steps) samples in network space."""
+    if is_generative_denoiser(net):
+        return generate_student(net, noise, labels, ts, rnd.randn_like)
+    return edm_heun_sampler(net, noise, labels, num_steps=steps)
+
+def rank_batches(seeds, batch_size, rank, world_size):
+    """Split seeds into batches of at most batch_size and deal them to ranks round-robin."""
+    num_batches = max((len(seeds) - 1) // (batch_size * world_size) + 1, 1) * world_size
+    batches = np.array_split(np.asarray(seeds, dtype=np.int64), num_batches)
+    return [list(map(int, b)) for b in batches[rank::world_size]]
+
+@torch.no_grad()
+def generate_images(net, encoder, seeds, ts=None, steps=32, class_idx=None, batch_size=32, device=torch.device('cpu'),
+    rank=0, world_size=1, progress=None):
+    """Yield dict(images=uint8 [N, C, H, W], seeds, labels) for this rank's share of the seeds.
+
+    Noise and labels come from per-seed generators: an image depends on its seed only.
+    """
+    for batch_seeds in rank_batches(seeds, batch_size, rank, world_size):
+        if len(batch_seeds) == 0:
+            yield dict(images=None, seeds=[], labels=None)
+            continue
+        rnd = StackedRandomGenerator(device, batch_seeds)
+        noise = rnd.randn([len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        labels = random_labels(rnd, net.label_dim, len(batch_seeds), device, class_idx)
+        images = encoder.decode(sample_batch(net, noise, labels, rnd, ts, steps))
+        if progress is not None:
+            progress.update(len(batch_seeds) * world_size)
+        yield dict(images=images, seeds=batch_seeds, labels=labels)

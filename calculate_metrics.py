@@ -1,0 +1,143 @@
+"""Fréchet distances (FID, FD-DINOv2) of generated images, image folders, and reference statistics.
+
+\b
+Examples:
+  torchrun --standalone --nproc_per_node=8 calculate_metrics.py gen --net=ncvsd-img512-s.pkl --ts=10,22,39 \\
+      --ref=https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl --seed=123456789
+  python calculate_metrics.py calc --images=out --ref=img64.pkl --num=50000
+  python calculate_metrics.py ref --data=../data/edm2/img64.zip --dest=img64.pkl
+"""
+
+import json
+
+import click
+import torch
+import tqdm
+
+from dnnlib.util import run_cli, UserError
+from torch_utils import distributed as dist
+from training import metrics as fd
+from training.dataset import ImageFolderDataset
+from training.network_setup import load_for_sampling, check_sampling_options
+from training.sampling import generate_images
+
+def parse_metrics(text):
+    return [m.strip() for m in text.split(',') if m.strip()]
+
+def parse_custom(items):
+    """--detector fid=module.Class -> {'fid': 'module.Class'}."""
+    custom = {}
+    for item in items or ():
+        if '=' not in item:
+            raise UserError(f'--detector={item}: write METRIC=module.ClassName')
+        metric, class_name = item.split('=', 1)
+        custom[metric] = class_name
+    return custom
+
+def dataset_batches(path, num, batch, device):
+    """This rank's share of a dataset's first `num` images, as uint8 batches."""
+    dataset = ImageFolderDataset(path, use_labels=False)
+    num = len(dataset) if num is None else num
+    if len(dataset) < num:
+        raise UserError(f'{path} holds {len(dataset)} images, fewer than --num={num}; lower --num or add images')
+    indices = list(range(num))[dist.get_rank()::dist.get_world_size()]
+    for start in range(0, max(len(indices), 1), batch):
+        chunk = indices[start:start + batch]
+        yield torch.stack([torch.as_tensor(dataset[i][0]) for i in chunk]).to(device) if chunk else None
+    return
+
+def report(stats, ref, ref_path, out):
+    fd.check_reference(ref, stats, ref_path)
+    scores = fd.fd_scores(stats, ref)
+    if dist.get_rank() == 0:
+        for metric, value in scores.items():
+            print(f'{metric} {value:.5g}  ({stats[metric]["num_images"]} images, detector {stats[metric]["detector"]})')
+        if out:
+            with open(out, 'w') as f:
+                json.dump(dict(scores, num_images={m: s['num_images'] for m, s in stats.items()}, reference=ref_path), f, indent=2)
+    return scores
+
+def common_options(fn):
+    for decorator in reversed([
+        click.option('--metrics', help='Comma-separated metrics', metavar='LIST', default='fid,fd_dinov2', show_default=True),
+        click.option('--batch', help='Images per batch and rank', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True),
+        click.option('--inception', help='Inception-v3 pickle (path or URL) [env NCVSD_INCEPTION]', metavar='PKL'),
+        click.option('--dinov2', help='DINOv2 ViT-L/14 weights (path or URL) [env NCVSD_DINOV2]', metavar='PTH'),
+        click.option('--detector', 'custom', help='Custom detector METRIC=module.Class (repeatable)', metavar='SPEC', multiple=True),
+        click.option('--device', help='Device (default: CUDA if available, else CPU)', metavar='STR'),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+def setup(metrics, inception, dinov2, custom, device):
+    dist.init()
+    device = torch.device(device) if device else dist.get_device()
+    detectors = fd.make_detectors(parse_metrics(metrics), dict(fid=inception, fd_dinov2=dinov2), parse_custom(custom))
+    return device, detectors
+
+@click.group()
+def cmdline():
+    """Fréchet distances with EDM2's reference format."""
+
+@cmdline.command()
+@click.option('--net', help='Network pickle or export (path or URL)', metavar='PKL', required=True)
+@click.option('--ref', 'ref_path', help='Reference statistics (.pkl or .npz, path or URL)', metavar='PKL', required=True)
+@click.option('--ts', help='NCVSD grid indices, e.g. 10,22,39', metavar='LIST')
+@click.option('--steps', help='Heun steps for diffusion teachers', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
+@click.option('--num', help='Number of images', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--seed', help='First seed', metavar='INT', type=int, default=123456789, show_default=True)
+@click.option('--class', 'class_idx', help='Class label (default: random per seed)', metavar='INT', type=int)
+@click.option('--out', help='Also write the scores as JSON here', metavar='JSON')
+@common_options
+def gen(net, ref_path, ts, steps, num, seed, class_idx, out, metrics, batch, inception, dinov2, custom, device):
+    """Generate images on the fly (no files) and compare them with a reference."""
+    def run():
+        dev, detectors = setup(metrics, inception, dinov2, custom, device)
+        ref = fd.load_reference(ref_path)
+        network, encoder = load_for_sampling(net, dev, verbose=dist.get_rank() == 0)
+        checked_ts = check_sampling_options(network, ts, steps, class_idx)
+        progress = tqdm.tqdm(total=num, unit='img', disable=dist.get_rank() != 0)
+        images = (r['images'] for r in generate_images(network, encoder, list(range(seed, seed + num)), ts=checked_ts, steps=steps,
+            class_idx=class_idx, batch_size=batch, device=dev, rank=dist.get_rank(), world_size=dist.get_world_size()))
+        stats = fd.compute_stats(images, detectors, network.img_resolution * (8 if hasattr(encoder, '_vae') else 1), progress)
+        progress.close()
+        report(stats, ref, ref_path, out)
+        dist.shutdown()
+    run_cli(run)
+
+@cmdline.command()
+@click.option('--images', help='Folder or zip of images', metavar='PATH', required=True)
+@click.option('--ref', 'ref_path', help='Reference statistics (.pkl or .npz, path or URL)', metavar='PKL', required=True)
+@click.option('--num', help='Number of images (default: all)', metavar='INT', type=click.IntRange(min=2))
+@click.option('--out', help='Also write the scores as JSON here', metavar='JSON')
+@common_options
+def calc(images, ref_path, num, out, metrics, batch, inception, dinov2, custom, device):
+    """Compare a folder or zip of images with a reference."""
+    def run():
+        dev, detectors = setup(metrics, inception, dinov2, custom, device)
+        ref = fd.load_reference(ref_path)
+        resolution = ImageFolderDataset(images).resolution
+        stats = fd.compute_stats(dataset_batches(images, num, batch, dev), detectors, resolution)
+        report(stats, ref, ref_path, out)
+        dist.shutdown()
+    run_cli(run)
+
+@cmdline.command()
+@click.option('--data', help='Dataset folder or zip', metavar='PATH', required=True)
+@click.option('--dest', help='Output .pkl (EDM2 format) or .npz', metavar='PATH', required=True)
+@click.option('--num', help='Number of images (default: all)', metavar='INT', type=click.IntRange(min=2))
+@common_options
+def ref(data, dest, num, metrics, batch, inception, dinov2, custom, device):
+    """Compute reference statistics of a dataset."""
+    def run():
+        dev, detectors = setup(metrics, inception, dinov2, custom, device)
+        resolution = ImageFolderDataset(data).resolution
+        stats = fd.compute_stats(dataset_batches(data, num, batch, dev), detectors, resolution)
+        if dist.get_rank() == 0:
+            fd.save_reference(stats, dest)
+            print(f'Saved {", ".join(stats)} statistics of {next(iter(stats.values()))["num_images"]} images to {dest}')
+        dist.shutdown()
+    run_cli(run)
+
+if __name__ == '__main__':
+    cmdline()

@@ -1,0 +1,66 @@
+"""Generate images with an NCVSD student (--ts) or an EDM2 teacher (--steps, Heun).
+
+\b
+Examples:
+  python generate_images.py --net=path/to/ncvsd-img512-s.pkl --ts=10,22,39 --outdir=out --seeds=0-3
+  python generate_images.py --net=edm2-img64-s-1073741-0.075.pkl --steps=32 --outdir=out --seeds=0-63 --grid=grid.png
+  torchrun --standalone --nproc_per_node=8 generate_images.py --net=... --outdir=out --seeds=0-49999 --subdirs
+"""
+
+import os
+
+import click
+import numpy as np
+import PIL.Image
+import torch
+import tqdm
+
+from dnnlib.util import run_cli, parse_int_list
+from torch_utils import distributed as dist
+from training.network_setup import load_for_sampling, check_sampling_options
+from training.sampling import generate_images, save_image_grid
+
+def run(net, outdir, seeds, ts=None, steps=32, class_idx=None, subdirs=False, batch=32, device=None, grid=None):
+    dist.init()
+    device = torch.device(device) if device else dist.get_device()
+    seeds = parse_int_list(seeds)
+    net, encoder = load_for_sampling(net, device, verbose=dist.get_rank() == 0)
+    ts = check_sampling_options(net, ts, steps, class_idx)
+    sampler = f'--ts={",".join(map(str, ts))}' if ts else f'Heun, {2 * steps - 1} NFE'
+    dist.print0(f'Generating {len(seeds)} images ({sampler}) to "{outdir}" on {dist.get_world_size()} rank(s) ...')
+    progress = tqdm.tqdm(total=len(seeds), unit='img', disable=dist.get_rank() != 0)
+    collected = []
+    for result in generate_images(net, encoder, seeds, ts=ts, steps=steps, class_idx=class_idx, batch_size=batch,
+            device=device, rank=dist.get_rank(), world_size=dist.get_world_size(), progress=progress):
+        for seed, image in zip(result['seeds'], [] if result['images'] is None else result['images'].cpu()):
+            folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
+            os.makedirs(folder, exist_ok=True)
+            array = image.permute(1, 2, 0).numpy()
+            PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array[:, :, :3]).save(os.path.join(folder, f'{seed:06d}.png'))
+            if grid:
+                collected.append((seed, image))
+    progress.close()
+    if grid:
+        everything = [item for part in dist.all_gather_object(collected) for item in part]
+        if dist.get_rank() == 0:
+            save_image_grid(torch.stack([image for _seed, image in sorted(everything, key=lambda item: item[0])]), grid)
+    dist.barrier()
+    dist.print0('Done.')
+    dist.shutdown()
+
+@click.command(help=__doc__)
+@click.option('--net', help='Network pickle or export (path or URL)', metavar='PKL|PT', required=True)
+@click.option('--outdir', help='Where to save the images', metavar='DIR', required=True)
+@click.option('--seeds', help='Random seeds, e.g. 0-3,7', metavar='LIST', default='0-63', show_default=True)
+@click.option('--ts', help='NCVSD grid indices ending at 39, e.g. 10,22,39 [default: 10,22,39]', metavar='LIST')
+@click.option('--steps', help='Heun steps for diffusion teachers', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
+@click.option('--class', 'class_idx', help='Class label (default: random per seed)', metavar='INT', type=int)
+@click.option('--subdirs', help='One subfolder per 1000 seeds', is_flag=True)
+@click.option('--batch', help='Images per batch and rank', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
+@click.option('--device', help='Device (default: CUDA if available, else CPU)', metavar='STR')
+@click.option('--grid', help='Also save all images as one PNG grid here', metavar='PNG')
+def main(**opts):
+    run_cli(run, **opts)
+
+if __name__ == '__main__':
+    main()

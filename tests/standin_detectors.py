@@ -1,0 +1,15 @@
+"""A small stand-in detector for the metric tests (no weights to download)."""
+
+import torch
+
+class PoolingDetector:
+    """Fixed random projection of 4×4 average-pooled pixels: a deterministic feature map."""
+    name = 'pooling-standin'
+    feature_dim = 8
+
+    def __init__(self, path_or_url=None):
+        self.projection = torch.randn(3 * 16, self.feature_dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def __call__(self, images):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(images.to(torch.float64) / 255, 4).flatten(1)
+        return torch.tanh(pooled @ self.projection.to(images.device))
