@@ -1,9 +1,16 @@
 """Power-function EMA (Karras et al. 2024) and post-hoc reconstruction of new EMA lengths."""
 
 import copy
+import os
+import pickle
+import re
+import sys
 
 import numpy as np
 import torch
+
+import dnnlib
+from dnnlib.util import UserError
 
 def exp_to_std(exp):
     """Relative standard deviation of the power-function EMA profile t^γ."""
@@ -81,3 +88,72 @@ def solve_posthoc_coefficients(in_ofs, in_std, out_ofs, out_std):
     A = power_function_correlation(rv(in_ofs), rv(in_std), cv(in_ofs), cv(in_std))
     B = power_function_correlation(rv(in_ofs), rv(in_std), cv(out_ofs), cv(out_std))
     return np.linalg.lstsq(A, B, rcond=None)[0]
+
+def list_snapshots(indir):
+    """[(kimg, std, path)] of the network-snapshot-<kimg>-<std>.pkl files in `indir`."""
+    found = []
+    for name in sorted(os.listdir(indir)) if os.path.isdir(indir) else []:
+        m = re.fullmatch(r'network-snapshot-(\d+)-(\d+\.\d+)\.pkl', name)
+        if m:
+            found.append((int(m.group(1)), float(m.group(2)), os.path.join(indir, name)))
+    if not found:
+        raise UserError(f'no network-snapshot-<kimg>-<std>.pkl files in {indir}')
+    return found
+
+@torch.no_grad()
+def reconstruct(indir, outdir, out_stds, out_kimg=None, verbose=True):
+    """Post-hoc EMA: write network-snapshot-<kimg>-<std>.pkl for each requested std, as least-squares
+    combinations of the saved power-function EMA snapshots (Karras et al. 2024). Returns the paths."""
+    from training.loading import load_network_data
+    snapshots = [s for s in list_snapshots(indir) if out_kimg is None or s[0] <= out_kimg]
+    if not snapshots:
+        raise UserError(f'no snapshot at or before {out_kimg} kimg in {indir}')
+    out_kimg = out_kimg or max(s[0] for s in snapshots)
+    in_ofs = np.array([s[0] for s in snapshots], dtype=np.float64)
+    in_std = np.array([s[1] for s in snapshots], dtype=np.float64)
+    coefs = solve_posthoc_coefficients(in_ofs, in_std, np.full(len(out_stds), float(out_kimg)), np.array(out_stds, dtype=np.float64))
+    os.makedirs(outdir, exist_ok=True)
+    outputs = [None] * len(out_stds)
+    paths = []
+    for (kimg, std, path), row in zip(snapshots, coefs):
+        if verbose:
+            print(f'Reading {path} ...', flush=True)
+        data = load_network_data(path, verbose=False)
+        params = [p.to(torch.float64) for p in data['ema'].parameters()]
+        for j, coef in enumerate(row):
+            if outputs[j] is None:
+                outputs[j] = (data, [torch.zeros_like(p) for p in params])
+            for acc, p in zip(outputs[j][1], params):
+                acc.add_(p, alpha=float(coef))
+    for (data, sums), std in zip(outputs, out_stds):
+        result = copy.deepcopy(data)
+        for param, value in zip(result['ema'].parameters(), sums):
+            param.copy_(value.to(param.dtype))
+        path = os.path.join(outdir, f'network-snapshot-{out_kimg:07d}-{std:.3f}.pkl')
+        with open(path + '.tmp', 'wb') as f:
+            pickle.dump(result, f)
+        os.replace(path + '.tmp', path)
+        paths.append(path)
+        if verbose:
+            print(f'Wrote {path}')
+    return paths
+
+def main(argv):
+    import click
+
+    @click.command()
+    @click.option('--indir', help='Folder with network-snapshot-<kimg>-<std>.pkl files', metavar='DIR', required=True)
+    @click.option('--outdir', help='Where to write the reconstructions', metavar='DIR', required=True)
+    @click.option('--outstd', help='EMA stds to reconstruct, e.g. 0.03,0.08', metavar='LIST', required=True)
+    @click.option('--outkimg', help='Training length to reconstruct at (default: the latest snapshot)', metavar='KIMG', type=int)
+    def cli(indir, outdir, outstd, outkimg):
+        """Post-hoc EMA reconstruction from power-function EMA snapshots."""
+        try:
+            stds = [float(s) for s in outstd.split(',')]
+        except ValueError:
+            raise click.BadParameter(f'{outstd} is not a list of numbers', param_hint='--outstd')
+        dnnlib.util.run_cli(reconstruct, indir, outdir, stds, outkimg)
+    cli(argv)
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
