@@ -84,7 +84,7 @@ def cmdline():
 @click.option('--ref', 'ref_path', help='Reference statistics (.pkl or .npz, path or URL)', metavar='PKL', required=True)
 @click.option('--ts', help='NCVSD grid indices, e.g. 10,22,39', metavar='LIST')
 @click.option('--steps', help='Heun steps for diffusion teachers', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
-@click.option('--num', help='Number of images', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--num', '--num-images', 'num', help='Number of images (under torchrun write --num-images: torchrun takes --num for --numa-binding)', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option('--seed', help='First seed', metavar='INT', type=int, default=123456789, show_default=True)
 @click.option('--class', 'class_idx', help='Class label (default: random per seed)', metavar='INT', type=int)
 @click.option('--out', help='Also write the scores as JSON here', metavar='JSON')
@@ -108,7 +108,7 @@ def gen(net, ref_path, ts, steps, num, seed, class_idx, out, metrics, batch, inc
 @cmdline.command()
 @click.option('--images', help='Folder or zip of images', metavar='PATH', required=True)
 @click.option('--ref', 'ref_path', help='Reference statistics (.pkl or .npz, path or URL)', metavar='PKL', required=True)
-@click.option('--num', help='Number of images (default: all)', metavar='INT', type=click.IntRange(min=2))
+@click.option('--num', '--num-images', 'num', help='Number of images (default: all)', metavar='INT', type=click.IntRange(min=2))
 @click.option('--out', help='Also write the scores as JSON here', metavar='JSON')
 @common_options
 def calc(images, ref_path, num, out, metrics, batch, inception, dinov2, custom, device):
@@ -125,7 +125,7 @@ def calc(images, ref_path, num, out, metrics, batch, inception, dinov2, custom, 
 @cmdline.command()
 @click.option('--data', help='Dataset folder or zip', metavar='PATH', required=True)
 @click.option('--dest', help='Output .pkl (EDM2 format) or .npz', metavar='PATH', required=True)
-@click.option('--num', help='Number of images (default: all)', metavar='INT', type=click.IntRange(min=2))
+@click.option('--num', '--num-images', 'num', help='Number of images (default: all)', metavar='INT', type=click.IntRange(min=2))
 @common_options
 def ref(data, dest, num, metrics, batch, inception, dinov2, custom, device):
     """Compute reference statistics of a dataset."""

@@ -20,5 +20,6 @@ def _isolated_cache(tmp_path, monkeypatch):
 def run_python(args, cwd=None, env=None, timeout=300):
     """Run `python args...` in a fresh process from the repository root; returns CompletedProcess."""
     import subprocess
-    full_env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+    full_env = dict(os.environ, PYTHONPATH=ROOT)
+    full_env.update(env or {})
     return subprocess.run([sys.executable] + list(args), cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)

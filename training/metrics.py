@@ -122,7 +122,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), in float64 on the CPU."""
     mu1, mu2 = np.float64(mu1), np.float64(mu2)
     sigma1, sigma2 = np.float64(sigma1), np.float64(sigma2)
-    root, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    root = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if np.iscomplexobj(root):
         residue = np.max(np.abs(root.imag))
         if residue > 1e-3 * max(np.max(np.abs(root.real)), 1e-12):
