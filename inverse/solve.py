@@ -1,0 +1,124 @@
+"""Solve an inverse-problem task over a set of images with PnP-GD (the library side of posterior_sample.py)."""
+
+import json
+import os
+
+import numpy as np
+import PIL.Image
+import torch
+import tqdm
+
+from dnnlib.util import UserError
+from inverse import metrics as im
+from inverse.operators import get_operator
+from inverse.pnp import pnp_gd
+from training.dataset import ImageFolderDataset
+from training.sampling import save_image_grid
+
+TASK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'presets', 'tasks')
+HIGHER_IS_BETTER = dict(psnr=True, ssim=True, lpips=False)
+
+def load_task(name_or_path, overrides=None):
+    """A task preset by name (presets/tasks/<name>.json) or path, with non-None overrides applied."""
+    path = name_or_path if name_or_path.endswith('.json') else os.path.join(TASK_DIR, f'{name_or_path}.json')
+    if not os.path.isfile(path):
+        known = sorted(f[:-5] for f in os.listdir(TASK_DIR) if f.endswith('.json'))
+        raise UserError(f'unknown task "{name_or_path}"; choose one of {", ".join(known)} or give a .json path')
+    with open(path) as f:
+        task = json.load(f)
+    task.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return task
+
+def check_network(net, encoder, dataset):
+    if type(encoder).__name__ == 'StabilityVAEEncoder' or not hasattr(net, 'gamma'):
+        kind = 'a latent-space (VAE) network' if type(encoder).__name__ == 'StabilityVAEEncoder' else 'not an NCVSD generative denoiser'
+        raise UserError(f'--net is {kind}; PnP-GD here works in pixel space with an NCVSD student such as edm2-ffhq256-xs.pkl')
+    if dataset.resolution != net.img_resolution or dataset.num_channels != net.img_channels:
+        raise UserError(f'the images are {dataset.num_channels}x{dataset.resolution}x{dataset.resolution} but the network expects '
+            f'{net.img_channels}x{net.img_resolution}x{net.img_resolution}; resize the data with dataset_tool.py convert')
+
+def to_uint8(x):
+    return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+def save_png(x, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    array = to_uint8(x).permute(1, 2, 0).cpu().numpy()
+    PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
+
+def make_lpips(wanted, vgg_path, heads_path, device):
+    """(LPIPS module or None, status string): missing weights never stop a run."""
+    if 'lpips' not in wanted:
+        return None, 'not requested'
+    try:
+        lpips = im.LPIPS()
+        lpips.load_weights(vgg_path, heads_path)
+        return lpips.to(device), im.LPIPS.variant
+    except UserError as err:
+        return None, f'unavailable: {err}'
+
+def image_metrics(recon, truth, lpips):
+    a, b = im.to_unit(recon), im.to_unit(truth)
+    values = dict(psnr=im.psnr(a, b), ssim=im.ssim(a, b))
+    if lpips is not None:
+        with torch.no_grad():
+            values['lpips'] = lpips(a.float(), b.float()).to(torch.float64)
+    return {k: v.cpu().tolist() for k, v in values.items()}
+
+def summarize(per_image):
+    """Mean/std over images of the per-image mean over runs, and of the best run per image."""
+    summary = {}
+    for metric in per_image[0]['runs'][0]:
+        values = np.array([[run[metric] for run in item['runs']] for item in per_image])      # [images, runs]
+        best = values.max(axis=1) if HIGHER_IS_BETTER[metric] else values.min(axis=1)
+        summary[metric] = dict(mean=float(values.mean()), std=float(values.mean(axis=1).std()),
+            best_of_runs_mean=float(best.mean()), best_of_runs_std=float(best.std()))
+    return summary
+
+def solve_dataset(net, encoder, data, task, outdir, batch=4, seed=0, runs=None, max_images=None, metrics=('psnr', 'ssim', 'lpips'),
+    lpips_vgg=None, lpips_heads=None, device=torch.device('cpu')):
+    dataset = ImageFolderDataset(data, use_labels=False, max_size=max_images)
+    check_network(net, encoder, dataset)
+    operator_kwargs = dict(task['operator'])
+    operator = get_operator(operator_kwargs.pop('name'), img_size=dataset.resolution, channels=dataset.num_channels, **operator_kwargs)
+    runs = runs or task.get('runs', 1)
+    lpips, lpips_status = make_lpips(metrics, lpips_vgg, lpips_heads, device)
+    generator = torch.Generator(device).manual_seed(seed)
+    per_image, grid_rows = [], []
+    num_batches = (len(dataset) + batch - 1) // batch
+    progress = tqdm.tqdm(total=num_batches * runs * task['steps'], unit='step', desc=task['operator']['name'])
+    for start in range(0, len(dataset), batch):
+        indices = list(range(start, min(start + batch, len(dataset))))
+        truth = torch.stack([torch.as_tensor(dataset[i][0]) for i in indices]).to(device).to(torch.float32) / 127.5 - 1
+        y = operator.measure(truth, task['sigma_y'], generator=generator)
+        items = [dict(index=i, runs=[]) for i in indices]
+        for run in range(runs):
+            recon = pnp_gd(net, y, operator, task['sigma_y'], beta=task.get('beta'), steps=task['steps'], sigma_min=task['sigma_min'],
+                sigma_max=task['sigma_max'], rho=task['rho'], ts=task.get('ts'), ema_sigma=task.get('ema_sigma', 0.0),
+                ema_decay=task.get('ema_decay'), generator=generator, progress=progress)
+            values = image_metrics(recon, truth, lpips)
+            for j, item in enumerate(items):
+                item['runs'].append({k: v[j] for k, v in values.items() if k in metrics})
+                save_png(recon[j], os.path.join(outdir, f'run{run}', f'{item["index"]:05d}.png'))
+            if run == 0:
+                grid_rows += [torch.stack([operator.to_image(y[j:j + 1])[0], recon[j], truth[j]]) for j in range(len(indices))]
+        for j, item in enumerate(items):
+            save_png(operator.to_image(y[j:j + 1])[0].clamp(-1, 1), os.path.join(outdir, 'measurements', f'{item["index"]:05d}.png'))
+        per_image += items
+    progress.close()
+    save_image_grid(to_uint8(torch.cat(grid_rows[:8]).clamp(-1, 1)), os.path.join(outdir, 'grid.png'), grid_w=3)
+    report = dict(task=task, runs=runs, num_images=len(per_image), lpips_variant=lpips_status,
+        summary=summarize(per_image), per_image=per_image)
+    with open(os.path.join(outdir, 'metrics.json'), 'w') as f:
+        json.dump(report, f, indent=2)
+    write_eval_md(report, os.path.join(outdir, 'eval.md'))
+    return report
+
+def write_eval_md(report, path):
+    name = report['task']['operator']['name']
+    lines = [f'# {name}: {report["num_images"]} images, {report["runs"]} run(s)', '',
+        '| metric | mean over runs | std over images | best of runs |', '| --- | --- | --- | --- |']
+    for metric, s in report['summary'].items():
+        lines.append(f'| {metric} | {s["mean"]:.4f} | {s["std"]:.4f} | {s["best_of_runs_mean"]:.4f} |')
+    lines += ['', f'LPIPS: {report["lpips_variant"]}', '', 'grid.png: measurement | reconstruction (run 0) | truth.']
+    with open(path, 'w') as f:
+        f.write('\n'.join(lines) + '\n')
