@@ -1,0 +1,174 @@
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import dnnlib
+from conftest import run_python, load_fixture
+from dnnlib.util import UserError
+from inverse import metrics as im
+from inverse.operators import get_operator, Inpainting, ula_likelihood_step, motion_kernel
+from inverse.pnp import pnp_gd
+from training.analytic import GaussianMixture
+
+LINEAR = [('box_inpainting', {}), ('gaussian_deblur_circ', dict(kernel_size=5, intensity=1.0)),
+    ('motion_deblur_circ', dict(kernel_size=7, intensity=0.5)), ('super_resolution', dict(scale_factor=2))]
+
+def gaussian_posterior(A, x, y, sigma_y, rho):
+    """Mean and covariance of exp(−‖Au − y‖²/(2σ_y²) − ‖u − x‖²/(2ρ²)) from the dense matrix."""
+    precision = torch.eye(A.shape[1], dtype=torch.float64) / rho ** 2 + A.T @ A / sigma_y ** 2
+    cov = torch.linalg.inv(precision)
+    return cov @ (x.flatten() / rho ** 2 + A.T @ y.flatten() / sigma_y ** 2), cov
+
+@pytest.mark.parametrize('name, kwargs', LINEAR)
+def test_transpose_is_the_adjoint(name, kwargs):
+    op = get_operator(name, img_size=8, channels=2, **kwargs)
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    y = torch.randn_like(op.forward(x))
+    assert torch.allclose((op.forward(x) * y).sum(), (x * op.transpose(y)).sum(), rtol=1e-10)
+
+@pytest.mark.parametrize('name, kwargs', LINEAR)
+def test_likelihood_step_against_brute_force(name, kwargs):
+    op = get_operator(name, img_size=8, channels=1, **kwargs)
+    A = op.matrix()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 8, 8, dtype=torch.float64, generator=gen)
+    y = torch.randn(op.forward(x).shape, dtype=torch.float64, generator=gen)
+    sigma_y, rho, n = 0.3, 0.5, 20000
+    mean, cov = gaussian_posterior(A, x, y, sigma_y, rho)
+    samples = op.likelihood_step(x.expand(n, -1, -1, -1), y.expand(n, *y.shape[1:]), sigma_y, rho, generator=gen).reshape(n, -1)
+    tolerance = 5 * (cov.diagonal().max() / n) ** 0.5
+    assert (samples.mean(0) - mean).abs().max() < tolerance
+    assert (torch.cov(samples.T) - cov).abs().max() < 0.05 * cov.abs().max()
+
+def test_ula_matches_the_closed_form_on_a_linear_operator():
+    op = get_operator('box_inpainting', img_size=4, channels=1)
+    A = op.matrix()
+    x, y = torch.randn(1, 1, 4, 4, dtype=torch.float64), torch.randn(1, 1, 4, 4, dtype=torch.float64)
+    mean, cov = gaussian_posterior(A, x, y, 0.5, 0.5)
+    n = 4000
+    samples = ula_likelihood_step(op, x.expand(n, -1, -1, -1), y.expand(n, -1, -1, -1), 0.5, 0.5, steps=200, step_scale=0.1).reshape(n, -1)
+    assert (samples.mean(0) - mean).abs().max() < 0.05
+    assert (samples.var(0) - cov.diagonal()).abs().max() < 0.1 * cov.diagonal().max()
+
+def test_phase_retrieval_forward_and_ula_reduce_the_misfit():
+    op = get_operator('phase_retrieval', img_size=8, channels=1)
+    assert op.pad == 4 and op.forward(torch.zeros(1, 1, 8, 8)).shape == (1, 1, 16, 16)
+    truth = torch.rand(1, 1, 8, 8) * 2 - 1
+    y = op.forward(truth)
+    start = torch.zeros(1, 1, 8, 8)
+    u = op.likelihood_step(start, y, 0.05, 1.0, generator=torch.Generator().manual_seed(0))
+    assert (op.forward(u) - y).norm() < 0.5 * (op.forward(start) - y).norm()
+
+def test_operator_shapes_and_errors():
+    assert get_operator('box_inpainting', img_size=256).mask[0].eq(0).sum() == 128 * 128
+    assert get_operator('super_resolution', img_size=64).forward(torch.zeros(2, 3, 64, 64)).shape == (2, 3, 16, 16)
+    kernel = motion_kernel(61, 0.5, seed=3)
+    assert kernel.shape == (61, 61) and abs(float(kernel.sum()) - 1) < 1e-5 and torch.equal(kernel, motion_kernel(61, 0.5, seed=3))
+    with pytest.raises(UserError, match='unknown task'):
+        get_operator('colorization')
+    with pytest.raises(UserError, match='set up for 3x16x16'):
+        get_operator('box_inpainting', img_size=16).check_image(torch.zeros(1, 3, 8, 8))
+
+def mixture_for_inpainting():
+    """4×4 one-channel images; components pair up with equal left halves, so hiding the right half leaves a choice."""
+    left = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    means = []
+    for sign in (1, -1):
+        for right in (torch.ones(4, 2), -torch.ones(4, 2)):
+            means.append(torch.cat([left.repeat(2, 1) * sign, right], dim=1))
+    return GaussianMixture(torch.stack(means)[:, None], std=0.3, weights=torch.tensor([0.4, 0.1, 0.3, 0.2]))
+
+def test_pnp_gd_with_exact_denoiser_matches_the_exact_posterior():
+    mixture = mixture_for_inpainting()
+    mask = torch.zeros(1, 4, 4)
+    mask[:, :, :2] = 1
+    op = Inpainting(mask, img_size=4, channels=1)
+    gen = torch.Generator().manual_seed(0)
+    truth = mixture.sample(1, generator=gen)
+    sigma_y = 0.05
+    y = op.measure(truth, sigma_y, generator=gen)
+    n = 3000
+    exact = mixture.posterior_sample(op, y, sigma_y, n, generator=gen)
+    chains = pnp_gd(mixture.generative_denoiser(), y.expand(n, -1, -1, -1), op, sigma_y, steps=50, generator=gen)
+    weights, _, _ = mixture.linear_posterior(op, y, sigma_y)
+    assign = lambda s: mixture.teacher().component_log_posterior(s, 1e-3).argmax(dim=1)
+    freq_pnp = torch.bincount(assign(chains), minlength=4).double() / n
+    freq_exact = torch.bincount(assign(exact), minlength=4).double() / n
+    assert (freq_pnp - weights).abs().sum() / 2 < 0.05 and (freq_exact - weights).abs().sum() / 2 < 0.05
+    assert (chains.mean(0) - exact.mean(0)).abs().max() < 0.1
+    assert (chains.std(0) - exact.std(0)).abs().max() < 0.1
+
+def test_psnr_and_ssim_known_values():
+    a = torch.full([1, 1, 16, 16], 0.5, dtype=torch.float64)
+    assert float(im.psnr(a, a + 0.1)) == pytest.approx(20.0)
+    b = torch.full_like(a, 0.25)
+    c1 = 0.01 ** 2
+    assert float(im.ssim(a, b)) == pytest.approx((2 * 0.5 * 0.25 + c1) / (0.5 ** 2 + 0.25 ** 2 + c1))
+    x = torch.rand(1, 1, 16, 16, dtype=torch.float64)
+    assert float(im.ssim(x, x)) == pytest.approx(1.0)
+
+def test_ssim_against_a_direct_computation():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(1, 1, 13, 13, generator=gen, dtype=torch.float64), torch.rand(1, 1, 13, 13, generator=gen, dtype=torch.float64)
+    ax = torch.arange(11, dtype=torch.float64) - 5
+    w = torch.exp(-ax ** 2 / (2 * 1.5 ** 2))
+    w = torch.outer(w, w) / torch.outer(w, w).sum()
+    values = []
+    for i in range(3):
+        for j in range(3):
+            p, q = x[0, 0, i:i + 11, j:j + 11], y[0, 0, i:i + 11, j:j + 11]
+            mp, mq = (w * p).sum(), (w * q).sum()
+            vp, vq, cpq = (w * (p - mp) ** 2).sum(), (w * (q - mq) ** 2).sum(), (w * (p - mp) * (q - mq)).sum()
+            c1, c2 = 0.01 ** 2, 0.03 ** 2
+            values.append((2 * mp * mq + c1) * (2 * cpq + c2) / ((mp ** 2 + mq ** 2 + c1) * (vp + vq + c2)))
+    assert float(im.ssim(x, y)) == pytest.approx(float(torch.stack(values).mean()), rel=1e-9)
+
+def test_lpips_structure_and_missing_weights(tmp_path):
+    lpips = im.LPIPS()
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(lpips(x, x), torch.zeros(2), atol=1e-6)
+    assert (lpips(x, torch.rand(2, 3, 32, 32)) > 0).all()
+    with pytest.raises(UserError, match='--lpips-vgg'):
+        lpips.load_weights(str(tmp_path / 'missing-vgg.pth'), str(tmp_path / 'missing-heads.pt'))
+
+@pytest.fixture(scope='module')
+def student(tmp_path_factory):
+    """A small NCVSD student (fixture weights, unconditional copy) pickled as a snapshot."""
+    from training.networks_ncvsd import ConditionalPrecond, GenerativeDenoiser
+    from training.encoders import StandardRGBEncoder
+    data = load_fixture('ncvsd_networks_small.pt')
+    config = dict(data['config'], label_dim=0)
+    net = ConditionalPrecond(**config)
+    net.load_state_dict({k: v for k, v in data['generator_state_dict'].items() if 'emb_label' not in k})
+    path = tmp_path_factory.mktemp('student') / 'student.pkl'
+    with open(path, 'wb') as f:
+        pickle.dump(dnnlib.EasyDict(ema=GenerativeDenoiser(net), encoder=StandardRGBEncoder()), f)
+    return path
+
+def test_cli_end_to_end(student, tmp_path):
+    from helpers import make_dataset
+    data = make_dataset(tmp_path / 'src', tmp_path / 'data.zip', num=3)
+    out = tmp_path / 'out'
+    result = run_python(['posterior_sample.py', f'--net={student}', f'--data={data}', '--preset=super_resolution', f'--outdir={out}',
+        '--steps=4', '--runs=2', '--batch=2', f'--lpips-vgg={tmp_path / "none.pth"}'])
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.load(open(out / 'metrics.json'))
+    assert report['num_images'] == 3 and report['runs'] == 2
+    assert report['lpips_variant'].startswith('unavailable') and '--lpips-vgg' in report['lpips_variant']
+    assert set(report['summary']) == {'psnr', 'ssim'}
+    assert report['summary']['psnr']['best_of_runs_mean'] >= report['summary']['psnr']['mean']
+    for run in (0, 1):
+        assert sorted(p.name for p in (out / f'run{run}').iterdir()) == ['00000.png', '00001.png', '00002.png']
+    assert (out / 'grid.png').is_file() and (out / 'eval.md').is_file() and len(list((out / 'measurements').iterdir())) == 3
+
+@pytest.mark.parametrize('case, message', [('task', 'unknown task'), ('size', 'network expects 3x16x16'), ('teacher', 'not an NCVSD')])
+def test_cli_errors(student, tmp_path, case, message):
+    from helpers import make_dataset, make_teacher
+    data = make_dataset(tmp_path / 'src', tmp_path / 'data.zip', num=2, resolution=8 if case == 'size' else 16)
+    net = make_teacher(tmp_path / 'teacher.pkl') if case == 'teacher' else student
+    result = run_python(['posterior_sample.py', f'--net={net}', f'--data={data}', f'--preset={"colorize" if case == "task" else "box_inpainting"}',
+        f'--outdir={tmp_path / "out"}', '--steps=2'])
+    assert result.returncode == 1 and message in result.stderr and 'Traceback' not in result.stderr
