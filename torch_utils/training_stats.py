@@ -88,8 +88,8 @@ class Collector:
         return np.sqrt(max(raw_var - np.square(mean), 0))
 
     def as_dict(self):
-        """{name: {num, mean, std}} for every collected statistic (the stats.jsonl record)."""
-        return {name: dict(num=self.num(name), mean=self.mean(name), std=self.std(name)) for name in self.names()}
+        """{name: {num, mean, std}} for every statistic reported since the last update (the stats.jsonl record)."""
+        return {name: dict(num=self.num(name), mean=self.mean(name), std=self.std(name)) for name in self.names() if self.num(name) > 0}
 
     def __getitem__(self, name):
         return self.mean(name)
@@ -118,4 +118,4 @@ def _sync(names):
         _cumulative[name].add_(deltas[idx])
     return [(name, _cumulative[name]) for name in names]
 
-default_collector = Collector()
+default_collector = Collector(keep_previous=False)

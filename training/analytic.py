@@ -166,6 +166,13 @@ class GaussianMixture:
         weights = torch.ones(means.shape[0]) if weights is None else weights
         self.module = MixtureDenoiser(means, std, weights, labels, label_dim).eval()
 
+    @classmethod
+    def from_teacher(cls, module):
+        """Wrap an existing MixtureDenoiser (e.g. toy_teacher() or one loaded from a pickle)."""
+        mixture = cls.__new__(cls)
+        mixture.module = module.eval()
+        return mixture
+
     def sample(self, n, class_labels=None, generator=None):
         randn_like = torch.randn_like if generator is None else (lambda x: torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device))
         with torch.no_grad():
@@ -181,10 +188,11 @@ class GaussianMixture:
         return mixture_metrics(self.module, samples, class_labels)
 
     @torch.no_grad()
-    def linear_posterior(self, operator, y, sigma_y):
+    def linear_posterior(self, operator, y, sigma_y, class_labels=None):
         """p(x | y) for y = A x + σ_y·n: (component weights [K], means [K, D], Cholesky factors [K, D, D]).
 
-        `operator`: a dense matrix [M, D], or anything with `.matrix()` returning one; y: M values.
+        `operator`: a dense matrix [M, D], or anything with `.matrix()` returning one; y: M values;
+        class_labels: one one-hot row to condition on a class as well.
         """
         A = (operator.matrix() if hasattr(operator, 'matrix') else torch.as_tensor(operator)).to(torch.float64)
         means = self.module.means.flatten(1).to(torch.float64)                           # [K, D]
@@ -199,12 +207,13 @@ class GaussianMixture:
             cov = torch.linalg.inv(eye_d / stds[k] ** 2 + A.T @ A / sigma_y ** 2)
             post_means.append(cov @ (means[k] / stds[k] ** 2 + A.T @ y / sigma_y ** 2))
             post_chols.append(torch.linalg.cholesky((cov + cov.T) / 2))
-        return torch.stack(log_w).softmax(0), torch.stack(post_means), torch.stack(post_chols)
+        log_w = torch.stack(log_w) + self.module._label_log_mask(class_labels, 1)[0].double()
+        return log_w.softmax(0), torch.stack(post_means), torch.stack(post_chols)
 
     @torch.no_grad()
-    def posterior_sample(self, operator, y, sigma_y, n, generator=None):
+    def posterior_sample(self, operator, y, sigma_y, n, generator=None, class_labels=None):
         """n exact samples [n, C, H, W] of p(x | y) for y = A x + σ_y·n (see linear_posterior)."""
-        weights, means, chols = self.linear_posterior(operator, y, sigma_y)
+        weights, means, chols = self.linear_posterior(operator, y, sigma_y, class_labels)
         ks = torch.multinomial(weights.float(), n, replacement=True, generator=generator)
         normal = torch.randn(n, means.shape[1], 1, generator=generator, dtype=torch.float64)
         out = means[ks] + (chols[ks] @ normal)[:, :, 0]

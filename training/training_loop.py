@@ -1,5 +1,6 @@
 """The NCVSD distillation loop (DESIGN §3): fake score, discriminator and generator phases."""
 
+import contextlib
 import copy
 import json
 import os
@@ -129,6 +130,59 @@ def check_run_options(run_dir, options):
             json.dump(options, f, indent=2)
         os.replace(temp, path)
 
+class NCVSDIteration:
+    """One NCVSD iteration (DESIGN §3): fake score, discriminator and generator phases, each on its own
+    batches with gradient accumulation, a cross-rank gradient sum and one Adam step."""
+
+    phase_names = ('score', 'discriminator', 'generator')
+
+    def __init__(self, G, S, D, teacher, loss_fn, optimizers, gamma, num_rounds, batch_gpu_total, g_lr_scaling=0.01,
+        d_lr_scaling=0.01, loss_scaling=1.0, force_finite=True, generator=None):
+        self.G, self.S, self.D, self.teacher, self.loss_fn = G, S, D, teacher, loss_fn
+        self.generator_net = GenerativeDenoiser(G, gamma=gamma)
+        self.optimizers = dict(zip(self.phase_names, optimizers))
+        self.lr_scalings = dict(score=1.0, discriminator=d_lr_scaling, generator=g_lr_scaling)
+        self.num_rounds = num_rounds
+        self.batch_gpu_total = batch_gpu_total
+        self.loss_scaling = loss_scaling
+        self.force_finite = force_finite
+        self.generator = generator
+
+    def run(self, batches, lr, use_gan=True, timer=None):
+        """Run the three phases; `timer(name)` (optional) is a context manager around each phase."""
+        for name, net in zip(self.phase_names, (self.S, self.D, self.G)):
+            with (timer(name) if timer is not None else contextlib.nullcontext()):
+                self.run_phase(net, self.optimizers[name], lr * self.lr_scalings[name], name, batches, use_gan)
+
+    def run_phase(self, net, optimizer, lr, name, batches, use_gan):
+        for other in (self.G, self.S, self.D):
+            other.requires_grad_(other is net)
+        optimizer.zero_grad(set_to_none=True)
+        for _round in range(self.num_rounds):
+            images, labels = next(batches)
+            loss = self.phase_loss(name, images, labels if self.teacher.label_dim else None, use_gan)
+            loss.sum().mul(self.loss_scaling / self.batch_gpu_total).backward()
+        reduce_gradients_(net, self.loss_scaling, self.force_finite)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        optimizer.step()
+        net.project_()
+
+    def phase_loss(self, name, images, labels, use_gan):
+        if name == 'score':
+            loss = self.loss_fn.score_loss(self.generator_net, self.S, images, labels, generator=self.generator)
+        elif name == 'discriminator':
+            loss = self.loss_fn.discriminator_loss(self.generator_net, self.D, images, labels, generator=self.generator)
+        else:
+            loss, gan_loss = self.loss_fn.generator_loss(self.generator_net, self.S, self.teacher, images, labels,
+                discriminator=self.D, use_gan=use_gan, generator=self.generator)
+            if gan_loss is not None:
+                training_stats.report('Loss/generator', loss)
+                training_stats.report('Loss/gan', gan_loss)
+                return loss.flatten(1).sum(dim=1) + gan_loss
+        training_stats.report(f'Loss/{name}', loss)
+        return loss
+
 #----------------------------------------------------------------------------
 # Outputs.
 
@@ -240,7 +294,6 @@ def training_loop(
     teacher = loading.prepare_frozen(teacher, device)
     torch.manual_seed(seed)                                 # The same initial weights on every rank.
     G, S, D = build_students(teacher if init_net is None else init_net.to(device), network_kwargs, device)
-    generator_net = GenerativeDenoiser(G, gamma=gamma)
     loss_fn = dnnlib.util.construct_class_by_name(class_name='training.loss.NCVSDLoss', **loss_kwargs)
     optimizers = [torch.optim.Adam(net.parameters(), lr=0, **optimizer_kwargs) for net in (S, D, G)]
     ema = PowerFunctionEMA(G, stds=ema_stds)
@@ -259,44 +312,12 @@ def training_loop(
 
     dist.print0(f'Training: {total_nimg // 1000} kimg, batch {batch_size} = {world_size} ranks × {num_rounds} rounds × {batch_gpu}, '
         f'device {device}, starting at {state.cur_nimg // 1000} kimg')
+    iteration = NCVSDIteration(G, S, D, teacher, loss_fn, optimizers, gamma, num_rounds, batch_gpu_total,
+        g_lr_scaling, d_lr_scaling, loss_scaling, force_finite, rng.generator)
     stats_path = os.path.join(run_dir, 'stats.jsonl')
     start_time = time.time()
     start_nimg = state.cur_nimg
     prev_status_time, prev_status_nimg = start_time, state.cur_nimg
-
-    def run_phase(net, optimizer, lr, compute_loss):
-        """Accumulate gradients of `net` over the rounds, reduce across ranks, take one Adam step."""
-        for other in (G, S, D):
-            other.requires_grad_(other is net)
-        optimizer.zero_grad(set_to_none=True)
-        for _round in range(num_rounds):
-            images, labels = next(batches)
-            loss = compute_loss(images, labels if teacher.label_dim else None)
-            loss.sum().mul(loss_scaling / batch_gpu_total).backward()
-        reduce_gradients_(net, loss_scaling, force_finite)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        optimizer.step()
-        net.project_()
-
-    def score_phase(images, labels):
-        loss = loss_fn.score_loss(generator_net, S, images, labels, generator=rng.generator)
-        training_stats.report('Loss/score', loss)
-        return loss
-
-    def discriminator_phase(images, labels):
-        loss = loss_fn.discriminator_loss(generator_net, D, images, labels, generator=rng.generator)
-        training_stats.report('Loss/discriminator', loss)
-        return loss
-
-    def generator_phase(images, labels):
-        use_gan = state.cur_nimg >= gan_warmup_nimg
-        loss, gan_loss = loss_fn.generator_loss(generator_net, S, teacher, images, labels, discriminator=D, use_gan=use_gan, generator=rng.generator)
-        training_stats.report('Loss/generator', loss)
-        if gan_loss is None:
-            return loss
-        training_stats.report('Loss/gan', gan_loss)
-        return loss.flatten(1).sum(dim=1) + gan_loss
 
     while True:
         done = state.cur_nimg >= total_nimg
@@ -315,11 +336,8 @@ def training_loop(
         if done:
             break
 
-        # One NCVSD iteration.
         lr = learning_rate_schedule(state.cur_nimg + batch_size, batch_size, **lr_kwargs)
-        run_phase(S, optimizers[0], lr, score_phase)
-        run_phase(D, optimizers[1], lr * d_lr_scaling, discriminator_phase)
-        run_phase(G, optimizers[2], lr * g_lr_scaling, generator_phase)
+        iteration.run(batches, lr, use_gan=state.cur_nimg >= gan_warmup_nimg)
         state.cur_nimg += batch_size
         ema.update(cur_nimg=state.cur_nimg, batch_size=batch_size)
     return G, S, D, ema

@@ -1,0 +1,56 @@
+"""Shared set-up of the benchmarks: a random teacher of a preset's architecture, timing helpers."""
+
+import contextlib
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from training.networks_edm2 import Precond
+from training.train_setup import load_preset
+
+def random_teacher(preset, device):
+    """An EDM2 Precond with the preset's network_arch and non-zero gains (so every layer contributes)."""
+    config = load_preset(preset)
+    arch = dict(config.network_arch)
+    torch.manual_seed(0)
+    net = Precond(img_resolution=arch.pop('img_resolution'), img_channels=arch.pop('img_channels'),
+        label_dim=arch.pop('label_dim'), use_fp16=bool(config.get('fp16', False)), **arch)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if 'gain' in name:
+                param.fill_(0.3)
+    return net.to(device), config
+
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+class PhaseTimer:
+    """Collects wall-clock milliseconds per named phase."""
+
+    def __init__(self, device):
+        self.device = device
+        self.times = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        synchronize(self.device)
+        self.times.setdefault(name, []).append((time.perf_counter() - start) * 1000)
+
+    def median(self, name):
+        return statistics.median(self.times[name])
+
+def peak_memory_mb(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # Linux: KiB -> MiB
