@@ -14,6 +14,7 @@ import torch
 from common import random_teacher, synchronize
 from training.networks_ncvsd import ConditionalPrecond, GenerativeDenoiser
 from training.sampling import edm_heun_sampler, StackedRandomGenerator
+from training.speed import OPTIONS, set_speed_options
 
 def images_per_second(fn, batch, repeats, device):
     fn()                                                     # warm-up
@@ -32,8 +33,10 @@ def images_per_second(fn, batch, repeats, device):
 @click.option('--repeats', type=int, default=3, show_default=True)
 @click.option('--heun-steps', type=int, default=32, show_default=True)
 @click.option('--device', default='cuda' if torch.cuda.is_available() else 'cpu', show_default=True)
-def main(preset, batch, repeats, heun_steps, device):
+@click.option('--off', help=f'Speed options to turn off: all, or a comma list of {", ".join(OPTIONS)}', default='', metavar='LIST')
+def main(preset, batch, repeats, heun_steps, device, off):
     torch.set_grad_enabled(False)
+    set_speed_options(**{name: False for name in (list(OPTIONS) if off == 'all' else [n for n in off.split(',') if n])})
     device = torch.device(device)
     teacher, _config = random_teacher(preset, device)
     teacher.eval()

@@ -12,6 +12,7 @@ import torch
 
 from common import random_teacher, PhaseTimer, peak_memory_mb, synchronize
 from training.loss import NCVSDLoss
+from training.speed import OPTIONS, set_speed_options, get_speed_options
 from training.training_loop import NCVSDIteration, build_students
 
 def random_batches(shape, label_dim, device, generator):
@@ -28,9 +29,12 @@ def random_batches(shape, label_dim, device, generator):
 @click.option('--warmup', type=int, default=2, show_default=True)
 @click.option('--device', default='cuda' if torch.cuda.is_available() else 'cpu', show_default=True)
 @click.option('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s choice)')
-def main(preset, batch, iters, warmup, device, threads):
+@click.option('--off', help=f'Speed options to turn off: all, or a comma list of {", ".join(OPTIONS)}', default='', metavar='LIST')
+def main(preset, batch, iters, warmup, device, threads, off):
     if threads:
         torch.set_num_threads(threads)
+    names = list(OPTIONS) if off == 'all' else [name for name in off.split(',') if name]
+    set_speed_options(**{name: False for name in names})
     device = torch.device(device)
     teacher, config = random_teacher(preset, device)
     teacher.eval().requires_grad_(False)
@@ -49,7 +53,7 @@ def main(preset, batch, iters, warmup, device, threads):
     total = timer.median('iteration')
     phases = '  '.join(f'{name} {timer.median(name):.0f}' for name in step.phase_names)
     print(f'{preset}: batch {batch}, {teacher.img_resolution}x{teacher.img_resolution}x{teacher.img_channels}, device {device}, '
-        f'{torch.get_num_threads()} threads')
+        f'{torch.get_num_threads()} threads, speed options {get_speed_options()}')
     print(f'median ms/iter {total:.0f}  ({phases})  img/s {batch / total * 1000:.1f}  peak memory {peak_memory_mb(device):.0f} MiB')
 
 if __name__ == '__main__':

@@ -19,6 +19,8 @@ def _randn_like_fn(generator):
 class NCVSDLoss:
     """Per-element (score, generator) and per-sample (discriminator) losses for one NCVSD iteration."""
 
+    fused_discriminator = True      # Real and fake in one discriminator pass sharing the condition's encoding.
+
     def __init__(self, P_mean=-0.8, P_std=1.6, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0,
         sigma_grid_size=1000, sigma_rho=7.0, gan_loss_scaling=1.0,
     ):
@@ -58,8 +60,12 @@ class NCVSDLoss:
         with torch.no_grad():
             fake = generator_net(y, sigma, labels, randn_like=randn_like)
         t = self.sample_t(images, generator)
-        real_logits = discriminator(images + randn_like(images) * t, t, y, sigma, class_labels=labels)
-        fake_logits = discriminator(fake + randn_like(fake) * t, t, y, sigma, class_labels=labels)
+        real, fake = images + randn_like(images) * t, fake + randn_like(fake) * t
+        if self.fused_discriminator:
+            real_logits, fake_logits = discriminator(torch.cat([real, fake]), torch.cat([t, t]), y, sigma, class_labels=labels).chunk(2)
+        else:
+            real_logits = discriminator(real, t, y, sigma, class_labels=labels)
+            fake_logits = discriminator(fake, t, y, sigma, class_labels=labels)
         bce = torch.nn.functional.binary_cross_entropy_with_logits
         loss = 0.5 * (bce(real_logits, torch.ones_like(real_logits), reduction='none')
             + bce(fake_logits, torch.zeros_like(fake_logits), reduction='none'))

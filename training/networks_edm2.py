@@ -5,11 +5,19 @@ teacher pickles and our students share one implementation. The UNet can be built
 half, its decoder half or both, so the NCVSD networks reuse the same layers.
 """
 
+import weakref
+
 import numpy as np
 import torch
 
 from torch_utils import misc
 from torch_utils import persistence
+
+# Speed options (same mathematics; tests compare both settings).
+CACHE_FROZEN_WEIGHTS = True     # Reuse normalised weights of parameters that do not require grad until they change.
+FUSED_ATTENTION = True          # torch's scaled_dot_product_attention instead of two einsums and a softmax.
+FAST_PIXEL_NORM = True          # Channel norms as sqrt(sum of squares): torch's strided vector_norm is ~18x slower on CPU.
+_normalized_weights = weakref.WeakKeyDictionary()       # MPConv -> ((version, pointer), normalised weight)
 
 #----------------------------------------------------------------------------
 # Magnitude-preserving primitives.
@@ -18,7 +26,11 @@ def normalize(x, dim=None, eps=1e-4):
     """Scale to unit RMS over `dim` (all but the first by default); eps scaled by the element ratio."""
     if dim is None:
         dim = list(range(1, x.ndim))
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+        norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    elif FAST_PIXEL_NORM:
+        norm = (x.to(torch.float32).square().sum(dim=dim, keepdim=True) + 1e-30).sqrt()     # +1e-30: finite gradient at 0
+    else:
+        norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
     norm = torch.add(eps, norm, alpha=np.sqrt(norm.numel() / x.numel()))
     return x / norm.to(x.dtype)
 
@@ -78,12 +90,23 @@ class MPConv(torch.nn.Module):
 
     def effective_weight(self, gain=1):
         """Normalised, magnitude-preserving float32 weight; forced normalisation in training."""
-        weight = self.weight.to(torch.float32)
         if self.training and self.forced_normalization:
             with torch.no_grad():
-                self.weight.copy_(normalize(weight))
-        weight = normalize(weight)
+                self.weight.copy_(normalize(self.weight.to(torch.float32)))
+        weight = self.normalized_weight()
         return weight * (gain / np.sqrt(weight[0].numel()))
+
+    def normalized_weight(self):
+        """normalize(weight) in float32, cached for frozen weights (teacher, and students outside their phase)."""
+        if not (CACHE_FROZEN_WEIGHTS and not self.weight.requires_grad and not torch.is_inference_mode_enabled()):
+            return normalize(self.weight.to(torch.float32))
+        key = (self.weight._version, self.weight.data_ptr())
+        cached = _normalized_weights.get(self, None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, normalize(self.weight.to(torch.float32)))
+            _normalized_weights[self] = cached
+        return cached[1]
 
     def forward(self, x, gain=1):
         weight = self.effective_weight(gain).to(x.dtype)
@@ -163,8 +186,11 @@ class Block(torch.nn.Module):
         qkv = self.attn_qkv(x)
         qkv = qkv.reshape(qkv.shape[0], self.num_heads, -1, 3, qkv.shape[2] * qkv.shape[3])
         q, k, v = normalize(qkv, dim=2).unbind(3)                     # [N, heads, C/heads, HW] each
-        weights = torch.einsum('nhcq,nhck->nhqk', q, k / np.sqrt(q.shape[2])).softmax(dim=3)
-        out = torch.einsum('nhqk,nhck->nhcq', weights, v)
+        if FUSED_ATTENTION:
+            out = torch.nn.functional.scaled_dot_product_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3)).transpose(2, 3)
+        else:
+            weights = torch.einsum('nhcq,nhck->nhqk', q, k / np.sqrt(q.shape[2])).softmax(dim=3)
+            out = torch.einsum('nhqk,nhck->nhcq', weights, v)
         return self.attn_proj(out.reshape(*x.shape))
 
 #----------------------------------------------------------------------------

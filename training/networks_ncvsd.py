@@ -50,14 +50,22 @@ class _TwoEncoderNetwork(torch.nn.Module):
         self.enc = UNet(parts='encoder', **self.unet_kwargs)
 
     def _encode_both(self, x, sigma, condition_x, condition_sigma, class_labels, force_fp32):
-        """Precondition and encode input and condition; returns what the heads need."""
-        x, sigma, class_labels = prepare_inputs(x, sigma, class_labels, self.label_dim)
-        condition_x, condition_sigma, _ = prepare_inputs(condition_x, condition_sigma, None, 0)
+        """Precondition and encode input and condition; returns what the heads need.
+
+        x may hold k inputs per condition ([k·N] vs [N], e.g. real and fake for the discriminator):
+        the condition is then encoded once and its features repeated."""
+        x, sigma, _ = prepare_inputs(x, sigma, None, 0)
+        condition_x, condition_sigma, class_labels = prepare_inputs(condition_x, condition_sigma, class_labels, self.label_dim)
+        repeats = x.shape[0] // condition_x.shape[0]
+        input_labels = class_labels.repeat(repeats, 1) if class_labels is not None and class_labels.shape[0] > 1 else class_labels
         dtype = compute_dtype(self.use_fp16, x.device, force_fp32)
         c_skip, c_out, c_in, c_noise = precond_coefficients(sigma, self.sigma_data)
         _, _, cond_c_in, cond_c_noise = precond_coefficients(condition_sigma, self.sigma_data)
-        enc_x, enc_skips = self.enc.encode((c_in * x).to(dtype), self.enc.embed(c_noise, class_labels))
+        enc_x, enc_skips = self.enc.encode((c_in * x).to(dtype), self.enc.embed(c_noise, input_labels))
         ctrl_x, ctrl_skips = self.ctrl.encode((cond_c_in * condition_x).to(dtype), self.ctrl.embed(cond_c_noise, class_labels))
+        if repeats > 1:
+            ctrl_x, ctrl_skips = ctrl_x.repeat(repeats, 1, 1, 1), [skip.repeat(repeats, 1, 1, 1) for skip in ctrl_skips]
+        class_labels = input_labels
         return dict(x=x, class_labels=class_labels, c_skip=c_skip, c_out=c_out, c_noise=c_noise,
             enc_x=enc_x, enc_skips=enc_skips, ctrl_x=ctrl_x, ctrl_skips=ctrl_skips)
 

@@ -1,0 +1,88 @@
+"""The speed options change how things are computed, not what: before/after equivalence."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import load_fixture
+from training.loss import NCVSDLoss
+from training.networks_edm2 import Precond
+from training.networks_ncvsd import ConditionalDiscriminator
+from training.speed import OPTIONS, set_speed_options
+from training.training_loop import NCVSDIteration, build_students
+
+@pytest.fixture
+def speed_options():
+    previous = set_speed_options()
+    yield
+    set_speed_options(**previous)
+
+def teacher_and_students():
+    data = load_fixture('ncvsd_networks_small.pt')
+    teacher = Precond(**data['config']).eval().requires_grad_(False)
+    teacher.load_state_dict(data['teacher_state_dict'])
+    torch.manual_seed(0)
+    return teacher, build_students(teacher, {'use_fp16': False}, 'cpu')
+
+def one_iteration(teacher, nets):
+    G, S, D = [copy.deepcopy(net) for net in nets]
+    optimizers = [torch.optim.Adam(net.parameters(), lr=0, betas=(0.9, 0.99)) for net in (S, D, G)]
+    step = NCVSDIteration(G, S, D, teacher, NCVSDLoss(), optimizers, 0.414, num_rounds=2, batch_gpu_total=8,
+        g_lr_scaling=0.1, d_lr_scaling=0.1, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    def batches():
+        while True:
+            yield torch.randn(4, 3, 16, 16, generator=gen) * 0.5, torch.eye(10)[torch.randint(10, [4], generator=gen)]
+    torch.manual_seed(2)
+    step.run(batches(), lr=1e-3)
+    return G, S, D
+
+def test_one_iteration_is_the_same_with_and_without_speed_options(speed_options):
+    teacher, nets = teacher_and_students()
+    set_speed_options(**{name: False for name in OPTIONS})
+    reference = one_iteration(teacher, nets)
+    set_speed_options(**{name: True for name in OPTIONS})
+    fast = one_iteration(teacher, nets)
+    for ref_net, fast_net, initial in zip(reference, fast, nets):
+        for (name, a), b, c in zip(ref_net.state_dict().items(), fast_net.state_dict().values(), initial.state_dict().values()):
+            moved = (a - c).abs().max()
+            assert (a - b).abs().max() <= 1e-3 * max(float(moved), 1e-6) + 1e-6, name
+
+@pytest.mark.parametrize('name', list(OPTIONS))
+def test_each_option_keeps_the_fixture_outputs(speed_options, name):
+    data = load_fixture('ncvsd_networks_small.pt')
+    set_speed_options(**{option: option == name for option in OPTIONS})
+    disc = ConditionalDiscriminator(**data['config']).eval().requires_grad_(False)
+    disc.load_state_dict(data['discriminator_state_dict'])
+    args = (data['x'], data['sigma'], data['cond_x'], data['cond_sigma'], data['class_labels'])
+    for _ in range(2):                                        # the second call uses cached weights
+        assert torch.allclose(disc(*args), data['discriminator_logits'], rtol=1e-5, atol=1e-6)
+    edm2 = load_fixture('edm2_precond_small.pt')
+    net = Precond(**edm2['config']).eval().requires_grad_(False)
+    net.load_state_dict(edm2['state_dict'])
+    D_x = net(edm2['x'], edm2['sigma'], edm2['class_labels'])
+    assert float((D_x - edm2['D_x']).norm() / edm2['D_x'].norm()) < 1e-5
+
+def test_weight_cache_follows_weight_updates(speed_options):
+    set_speed_options(cache_frozen_weights=True)
+    data = load_fixture('edm2_precond_small.pt')
+    net = Precond(**data['config']).eval().requires_grad_(False)
+    net.load_state_dict(data['state_dict'])
+    args = (data['x'], data['sigma'], data['class_labels'])
+    before = net(*args)
+    with torch.no_grad():
+        net.unet.enc['16x16_conv'].weight.mul_(-1)            # in-place change: the cache must notice
+    assert not torch.allclose(net(*args), before)
+    net.load_state_dict(data['state_dict'])
+    assert torch.equal(net(*args), before)
+
+def test_fused_discriminator_pass_equals_two_passes(speed_options):
+    data = load_fixture('ncvsd_networks_small.pt')
+    disc = ConditionalDiscriminator(**data['config']).eval()
+    disc.load_state_dict(data['discriminator_state_dict'])
+    x, sigma, y, sy, labels = data['x'], data['sigma'], data['cond_x'], data['cond_sigma'], data['class_labels']
+    x2 = torch.randn_like(x)
+    joint = disc(torch.cat([x, x2]), torch.cat([sigma, sigma]), y, sy, labels)
+    assert torch.allclose(joint[:5], disc(x, sigma, y, sy, labels), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(joint[5:], disc(x2, sigma, y, sy, labels), rtol=1e-5, atol=1e-6)
