@@ -27,6 +27,34 @@ class EasyDict(dict):
 class UserError(Exception):
     """A problem with the user's input: the CLIs print its one-line message, not a traceback."""
 
+class _Tee:
+    def __init__(self, stream, file):
+        self.stream, self.file = stream, file
+
+    def write(self, text):
+        self.file.write(text)
+        self.file.flush()
+        return self.stream.write(text)
+
+    def flush(self):
+        self.file.flush()
+        self.stream.flush()
+
+    def isatty(self):
+        return False
+
+class Logger:
+    """Copies everything written to stdout and stderr into a file (EDM2's log.txt) until close()."""
+
+    def __init__(self, file_name, file_mode='a'):
+        self.file = open(file_name, file_mode)
+        self.stdout, self.stderr = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(self.stdout, self.file), _Tee(self.stderr, self.file)
+
+    def close(self):
+        sys.stdout, sys.stderr = self.stdout, self.stderr
+        self.file.close()
+
 def run_cli(fn, *args, **kwargs):
     """Run library code for a CLI: a UserError becomes a one-line message and exit status 1."""
     try:

@@ -67,6 +67,8 @@ def test_resume_gives_identical_weights(assets, tmp_path):
 def test_snapshot_loads_in_a_fresh_process_and_samples(assets, tmp_path):
     result = train_cli(assets, tmp_path, '--duration=8', '--snapshot=8')
     assert result.returncode == 0, result.stderr
+    log = (tmp_path / 'log.txt').read_text()
+    assert 'kimg 0.008' in log and 'Training:' in log
     for suffix in ('-0.050', '-0.100'):
         assert (tmp_path / f'network-snapshot-0000000{suffix}.pkl').is_file()
         assert (tmp_path / f'network-snapshot-0000000{suffix}.png').is_file()

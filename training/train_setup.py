@@ -14,7 +14,7 @@ from training.analytic import fit_denoiser_network
 from training.dataset import ImageFolderDataset
 from training.encoders import StandardRGBEncoder, StabilityVAEEncoder
 from training.noise_levels import parse_ts
-from training.training_loop import training_loop
+from training.training_loop import training_loop, check_data_matches, check_run_options
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'presets')
 
@@ -86,13 +86,20 @@ def launch(opts):
     config = resolve_options(opts)
     teacher, encoder = load_teacher(config)
     dataset, encoder, dataset_kwargs = make_data(config, teacher, encoder)
-    from training.training_loop import check_data_matches, check_run_options
     check_data_matches(dataset, encoder, teacher, bool(config.get('cond', True)))
-    network_kwargs = dict(config.get('network', {}))
-    network_kwargs['use_fp16'] = bool(config.get('fp16', False))
     run_options = {k: v for k, v in config.items() if k not in ('outdir', 'workers', 'device')}
     check_run_options(config.outdir, run_options)
+    logger = dnnlib.util.Logger(os.path.join(config.outdir, 'log.txt')) if dist.get_rank() == 0 else None
+    try:
+        run_training(config, teacher, dataset, encoder, dataset_kwargs, run_options)
+    finally:
+        if logger is not None:
+            logger.close()
+    dist.shutdown()
+
+def run_training(config, teacher, dataset, encoder, dataset_kwargs, run_options):
     dist.print0(json.dumps(run_options, indent=2))
+    network_kwargs = dict(config.get('network', {}), use_fp16=bool(config.get('fp16', False)))
     init_net = make_init_net(config, teacher)
     training_loop(
         run_dir=config.outdir, teacher=teacher, dataset=dataset, encoder=encoder, dataset_kwargs=dataset_kwargs,
@@ -107,4 +114,3 @@ def launch(opts):
         num_workers=config.get('workers', 2 if torch.cuda.is_available() else 0),
         grid_size=config.get('grid_size', 64), device=config.get('device'),
     )
-    dist.shutdown()
