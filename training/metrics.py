@@ -26,8 +26,17 @@ class Detector:
     def __call__(self, images):
         raise NotImplementedError
 
-def _weights_hint(url, option, env):
-    return f'cannot load detector weights from {url}; pass {option}=PATH (or set {env}) to a local copy'
+def load_weights(path_or_url, env, default_url, option, reader):
+    """reader(file) on the weights at path_or_url, else $env, else the published URL (cached)."""
+    url = path_or_url or os.environ.get(env, default_url)
+    try:
+        with dnnlib.util.open_url(url, verbose=dist.get_rank() == 0) as f:
+            return reader(f)
+    except UserError as err:
+        raise UserError(f'{err} — cannot load detector weights from {url}; pass {option}=PATH (or set {env}) to a local copy')
+
+def as_rgb(images):
+    return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
 
 class InceptionV3Detector(Detector):
     """EDM2's Inception-v3 (inception-2015-12-05.pkl, 2048 pool features)."""
@@ -35,17 +44,10 @@ class InceptionV3Detector(Detector):
     feature_dim = 2048
 
     def __init__(self, path_or_url=None):
-        url = path_or_url or os.environ.get('NCVSD_INCEPTION', INCEPTION_URL)
-        try:
-            with dnnlib.util.open_url(url, verbose=dist.get_rank() == 0) as f:
-                self.model = pickle.load(f)
-        except UserError as err:
-            raise UserError(f'{err} — {_weights_hint(url, "--inception", "NCVSD_INCEPTION")}')
+        self.model = load_weights(path_or_url, 'NCVSD_INCEPTION', INCEPTION_URL, '--inception', pickle.load)
 
     def __call__(self, images):
-        images = images.to(torch.uint8)
-        if images.shape[1] == 1:
-            images = images.repeat(1, 3, 1, 1)
+        images = as_rgb(images.to(torch.uint8))
         return self.model.to(images.device)(images, return_features=True).to(torch.float64)
 
 class DINOv2Detector(Detector):
@@ -55,20 +57,13 @@ class DINOv2Detector(Detector):
 
     def __init__(self, path_or_url=None):
         from training.dinov2 import VisionTransformer
-        url = path_or_url or os.environ.get('NCVSD_DINOV2', DINOV2_URL)
-        try:
-            with dnnlib.util.open_url(url, verbose=dist.get_rank() == 0) as f:
-                state = torch.load(io.BytesIO(f.read()), map_location='cpu', weights_only=True)
-        except UserError as err:
-            raise UserError(f'{err} — {_weights_hint(url, "--dinov2", "NCVSD_DINOV2")}')
+        read = lambda f: torch.load(io.BytesIO(f.read()), map_location='cpu', weights_only=True)
+        state = load_weights(path_or_url, 'NCVSD_DINOV2', DINOV2_URL, '--dinov2', read)
         self.model = VisionTransformer().eval().requires_grad_(False)
         self.model.load_state_dict(state)
 
     def __call__(self, images):
-        x = images.to(torch.float32) / 255
-        if x.shape[1] == 1:
-            x = x.repeat(1, 3, 1, 1)
-        x = torch.nn.functional.interpolate(x, size=(224, 224), mode='bicubic', antialias=True)
+        x = torch.nn.functional.interpolate(as_rgb(images.to(torch.float32) / 255), size=(224, 224), mode='bicubic', antialias=True)
         mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).reshape(1, 3, 1, 1)
         std = torch.tensor([0.229, 0.224, 0.225], device=x.device).reshape(1, 3, 1, 1)
         return self.model.to(x.device)((x - mean) / std).to(torch.float64)

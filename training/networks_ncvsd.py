@@ -128,7 +128,7 @@ class ConditionalDiscriminator(_TwoEncoderNetwork):
     """logit(x, σ | y, σ_y) = out_conv(mean over pixels of mp_cat(ctrl features, enc features))."""
 
     def __init__(self, img_resolution, img_channels, label_dim, use_fp16=True, sigma_data=0.5,
-        logvar_channels=128, **unet_kwargs,
+        logvar_channels=128, **unet_kwargs,         # logvar_channels: accepted so a teacher's kwargs fit; unused
     ):
         super().__init__()
         self._init_common(img_resolution, img_channels, label_dim, use_fp16, sigma_data, unet_kwargs)
