@@ -66,16 +66,8 @@ def run_cli(fn, *args, **kwargs):
 #----------------------------------------------------------------------------
 # Cache directory.
 
-_cache_dir_override = None
-
-def set_cache_dir(path):
-    global _cache_dir_override
-    _cache_dir_override = path
-
 def make_cache_dir_path(*paths):
     """Path inside the download cache: $NCVSD_CACHE_DIR, else $DNNLIB_CACHE_DIR, else ~/.cache/dnnlib."""
-    if _cache_dir_override is not None:
-        return os.path.join(_cache_dir_override, *paths)
     for var in ('NCVSD_CACHE_DIR', 'DNNLIB_CACHE_DIR'):
         if var in os.environ:
             return os.path.join(os.environ[var], *paths)

@@ -40,18 +40,6 @@ def shutdown():
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
-def should_stop():
-    return False
-
-def should_suspend():
-    return False
-
-def request_suspend():
-    pass
-
-def update_progress(cur, total):
-    pass
-
 def print0(*args, **kwargs):
     if get_rank() == 0:
         print(*args, **kwargs)
@@ -69,13 +57,6 @@ def all_gather_object(obj):
     gathered = [None] * get_world_size()
     torch.distributed.all_gather_object(gathered, obj)
     return gathered
-
-def broadcast_object(obj, src=0):
-    if not torch.distributed.is_initialized():
-        return obj
-    holder = [obj]
-    torch.distributed.broadcast_object_list(holder, src=src)
-    return holder[0]
 
 #----------------------------------------------------------------------------
 

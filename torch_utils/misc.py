@@ -1,7 +1,5 @@
 """Tensor helpers used by the networks, the training loop and EDM2's embedded sources."""
 
-import contextlib
-
 import numpy as np
 import torch
 
@@ -64,25 +62,6 @@ def params_and_buffers(module):
 def named_params_and_buffers(module):
     assert isinstance(module, torch.nn.Module)
     return list(module.named_parameters()) + list(module.named_buffers())
-
-@torch.no_grad()
-def copy_params_and_buffers(src_module, dst_module, require_all=False):
-    """Copy tensors that share a name from src to dst."""
-    src_tensors = dict(named_params_and_buffers(src_module))
-    for name, tensor in named_params_and_buffers(dst_module):
-        assert (name in src_tensors) or (not require_all), name
-        if name in src_tensors:
-            tensor.copy_(src_tensors[name])
-
-@contextlib.contextmanager
-def ddp_sync(module, sync):
-    """Skip DDP's gradient all-reduce on accumulation rounds that are not the last."""
-    assert isinstance(module, torch.nn.Module)
-    if sync or not isinstance(module, torch.nn.parallel.DistributedDataParallel):
-        yield
-    else:
-        with module.no_sync():
-            yield
 
 def tile_images(x, w, h):
     """[N, C, H, W] -> one [C, h*H, w*W] grid, row-major."""
