@@ -34,6 +34,7 @@ class Operator:
 
     def measure(self, x, sigma_y, generator=None):
         """A(x) + σ_y·n."""
+        self.check_image(x)
         y = self.forward(x)
         return y + sigma_y * _randn_like(y, generator)
 
@@ -85,7 +86,7 @@ class Inpainting(LinearOperator):
         return mean + _randn_like(x, generator) / precision.sqrt()
 
     def to_image(self, y):
-        return y * self.mask.to(y.device, y.dtype) + (1 - self.mask.to(y.device, y.dtype)) * 0.0
+        return self.forward(y)                      # hidden pixels shown as 0 (grey)
 
 class BoxInpainting(Inpainting):
     """A centred box of half the image side is hidden (128×128 on 256×256)."""
