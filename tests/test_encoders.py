@@ -33,3 +33,37 @@ def test_vae_latent_scaling_is_affine_and_invertible():
     bias = torch.as_tensor(encoder.bias).reshape(1, -1, 1, 1)
     assert torch.allclose(scaled, mean * scale + bias)
     assert StabilityVAEEncoder.__getstate__(encoder)['_vae'] is None
+
+class FakeVAE(torch.nn.Module):
+    """Stands in for diffusers' AutoencoderKL: 8× average pooling to 4 channels, and back."""
+
+    def encode(self, x):
+        pooled = torch.nn.functional.avg_pool2d(x, 8)
+        mean = torch.cat([pooled, pooled[:, :1]], dim=1)
+        return {'latent_dist': type('Dist', (), dict(mean=mean, std=torch.full_like(mean, 0.01)))()}
+
+    def decode(self, z):
+        return {'sample': torch.nn.functional.interpolate(z[:, :3], scale_factor=8)}
+
+def test_encode_to_latents_and_use_them_for_training(tmp_path, monkeypatch):
+    import training.encoders as encoders
+    from helpers import make_dataset, make_teacher
+    from training.dataset import ImageFolderDataset
+    from training.dataset_io import encode_dataset
+    from training.train_setup import make_data
+    from training.training_loop import check_data_matches
+    import dnnlib
+    monkeypatch.setattr(encoders, 'load_stability_vae', lambda name, device=None: FakeVAE())
+    pixels = make_dataset(tmp_path / 'src', tmp_path / 'pixels.zip', num=5, resolution=32)
+    assert encode_dataset(str(pixels), str(tmp_path / 'latents.zip'), batch=2) == 5
+    latents = ImageFolderDataset(str(tmp_path / 'latents.zip'))
+    item, label = latents[3]
+    assert item.shape == (8, 4, 4) and item.dtype == 'float32' and latents.label_dim == 4 and label.argmax() == 3
+    import pickle
+    with open(make_teacher(tmp_path / 't.pkl', resolution=4, channels=4), 'rb') as f:
+        teacher = pickle.load(f)['ema']
+    dataset, encoder, _ = make_data(dnnlib.EasyDict(data=str(tmp_path / 'latents.zip'), cond=True), teacher, None)
+    assert type(encoder).__name__ == 'StabilityVAEEncoder'
+    check_data_matches(dataset, encoder, teacher, cond=True)
+    decoded = encoder.decode(encoder.encode_latents(torch.as_tensor(item)[None]))
+    assert decoded.shape == (1, 3, 32, 32) and decoded.dtype == torch.uint8
