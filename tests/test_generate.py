@@ -88,3 +88,22 @@ def test_export_round_trip(tmp_path):
     with torch.no_grad():
         out = loaded['ema'].model(data['x'], data['sigma'], data['cond_x'], data['cond_sigma'], data['class_labels'])
     assert torch.allclose(out, data['generator_D_x'], rtol=1e-5, atol=1e-6)
+
+def test_released_style_pickle_loads_and_samples(tmp_path, monkeypatch):
+    """The released checkpoint pickles the wrapper by reference as training.networks_edm2.GenerativeDenoiser."""
+    import pickle
+    import dnnlib
+    from conftest import load_fixture
+    from training.networks_ncvsd import ConditionalPrecond
+    data = load_fixture('ncvsd_networks_small.pt')
+    net = ConditionalPrecond(**data['config']).eval()
+    net.load_state_dict(data['generator_state_dict'])
+    wrapper = GenerativeDenoiser(net)
+    monkeypatch.setattr(GenerativeDenoiser, '__module__', 'training.networks_edm2')
+    payload = pickle.dumps(dnnlib.EasyDict(ema=wrapper))
+    monkeypatch.undo()
+    assert b'training.networks_edm2' in payload
+    (tmp_path / 'released.pkl').write_bytes(payload)
+    result = run_python(['generate_images.py', f'--net={tmp_path / "released.pkl"}', '--ts=10,22,39', f'--outdir={tmp_path / "out"}', '--seeds=0-1'])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['000000.png', '000001.png']
