@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from inverse.operators import get_operator
+from torch_utils.misc import randn_like_from
 from inverse.pnp import pnp_gd
 from training.analytic import GaussianMixture, ExactGenerativeDenoiser, toy_teacher, mixture_metrics
 from training.loading import load_network_data
@@ -36,7 +37,7 @@ def sample_rows(mixture, student, n, gen):
     teacher = mixture.teacher()
     labels = labels_for(n, teacher.label_dim)
     noise = lambda: torch.randn(n, teacher.img_channels, teacher.img_resolution, teacher.img_resolution, generator=gen)
-    randn_like = lambda x: torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    randn_like = randn_like_from(gen)
     for steps in (2, 4, 8, 16, 32):
         row(f'(a) EDM Heun, exact teacher', 2 * steps - 1, mixture.metrics(edm_heun_sampler(teacher, noise(), labels, steps), labels))
     exact_gd = ExactGenerativeDenoiser(teacher)

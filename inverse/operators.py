@@ -11,9 +11,10 @@ import PIL.Image
 import torch
 
 from dnnlib.util import UserError
+from torch_utils.misc import randn_like_from
 
 def _randn_like(x, generator):
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if generator is not None else torch.randn_like(x)
+    return randn_like_from(generator)(x)
 
 class Operator:
     name = 'operator'

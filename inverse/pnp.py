@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from torch_utils.misc import randn_like_from
 from training.noise_levels import karras_sigmas, parse_ts
 
 def pnp_gd(net, y, operator, sigma_y, beta=None, steps=50, sigma_min=0.002, sigma_max=80.0, rho=2.0, ts=None,
@@ -20,7 +21,7 @@ def pnp_gd(net, y, operator, sigma_y, beta=None, steps=50, sigma_min=0.002, sigm
     sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho).tolist()
     ts = parse_ts(ts) if ts is not None else None
     shape = (y.shape[0], net.img_channels, net.img_resolution, net.img_resolution)
-    randn_like = torch.randn_like if generator is None else (lambda x: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
+    randn_like = randn_like_from(generator)
     u = randn_like(torch.zeros(shape, device=y.device)) * sigmas[0]
     average = None
     for i, sigma in enumerate(sigmas):

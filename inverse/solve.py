@@ -13,6 +13,7 @@ from inverse import metrics as im
 from inverse.operators import get_operator
 from inverse.pnp import pnp_gd
 from training.dataset import ImageFolderDataset
+from training.encoders import StandardRGBEncoder
 from training.sampling import save_image_grid
 
 TASK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'presets', 'tasks')
@@ -37,12 +38,9 @@ def check_network(net, encoder, dataset):
         raise UserError(f'the images are {dataset.num_channels}x{dataset.resolution}x{dataset.resolution} but the network expects '
             f'{net.img_channels}x{net.img_resolution}x{net.img_resolution}; resize the data with dataset_tool.py convert')
 
-def to_uint8(x):
-    return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
-
 def save_png(x, path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    array = to_uint8(x).permute(1, 2, 0).cpu().numpy()
+    array = StandardRGBEncoder().decode(x).permute(1, 2, 0).cpu().numpy()
     PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
 
 def make_lpips(wanted, vgg_path, heads_path, device):
@@ -105,7 +103,7 @@ def solve_dataset(net, encoder, data, task, outdir, batch=4, seed=0, runs=None, 
             save_png(operator.to_image(y[j:j + 1])[0].clamp(-1, 1), os.path.join(outdir, 'measurements', f'{item["index"]:05d}.png'))
         per_image += items
     progress.close()
-    save_image_grid(to_uint8(torch.cat(grid_rows[:8]).clamp(-1, 1)), os.path.join(outdir, 'grid.png'), grid_w=3)
+    save_image_grid(StandardRGBEncoder().decode(torch.cat(grid_rows[:8]).clamp(-1, 1)), os.path.join(outdir, 'grid.png'), grid_w=3)
     report = dict(task=task, runs=runs, num_images=len(per_image), lpips_variant=lpips_status,
         summary=summarize(per_image), per_image=per_image)
     with open(os.path.join(outdir, 'metrics.json'), 'w') as f:

@@ -55,6 +55,12 @@ class InfiniteSampler(torch.utils.data.Sampler):
                 yield int(order[idx % self.dataset_size])
             idx += 1
 
+def randn_like_from(generator=None):
+    """A randn_like(x) that draws from `generator` (torch.randn_like when None)."""
+    if generator is None:
+        return torch.randn_like
+    return lambda x: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
 def params_and_buffers(module):
     assert isinstance(module, torch.nn.Module)
     return list(module.parameters()) + list(module.buffers())

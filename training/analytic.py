@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from torch_utils import persistence
+from torch_utils.misc import randn_like_from
 from training.networks_ncvsd import GenerativeDenoiser
 from training.noise_levels import as_sigma
 
@@ -141,7 +142,7 @@ class MixtureDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx):
         gen = torch.Generator().manual_seed(self.seed * 1000003 + int(idx))
-        randn_like = lambda x: torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        randn_like = randn_like_from(gen)
         label = torch.zeros(1, self.label_dim)
         if self.label_dim:
             label[0, int(torch.randint(self.label_dim, [1], generator=gen))] = 1
@@ -174,7 +175,7 @@ class GaussianMixture:
         return mixture
 
     def sample(self, n, class_labels=None, generator=None):
-        randn_like = torch.randn_like if generator is None else (lambda x: torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device))
+        randn_like = randn_like_from(generator)
         with torch.no_grad():
             return self.module.sample(n, class_labels, randn_like)
 
@@ -270,7 +271,7 @@ def fit_denoiser_network(teacher, network_kwargs, iterations=500, batch=32, lr=0
         label_dim=teacher.label_dim, use_fp16=False, **network_kwargs).train()
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.99))
     sampler = LogNormalSampler(P_mean, P_std)
-    randn_like = lambda x: torch.randn(x.shape, generator=gen)
+    randn_like = randn_like_from(gen)
     for step in range(iterations):
         labels = None
         if teacher.label_dim:

@@ -8,12 +8,8 @@ is any Precond-like denoiser.
 import torch
 
 from torch_utils import persistence
+from torch_utils.misc import randn_like_from
 from training.noise_levels import KarrasGridSampler, LogNormalSampler, combine_conditions, edm_loss_weight
-
-def _randn_like_fn(generator):
-    if generator is None:
-        return torch.randn_like
-    return lambda x: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 @persistence.persistent_class
 class NCVSDLoss:
@@ -37,14 +33,14 @@ class NCVSDLoss:
         """y = x + σn with σ uniform over the Karras grid; returns (y, σ [N, 1, 1, 1])."""
         sampler = KarrasGridSampler(self.sigma_grid_size, self.sigma_min, self.sigma_max, self.sigma_rho)
         sigma = sampler(images.shape[0], images.device, generator=generator)
-        return images + _randn_like_fn(generator)(images) * sigma, sigma
+        return images + randn_like_from(generator)(images) * sigma, sigma
 
     def sample_t(self, images, generator=None):
         return LogNormalSampler(self.P_mean, self.P_std)(images.shape[0], images.device, generator=generator)
 
     def score_loss(self, generator_net, score, images, labels=None, generator=None):
         """Fake score S by DSM on the generator's samples: λ(t)/e^u·‖S(x_t, t; y, σ) − x‖² + u."""
-        randn_like = _randn_like_fn(generator)
+        randn_like = randn_like_from(generator)
         y, sigma = self.sample_condition(images, generator)
         with torch.no_grad():
             x = generator_net(y, sigma, labels, randn_like=randn_like)
@@ -55,7 +51,7 @@ class NCVSDLoss:
 
     def discriminator_loss(self, generator_net, discriminator, images, labels=None, generator=None):
         """BCE of real (x_data + tn) -> 1 and fake (G(y, σ) + tn) -> 0 at the same t, × data dims; [N]."""
-        randn_like = _randn_like_fn(generator)
+        randn_like = randn_like_from(generator)
         y, sigma = self.sample_condition(images, generator)
         with torch.no_grad():
             fake = generator_net(y, sigma, labels, randn_like=randn_like)
@@ -77,7 +73,7 @@ class NCVSDLoss:
         Its gradient in x is 2λ/e^u·(s − s0): descent moves samples from the fake towards the teacher.
         Returns (per-element loss, per-sample GAN loss or None).
         """
-        randn_like = _randn_like_fn(generator)
+        randn_like = randn_like_from(generator)
         y, sigma = self.sample_condition(images, generator)
         x, logvar = generator_net(y, sigma, labels, return_logvar=True, randn_like=randn_like)
         t = self.sample_t(images, generator)

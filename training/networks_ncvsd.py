@@ -184,6 +184,7 @@ class GenerativeDenoiser(torch.nn.Module):
                 x_t = (x0[0] if return_logvar else x0) + randn_like(y) * grid[next_index]
         return x0
 
+    @torch.no_grad()
     def sample(self, noise, labels=None, ts=(10, 22, 39), randn_like=torch.randn_like):
-        """Unconditional generation: y = init_sigma·noise at σ = init_sigma."""
+        """Generation from pure noise: y = init_sigma·noise at σ = init_sigma, then the --ts chain."""
         return self(noise * self.init_sigma, self.init_sigma, labels=labels, ts=ts, randn_like=randn_like)

@@ -35,11 +35,6 @@ def random_labels(rnd, label_dim, batch_size, device, class_idx=None):
     labels[torch.arange(batch_size, device=device), idx.flatten()] = 1
     return labels
 
-@torch.no_grad()
-def generate_student(net, noise, labels, ts, randn_like):
-    """NCVSD generation: y = init_sigma·noise at σ = init_sigma, then the --ts chain."""
-    return net(noise * net.init_sigma, net.init_sigma, labels=labels, ts=ts, randn_like=randn_like)
-
 def save_image_grid(images, path, grid_w=None):
     """uint8 [N, C, H, W] -> one PNG grid."""
     images = torch.as_tensor(images)
@@ -73,7 +68,7 @@ def is_generative_denoiser(net):
 def sample_batch(net, noise, labels, rnd, ts=None, steps=None):
     """Student (--ts) or teacher (--steps) samples in network space."""
     if is_generative_denoiser(net):
-        return generate_student(net, noise, labels, ts, rnd.randn_like)
+        return net.sample(noise, labels, ts=ts, randn_like=rnd.randn_like)
     return edm_heun_sampler(net, noise, labels, num_steps=steps)
 
 def rank_batches(seeds, batch_size, rank, world_size):

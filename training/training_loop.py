@@ -19,7 +19,7 @@ from torch_utils import training_stats
 from training import loading
 from training.networks_ncvsd import ConditionalPrecond, ConditionalDiscriminator, GenerativeDenoiser
 from training.phema import PowerFunctionEMA
-from training.sampling import StackedRandomGenerator, random_labels, generate_student, save_image_grid
+from training.sampling import StackedRandomGenerator, random_labels, save_image_grid
 
 #----------------------------------------------------------------------------
 # Schedules and small pieces.
@@ -207,7 +207,7 @@ def save_sample_grid(denoiser, encoder, ts, teacher, seeds, path):
     rnd = StackedRandomGenerator(device, seeds)
     noise = rnd.randn([len(seeds), denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution], device=device)
     labels = random_labels(rnd, denoiser.label_dim, len(seeds), device)
-    samples = generate_student(denoiser, noise, labels, ts, rnd.randn_like)
+    samples = denoiser.sample(noise, labels, ts=ts, randn_like=rnd.randn_like)
     try:
         save_image_grid(encoder.decode(samples), path)
     except UserError as err:
