@@ -70,8 +70,7 @@ def common_options(fn):
     return fn
 
 def setup(metrics, inception, dinov2, custom, device):
-    dist.init()
-    device = torch.device(device) if device else dist.get_device()
+    device = dist.init(device)
     detectors = fd.make_detectors(parse_metrics(metrics), dict(fid=inception, fd_dinov2=dinov2), parse_custom(custom))
     return device, detectors
 

@@ -21,8 +21,7 @@ from training.network_setup import load_for_sampling, check_sampling_options
 from training.sampling import generate_images, save_image_grid
 
 def run(net, outdir, seeds, ts=None, steps=32, class_idx=None, subdirs=False, batch=32, device=None, grid=None):
-    dist.init()
-    device = torch.device(device) if device else dist.get_device()
+    device = dist.init(device)
     seeds = parse_int_list(seeds)
     net, encoder = load_for_sampling(net, device, verbose=dist.get_rank() == 0)
     ts = check_sampling_options(net, ts, steps, class_idx)

@@ -7,14 +7,14 @@ Example:
 """
 
 import click
-import torch
 
 from dnnlib.util import run_cli
+from torch_utils import distributed as dist
 from inverse.solve import load_task, solve_dataset
 from training.network_setup import load_for_sampling
 
 def run(net, data, preset, outdir, batch, seed, runs, num, metrics, lpips_vgg, lpips_heads, device, **overrides):
-    device = torch.device(device) if device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = dist.init(device)
     task = load_task(preset, overrides)
     network, encoder = load_for_sampling(net, device)
     report = solve_dataset(network, encoder, data, task, outdir, batch=batch, seed=seed, runs=runs, max_images=num,

@@ -44,7 +44,7 @@ class Operator:
         return ula_likelihood_step(self, x, y, sigma_y, rho, generator=generator)
 
     def to_image(self, y):
-        """A picture of the measurement for grids, [N, C, H, W] in [−1, 1]."""
+        """A picture of the measurement for grids: [N, C, H, W] in [−1, 1], the images' own size."""
         return y
 
 class LinearOperator(Operator):
@@ -252,7 +252,9 @@ class PhaseRetrieval(Operator):
         return torch.fft.fftshift(torch.fft.fft2(padded, norm='ortho'), dim=(-2, -1)).abs()
 
     def to_image(self, y):
+        """The log-amplitude spectrum, area-downsampled from the padded size to the image size."""
         amplitude = torch.log1p(y)
+        amplitude = torch.nn.functional.adaptive_avg_pool2d(amplitude, self.img_size)
         return amplitude / amplitude.flatten(1).amax(dim=1).reshape(-1, 1, 1, 1) * 2 - 1
 
 def ula_likelihood_step(operator, x, y, sigma_y, rho, steps=100, step_scale=0.5, generator=None):

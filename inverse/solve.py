@@ -18,6 +18,7 @@ from training.sampling import save_image_grid
 
 TASK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'presets', 'tasks')
 HIGHER_IS_BETTER = dict(psnr=True, ssim=True, lpips=False)
+GRID_IMAGES = 8                 # Rows of grid.png.
 
 def load_task(name_or_path, overrides=None):
     """A task preset by name (presets/tasks/<name>.json) or path, with non-None overrides applied."""
@@ -98,18 +99,27 @@ def solve_dataset(net, encoder, data, task, outdir, batch=4, seed=0, runs=None, 
                 item['runs'].append({k: v[j] for k, v in values.items() if k in metrics})
                 save_png(recon[j], os.path.join(outdir, f'run{run}', f'{item["index"]:05d}.png'))
             if run == 0:
-                grid_rows += [torch.stack([operator.to_image(y[j:j + 1])[0], recon[j], truth[j]]) for j in range(len(indices))]
+                grid_rows += [torch.stack([operator.to_image(y[j:j + 1])[0], recon[j], truth[j]]).cpu()
+                    for j in range(min(len(indices), GRID_IMAGES - len(grid_rows)))]
         for j, item in enumerate(items):
             save_png(operator.to_image(y[j:j + 1])[0].clamp(-1, 1), os.path.join(outdir, 'measurements', f'{item["index"]:05d}.png'))
         per_image += items
     progress.close()
-    save_image_grid(StandardRGBEncoder().decode(torch.cat(grid_rows[:8]).clamp(-1, 1)), os.path.join(outdir, 'grid.png'), grid_w=3)
-    report = dict(task=task, runs=runs, num_images=len(per_image), lpips_variant=lpips_status,
-        summary=summarize(per_image), per_image=per_image)
+    report = dict(task=task, runs=runs, num_images=len(per_image), grid_images=len(grid_rows),
+        lpips_variant=lpips_status, summary=summarize(per_image), per_image=per_image)
     with open(os.path.join(outdir, 'metrics.json'), 'w') as f:
         json.dump(report, f, indent=2)
     write_eval_md(report, os.path.join(outdir, 'eval.md'))
+    save_result_grid(grid_rows, os.path.join(outdir, 'grid.png'))
     return report
+
+def save_result_grid(rows, path):
+    """measurement | reconstruction | truth, one row per image; the results are already on disk, so a
+    picture that cannot be made is reported, not raised."""
+    try:
+        save_image_grid(StandardRGBEncoder().decode(torch.cat(rows).clamp(-1, 1)), path, grid_w=3)
+    except (RuntimeError, ValueError, OSError) as err:
+        print(f'grid.png not written ({type(err).__name__}: {err}); the results are in metrics.json and run*/')
 
 def write_eval_md(report, path):
     name = report['task']['operator']['name']
@@ -117,6 +127,7 @@ def write_eval_md(report, path):
         '| metric | mean over runs | std over images | best of runs |', '| --- | --- | --- | --- |']
     for metric, s in report['summary'].items():
         lines.append(f'| {metric} | {s["mean"]:.4f} | {s["std"]:.4f} | {s["best_of_runs_mean"]:.4f} |')
-    lines += ['', f'LPIPS: {report["lpips_variant"]}', '', 'grid.png: measurement | reconstruction (run 0) | truth.']
+    lines += ['', f'LPIPS: {report["lpips_variant"]}', '',
+        f'grid.png: measurement | reconstruction (run 0) | truth, the first {report["grid_images"]} of {report["num_images"]} images.']
     with open(path, 'w') as f:
         f.write('\n'.join(lines) + '\n')

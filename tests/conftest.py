@@ -9,6 +9,9 @@ FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
 sys.path.insert(0, ROOT)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# Core tests run on every device present; CUDA shows as skipped where there is none.
+DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA not available'))]
+
 def load_fixture(name):
     return torch.load(os.path.join(FIXTURES, name), weights_only=True)
 

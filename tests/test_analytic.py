@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from conftest import DEVICES
 from training.analytic import GaussianMixture, toy_teacher, mixture_metrics
 
 def tiny_mixture(label_dim=0):
@@ -21,12 +22,13 @@ def importance_moments(mixture, y, sigma, n=400000):
     w = w / w.sum()
     return (w[:, None] * x).sum(0), (w[:, None] * x.square()).sum(0)
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('sigma', [0.5, 1.0, 3.0])
-def test_exact_denoiser_matches_monte_carlo(sigma):
+def test_exact_denoiser_matches_monte_carlo(sigma, device):
     mixture = tiny_mixture()
     y = torch.tensor([[[[0.4, -0.8]]]])
     mean, _ = importance_moments(mixture, y, sigma)
-    D = mixture.teacher()(y, sigma).flatten().double()
+    D = mixture.teacher().to(device)(y.to(device), sigma).flatten().double().cpu()
     assert torch.allclose(D, mean, atol=0.02)
 
 def test_generative_denoiser_matches_posterior_moments():
@@ -46,15 +48,18 @@ def test_class_conditional_denoiser_uses_only_its_class():
     samples = mixture.sample(2000, class_labels=label0.expand(2000, -1), generator=torch.Generator().manual_seed(0))
     assert mixture_metrics(mixture.teacher(), samples, label0.expand(2000, -1))['class_accuracy'] > 0.98
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('ts', [[10, 39], [10, 22, 39], [0, 10, 20, 30, 39]])
-def test_multistep_sampling_with_exact_denoiser_reproduces_the_mixture(ts):
-    mixture = toy_teacher(resolution=8, std=0.1)
+def test_multistep_sampling_with_exact_denoiser_reproduces_the_mixture(ts, device):
+    mixture = toy_teacher(resolution=8, std=0.1).to(device)
     n = 3000
-    labels = torch.eye(4)[torch.arange(n) % 4]
-    gen = torch.Generator().manual_seed(0)
-    randn_like = lambda x: torch.randn(x.shape, generator=gen)
+    labels = torch.eye(4, device=device)[torch.arange(n, device=device) % 4]
+    gen = torch.Generator(device).manual_seed(0)
+    randn_like = lambda x: torch.randn(x.shape, generator=gen, device=x.device)
     from training.analytic import ExactGenerativeDenoiser
-    samples = ExactGenerativeDenoiser(mixture)(torch.randn(n, 3, 8, 8, generator=gen) * 80, 80.0, labels=labels, ts=ts, randn_like=randn_like)
+    noise = torch.randn(n, 3, 8, 8, generator=gen, device=device)
+    samples = ExactGenerativeDenoiser(mixture)(noise * 80, 80.0, labels=labels, ts=ts, randn_like=randn_like)
+    assert samples.device.type == device
     metrics = mixture_metrics(mixture, samples, labels)
     # 12 components, 3000 draws: the TV of exact samples is about 0.03; spread error ~ 1/sqrt(n·D).
     assert metrics['tv'] < 0.06 and abs(metrics['spread'] - 1) < 0.02 and metrics['class_accuracy'] == 1.0
@@ -68,12 +73,15 @@ def test_metrics_detect_mode_collapse_and_blur():
     assert mixture_metrics(mixture, collapsed, labels)['tv'] == pytest.approx(2 / 3, abs=1e-6)
     assert mixture_metrics(mixture, collapsed, labels)['spread'] == pytest.approx(0, abs=1e-3)
 
-def test_linear_posterior_against_brute_force():
+@pytest.mark.parametrize('device', DEVICES)
+def test_linear_posterior_against_brute_force(device):
     """Dense A: the closed-form mixture posterior equals reweighting prior draws by the likelihood."""
     mixture = tiny_mixture()
+    mixture.module.to(device)
     A = torch.tensor([[1.0, 0.5]])
     y, sigma_y = torch.tensor([0.7]), 0.3
-    samples = mixture.posterior_sample(A, y, sigma_y, 200000, generator=torch.Generator().manual_seed(0)).flatten(1).double()
+    samples = mixture.posterior_sample(A, y, sigma_y, 200000, generator=torch.Generator(device).manual_seed(0)).flatten(1).double().cpu()
+    mixture.module.cpu()
     prior = mixture.sample(400000, generator=torch.Generator().manual_seed(1)).flatten(1).double()
     log_w = -0.5 * ((prior @ A.double().T).flatten() - 0.7).square() / sigma_y ** 2
     w = (log_w - log_w.max()).exp()
@@ -122,3 +130,14 @@ def test_short_toy_distillation_improves_the_student(tmp_path):
     # VSD is mode-seeking and this short run loses colours (see the toy benchmark in the README).
     assert abs(after['spread'] - 1) < abs(before['spread'] - 1) - 0.1, (before, after)
     assert after['class_accuracy'] > before['class_accuracy'] - 0.05, (before, after)
+
+def test_mixture_dataset_keeps_its_own_cpu_mixture():
+    """The training loop moves the teacher to its device; the dataset (read by DataLoader workers) must
+    not follow it: items stay CPU arrays drawn from a CPU copy."""
+    teacher = toy_teacher(resolution=8)
+    dataset, _encoder = teacher.make_dataset(seed=3)
+    before = dataset[5]
+    teacher.to('meta')                                      # A device the dataset can never compute on.
+    after = dataset[5]
+    assert dataset.mixture.means.device.type == 'cpu'
+    assert (before[0] == after[0]).all() and (before[1] == after[1]).all()

@@ -3,7 +3,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import run_python
+from conftest import run_python, DEVICES
 from dnnlib.util import UserError
 from helpers import make_teacher
 from training.analytic import GaussianMixture, toy_teacher, mixture_metrics
@@ -22,14 +22,15 @@ def test_heun_with_exact_teacher_reproduces_the_mixture():
     few = mixture_metrics(mixture, edm_heun_sampler(mixture, torch.randn(n, 3, 8, 8), labels, num_steps=2), labels)
     assert abs(few['spread'] - 1) > abs(metrics['spread'] - 1)       # two steps are visibly worse
 
-def test_images_depend_on_seeds_only():
-    net = GenerativeDenoiser(toy_teacher(resolution=8))
+@pytest.mark.parametrize('device', DEVICES)
+def test_images_depend_on_seeds_only(device):
     from training.analytic import ExactGenerativeDenoiser
-    net = ExactGenerativeDenoiser(toy_teacher(resolution=8))
+    net = ExactGenerativeDenoiser(toy_teacher(resolution=8)).to(device)
     def run(batch, rank=0, world=1):
         out = {}
-        for r in generate_images(net, StandardRGBEncoder(), list(range(10, 23)), ts=[10, 22, 39], batch_size=batch, rank=rank, world_size=world):
-            out.update(zip(r['seeds'], [] if r['images'] is None else r['images']))
+        for r in generate_images(net, StandardRGBEncoder(), list(range(10, 23)), ts=[10, 22, 39], batch_size=batch, rank=rank,
+                world_size=world, device=torch.device(device)):
+            out.update(zip(r['seeds'], [] if r['images'] is None else r['images'].cpu()))
         return out
     a, b = run(13), run(4)
     c = {**run(3, 0, 2), **run(3, 1, 2)}

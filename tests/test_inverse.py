@@ -1,4 +1,5 @@
 import json
+import os
 import pickle
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 import dnnlib
-from conftest import run_python, load_fixture
+from conftest import run_python, load_fixture, DEVICES, ROOT
 from dnnlib.util import UserError
 from inverse import metrics as im
 from inverse.operators import get_operator, Inpainting, ula_likelihood_step, motion_kernel
@@ -29,8 +30,9 @@ def test_transpose_is_the_adjoint(name, kwargs):
     y = torch.randn_like(op.forward(x))
     assert torch.allclose((op.forward(x) * y).sum(), (x * op.transpose(y)).sum(), rtol=1e-10)
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('name, kwargs', LINEAR)
-def test_likelihood_step_against_brute_force(name, kwargs):
+def test_likelihood_step_against_brute_force(name, kwargs, device):
     op = get_operator(name, img_size=8, channels=1, **kwargs)
     A = op.matrix()
     gen = torch.Generator().manual_seed(0)
@@ -38,7 +40,10 @@ def test_likelihood_step_against_brute_force(name, kwargs):
     y = torch.randn(op.forward(x).shape, dtype=torch.float64, generator=gen)
     sigma_y, rho, n = 0.3, 0.5, 20000
     mean, cov = gaussian_posterior(A, x, y, sigma_y, rho)
-    samples = op.likelihood_step(x.expand(n, -1, -1, -1), y.expand(n, *y.shape[1:]), sigma_y, rho, generator=gen).reshape(n, -1)
+    x_n, y_n = x.expand(n, -1, -1, -1).to(device), y.expand(n, *y.shape[1:]).to(device)
+    samples = op.likelihood_step(x_n, y_n, sigma_y, rho, generator=torch.Generator(device).manual_seed(1))
+    assert samples.device.type == device
+    samples = samples.cpu().reshape(n, -1)
     tolerance = 5 * (cov.diagonal().max() / n) ** 0.5
     assert (samples.mean(0) - mean).abs().max() < tolerance
     assert (torch.cov(samples.T) - cov).abs().max() < 0.05 * cov.abs().max()
@@ -81,7 +86,8 @@ def mixture_for_inpainting():
             means.append(torch.cat([left.repeat(2, 1) * sign, right], dim=1))
     return GaussianMixture(torch.stack(means)[:, None], std=0.3, weights=torch.tensor([0.4, 0.1, 0.3, 0.2]))
 
-def test_pnp_gd_with_exact_denoiser_matches_the_exact_posterior():
+@pytest.mark.parametrize('device', DEVICES)
+def test_pnp_gd_with_exact_denoiser_matches_the_exact_posterior(device):
     mixture = mixture_for_inpainting()
     mask = torch.zeros(1, 4, 4)
     mask[:, :, :2] = 1
@@ -92,7 +98,11 @@ def test_pnp_gd_with_exact_denoiser_matches_the_exact_posterior():
     y = op.measure(truth, sigma_y, generator=gen)
     n = 3000
     exact = mixture.posterior_sample(op, y, sigma_y, n, generator=gen)
-    chains = pnp_gd(mixture.generative_denoiser(), y.expand(n, -1, -1, -1), op, sigma_y, steps=50, generator=gen)
+    chain_gen = torch.Generator(device).manual_seed(1)
+    chains = pnp_gd(mixture.generative_denoiser().to(device), y.expand(n, -1, -1, -1).to(device), op, sigma_y, steps=50, generator=chain_gen)
+    assert chains.device.type == device
+    chains = chains.cpu()
+    mixture.module.cpu()
     weights, _, _ = mixture.linear_posterior(op, y, sigma_y)
     assign = lambda s: mixture.teacher().component_log_posterior(s, 1e-3).argmax(dim=1)
     freq_pnp = torch.bincount(assign(chains), minlength=4).double() / n
@@ -172,3 +182,59 @@ def test_cli_errors(student, tmp_path, case, message):
     result = run_python(['posterior_sample.py', f'--net={net}', f'--data={data}', f'--preset={"colorize" if case == "task" else "box_inpainting"}',
         f'--outdir={tmp_path / "out"}', '--steps=2'])
     assert result.returncode == 1 and message in result.stderr and 'Traceback' not in result.stderr
+
+TASKS = ['box_inpainting', 'gaussian_deblur_circ', 'motion_deblur_circ', 'super_resolution', 'phase_retrieval']
+
+@pytest.mark.parametrize('task', TASKS)
+def test_every_task_shows_its_measurement_at_the_image_size(task):
+    op = get_operator(task, img_size=16, channels=3, **({'kernel_size': 5} if 'deblur' in task else {}))
+    y = op.measure(torch.rand(2, 3, 16, 16) * 2 - 1, 0.05, generator=torch.Generator().manual_seed(0))
+    picture = op.to_image(y)
+    assert picture.shape == (2, 3, 16, 16) and torch.isfinite(picture).all()
+
+def test_phase_retrieval_cli_writes_results_and_grid(student, tmp_path):
+    """The oversampled measurement once crashed the grid after the whole run (and lost metrics.json)."""
+    from helpers import make_dataset
+    data = make_dataset(tmp_path / 'src', tmp_path / 'data.zip', num=2)
+    out = tmp_path / 'out'
+    result = run_python(['posterior_sample.py', f'--net={student}', f'--data={data}', '--preset=phase_retrieval', f'--outdir={out}',
+        '--steps=2', '--runs=1', '--metrics=psnr,ssim', '--device=cpu'])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.load(open(out / 'metrics.json'))['num_images'] == 2
+    import PIL.Image
+    assert PIL.Image.open(out / 'grid.png').size == (3 * 16, 2 * 16)
+
+def test_a_failed_grid_keeps_the_results(student, tmp_path, monkeypatch, capsys):
+    from helpers import make_dataset
+    from inverse import solve
+    from training.network_setup import load_for_sampling
+    def broken_grid(*args, **kwargs):
+        raise RuntimeError('stack expects each tensor to be equal size')
+    monkeypatch.setattr(solve, 'save_image_grid', broken_grid)
+    data = make_dataset(tmp_path / 'src', tmp_path / 'data.zip', num=2)
+    net, encoder = load_for_sampling(str(student), torch.device('cpu'), verbose=False)
+    task = solve.load_task('box_inpainting', dict(steps=2, runs=1))
+    solve.solve_dataset(net, encoder, str(data), task, str(tmp_path / 'out'), metrics=('psnr',))
+    assert 'grid.png not written' in capsys.readouterr().out
+    assert json.load(open(tmp_path / 'out' / 'metrics.json'))['num_images'] == 2
+    assert (tmp_path / 'out' / 'eval.md').is_file() and not (tmp_path / 'out' / 'grid.png').exists()
+
+@pytest.mark.parametrize('name', ['edm2-ffhq256-xs.pkl', 'ncvsd-ffhq256-xs.pkl', 'ncvsd-ffhq256.pkl', None])
+def test_quick_start_script_finds_the_checkpoint_and_images(tmp_path, name):
+    """quick_start/posterior-sample.sh in a copied tree: every published name of the checkpoint, or one line saying what to get."""
+    import shutil, subprocess
+    repo = tmp_path / 'repo'
+    (repo / 'quick_start').mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, 'quick_start', 'posterior-sample.sh'), repo / 'quick_start')
+    (repo / 'posterior_sample.py').write_text('import sys; print(" ".join(sys.argv[1:]))')
+    (tmp_path / 'data' / 'test' / 'ffhq_val').mkdir(parents=True)
+    if name is not None:
+        (tmp_path / 'model_zoo' / 'ncvsd').mkdir(parents=True)
+        (tmp_path / 'model_zoo' / 'ncvsd' / name).write_bytes(b'')
+    result = subprocess.run(['bash', 'quick_start/posterior-sample.sh', 'box_inpainting', '--runs=2'], cwd=repo, capture_output=True, text=True)
+    if name is None:
+        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1 and 'model_zoo/ncvsd' in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert f'--net=../model_zoo/ncvsd/{name} --data=../data/test/ffhq_val --preset=box_inpainting' in result.stdout
+        assert '--runs=2' in result.stdout

@@ -6,7 +6,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from conftest import run_python, ROOT
+from conftest import run_python, ROOT, DEVICES
 from dnnlib.util import UserError
 from training import metrics as fd
 
@@ -32,10 +32,14 @@ def test_frechet_distance_against_scipy_on_random_features():
     reference = np.square(mu1 - mu2).sum() + np.trace(sig1 + sig2 - 2 * scipy.linalg.sqrtm(sig1 @ sig2).real)
     assert fd.frechet_distance(mu1, sig1, mu2, sig2) == pytest.approx(reference, rel=1e-9)
 
-def test_fd_of_a_set_against_itself_is_zero():
+@pytest.mark.parametrize('device', DEVICES)
+def test_fd_of_a_set_against_itself_is_zero(device):
     from standin_detectors import PoolingDetector
-    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, device=device)
     stats = fd.compute_stats([images[:40], images[40:]], {'fd_stand': PoolingDetector()}, 16)
+    features = PoolingDetector()(images.cpu())
+    assert np.allclose(stats['fd_stand']['mu'], features.mean(0).numpy(), rtol=1e-10)
+    assert np.allclose(stats['fd_stand']['sigma'], np.cov(features.numpy(), rowvar=False), rtol=1e-8)
     assert fd.fd_scores(stats, stats)['fd_stand'] == pytest.approx(0, abs=1e-8)
     assert stats['fd_stand']['num_images'] == 64
 
@@ -103,7 +107,8 @@ def test_calc_against_own_reference_is_zero(metric_assets, tmp_path):
     assert too_many.returncode == 1 and 'fewer than --num=100' in too_many.stderr
 
 def test_gen_one_and_two_processes_agree(metric_assets, tmp_path):
-    args = ['gen', f'--net={metric_assets["teacher"]}', '--steps=2', '--num-images=12', '--batch=4', f'--ref={metric_assets["ref"]}', '--metrics=fd_stand', STANDIN]
+    args = ['gen', f'--net={metric_assets["teacher"]}', '--steps=2', '--num-images=12', '--batch=4', f'--ref={metric_assets["ref"]}',
+        '--metrics=fd_stand', STANDIN, '--device=cpu']
     single = run_python(['calculate_metrics.py', *args, f'--out={tmp_path / "one.json"}'], env=ENV)
     assert single.returncode == 0, single.stderr
     double = run_python(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'calculate_metrics.py', *args,

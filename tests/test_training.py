@@ -5,7 +5,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import run_python, ROOT
+from conftest import run_python, ROOT, DEVICES
 from helpers import make_teacher, make_dataset
 from training.dataset import ImageFolderDataset
 from training.encoders import StandardRGBEncoder
@@ -19,23 +19,28 @@ def assets(tmp_path_factory):
         teacher_res8=str(make_teacher(root / 'teacher8.pkl', resolution=8)),
         teacher_uncond=str(make_teacher(root / 'teacher_uncond.pkl', label_dim=0)), root=root)
 
-def train_cli(assets, outdir, *extra):
-    return run_python(['train_ncvsd.py', '--preset=tiny', f'--net={assets["teacher"]}', f'--data={assets["data"]}', f'--outdir={outdir}', *extra])
+def train_cli(assets, outdir, *extra, device='cpu'):
+    """train_ncvsd.py on the tiny preset, pinned to `device` (tests of CPU behaviour must not drift to CUDA)."""
+    return run_python(['train_ncvsd.py', '--preset=tiny', f'--net={assets["teacher"]}', f'--data={assets["data"]}', f'--outdir={outdir}',
+        f'--device={device}', *extra])
 
-def test_one_iteration_moves_every_student_and_not_the_teacher(assets, tmp_path):
+@pytest.mark.parametrize('device', DEVICES)
+def test_one_iteration_moves_every_student_and_not_the_teacher(assets, tmp_path, device):
     teacher = load_network_data(assets['teacher'], verbose=False)['ema']
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     torch.manual_seed(0)
     initial = [net.state_dict() for net in build_students(prepare_frozen(pickle.loads(pickle.dumps(teacher)), 'cpu'), {'use_fp16': False}, 'cpu')]
     initial = [{k: v.clone() for k, v in state.items()} for state in initial]
     G, S, D, ema = training_loop(run_dir=str(tmp_path), teacher=teacher, dataset=ImageFolderDataset(assets['data']),
-        encoder=StandardRGBEncoder(), network_kwargs={'use_fp16': False}, lr_kwargs=dict(ref_lr=0.01, ref_batches=0, rampup_Mimg=0),
-        batch_size=4, batch_gpu=2, total_nimg=4, status_nimg=4, snapshot_nimg=0, checkpoint_nimg=0, grid_size=4, seed=0)
+        encoder=StandardRGBEncoder(), network_kwargs={'use_fp16': True}, lr_kwargs=dict(ref_lr=0.01, ref_batches=0, rampup_Mimg=0),
+        batch_size=4, batch_gpu=2, total_nimg=4, status_nimg=4, snapshot_nimg=0, checkpoint_nimg=0, grid_size=4, seed=0, device=device)
     for net, before in zip((G, S, D), initial):
-        changed = [name for name, value in net.state_dict().items() if not torch.equal(value, before[name])]
+        assert next(net.parameters()).device.type == device
+        changed = [name for name, value in net.state_dict().items() if not torch.equal(value.cpu(), before[name])]
         assert len(changed) > 0.5 * len(before), type(net).__name__
+        assert all(torch.isfinite(value).all() for value in net.state_dict().values())
     for name, value in teacher.state_dict().items():
-        assert torch.equal(value.float(), teacher_before[name].float()), name
+        assert torch.equal(value.float().cpu(), teacher_before[name].float()), name
     stats = [line for line in open(tmp_path / 'stats.jsonl')]
     assert len(stats) == 1
     import json
@@ -47,12 +52,15 @@ def test_learning_rate_schedule():
     assert learning_rate_schedule(5e6, 2048, ref_lr=0.01, ref_batches=35000, rampup_Mimg=10) == pytest.approx(0.005)
     assert learning_rate_schedule(35000 * 2048 * 4, 2048, ref_lr=0.01, ref_batches=35000, rampup_Mimg=10) == pytest.approx(0.005)
 
-def test_resume_gives_identical_weights(assets, tmp_path):
+@pytest.mark.parametrize('device', DEVICES)
+def test_resume_gives_identical_weights(assets, tmp_path, device):
+    """Bit-identical on the CPU; within float tolerance on CUDA (its kernels need not be deterministic)."""
+    same = torch.equal if device == 'cpu' else (lambda a, b: torch.allclose(a, b, rtol=1e-3, atol=1e-4))
     straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
-    assert train_cli(assets, straight, '--duration=24', '--checkpoint=8', '--snapshot=24').returncode == 0
-    first = train_cli(assets, resumed, '--duration=8', '--checkpoint=8', '--snapshot=24')
+    assert train_cli(assets, straight, '--duration=24', '--checkpoint=8', '--snapshot=24', device=device).returncode == 0
+    first = train_cli(assets, resumed, '--duration=8', '--checkpoint=8', '--snapshot=24', device=device)
     assert first.returncode == 0, first.stderr
-    second = train_cli(assets, resumed, '--duration=24', '--checkpoint=8', '--snapshot=24')
+    second = train_cli(assets, resumed, '--duration=24', '--checkpoint=8', '--snapshot=24', device=device)
     assert second.returncode == 0, second.stderr
     assert 'Loading' in second.stdout and 'training-state' in second.stdout
     a = torch.load(straight / 'training-state-0000000.pt', weights_only=False)
@@ -60,9 +68,9 @@ def test_resume_gives_identical_weights(assets, tmp_path):
     assert a['state']['cur_nimg'] == b['state']['cur_nimg'] == 24
     for key in ('G', 'S', 'D'):
         for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), (key, name)
+            assert same(a[key][name], b[key][name]), (key, name)
     for ema_a, ema_b in zip(a['ema']['emas'], b['ema']['emas']):
-        assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+        assert all(same(ema_a[k], ema_b[k]) for k in ema_a)
 
 def test_snapshot_loads_in_a_fresh_process_and_samples(assets, tmp_path):
     result = train_cli(assets, tmp_path, '--duration=8', '--snapshot=8')
@@ -124,6 +132,7 @@ def test_two_process_torchrun_keeps_ranks_identical(assets, tmp_path):
     ('missing', 'file not found'),
     ('other_run', 'different run'),
     ('preset', 'unknown preset'),
+    ('fp16', '--fp16=True needs CUDA'),
 ])
 def test_clear_errors(assets, tmp_path, case, message):
     extra = []
@@ -142,11 +151,60 @@ def test_clear_errors(assets, tmp_path, case, message):
             pickle.dump({'weights': [1, 2]}, f)
     elif case == 'missing':
         net = str(tmp_path / 'nowhere.pkl')
+    elif case == 'fp16':
+        extra = ['--fp16=True']
     elif case == 'other_run':
         assert train_cli(assets, outdir, '--duration=8').returncode == 0
         extra = ['--duration=16', '--seed=5']
-    args = ['train_ncvsd.py', '--preset=nonsense' if case == 'preset' else '--preset=tiny', f'--net={net}', f'--data={assets["data"]}', f'--outdir={outdir}', *extra]
+    args = ['train_ncvsd.py', '--preset=nonsense' if case == 'preset' else '--preset=tiny', f'--net={net}', f'--data={assets["data"]}', f'--outdir={outdir}', '--device=cpu', *extra]
     result = run_python(args)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert 'Traceback' not in result.stderr
+
+@pytest.mark.filterwarnings('ignore:This DataLoader will create')
+def test_data_loader_workers_read_a_zip_the_parent_has_opened(assets):
+    """Forked workers must not share the parent's zip handle (its file position): each opens its own."""
+    dataset = ImageFolderDataset(assets['data'])
+    expected = [dataset[i][0] for i in range(len(dataset))]                 # The parent reads first.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=4, multiprocessing_context='fork')
+    for _epoch in range(3):
+        images = torch.cat([batch for batch, _labels in loader])
+        assert all(torch.equal(images[i], torch.as_tensor(expected[i])) for i in range(len(dataset)))
+
+def test_device_choice_and_its_errors(monkeypatch):
+    from dnnlib.util import UserError
+    from torch_utils.distributed import choose_device
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    assert choose_device(None, local_ranks=1) == (torch.device('cuda', 0), None)
+    device, note = choose_device(None, local_ranks=2, local_rank=1)             # Two ranks, one GPU: gloo on the CPU.
+    assert device == torch.device('cpu') and 'gloo' in note and '--nproc_per_node=1' in note
+    assert choose_device('cpu', local_ranks=2) == (torch.device('cpu'), None)
+    with pytest.raises(UserError, match='needs 2 GPUs'):
+        choose_device('cuda', local_ranks=2)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 0)
+    assert choose_device(None, local_ranks=2) == (torch.device('cpu'), None)
+    with pytest.raises(UserError, match='CUDA is not available'):
+        choose_device('cuda')
+
+def test_checkpoint_from_another_device_is_refused():
+    from dnnlib.util import UserError
+    from training.training_loop import RandomState
+    state = RandomState('cpu', 0).state_dict()
+    state['ranks'][0]['device'] = 'cuda'
+    with pytest.raises(UserError, match='resume with --device=cuda'):
+        RandomState('cpu', 0).load_state_dict(state)
+
+def test_out_of_memory_names_batch_gpu(assets, tmp_path, monkeypatch):
+    from dnnlib.util import UserError
+    from training import training_loop as loop
+    def run_out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+    monkeypatch.setattr(loop.NCVSDIteration, 'run', run_out_of_memory)
+    teacher = load_network_data(assets['teacher'], verbose=False)['ema']
+    with pytest.raises(UserError, match='use a smaller --batch-gpu'):
+        training_loop(run_dir=str(tmp_path), teacher=teacher, dataset=ImageFolderDataset(assets['data']), encoder=StandardRGBEncoder(),
+            network_kwargs={'use_fp16': False}, batch_size=4, batch_gpu=2, total_nimg=4, status_nimg=4, snapshot_nimg=0,
+            checkpoint_nimg=0, grid_size=4, device='cpu')

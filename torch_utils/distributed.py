@@ -1,64 +1,108 @@
-"""torch.distributed set-up (torchrun or single process) and atomic checkpoints."""
+"""Process group and device of this rank (torchrun or a single process), and atomic checkpoints.
+
+The backend follows the device: nccl when every local rank owns a GPU, gloo on the CPU otherwise.
+"""
 
 import os
 import re
 
 import torch
 
+from dnnlib.util import UserError
 from . import training_stats
 
-_sync_device = None
+_device = None          # This rank's device, chosen by init().
 
-def init():
-    """Join the process group when launched by torchrun; otherwise run as a single process."""
-    global _sync_device
-    if 'WORLD_SIZE' in os.environ and int(os.environ['WORLD_SIZE']) > 1 and not torch.distributed.is_initialized():
-        backend = 'nccl' if torch.cuda.is_available() else 'gloo'
-        if backend == 'nccl':
-            torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
+def _env_int(name, default):
+    return int(os.environ.get(name, default))
+
+def choose_device(requested=None, local_ranks=1, local_rank=0):
+    """(device, note or None) for this rank. requested: None (automatic), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
+    num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    kind = None if requested is None else torch.device(requested).type
+    if kind == 'cuda' and num_gpus == 0:
+        raise UserError(f'--device={requested} but CUDA is not available here; use --device=cpu (or leave --device out)')
+    if kind == 'cuda' and local_ranks > num_gpus:
+        raise UserError(f'--device={requested} with {local_ranks} ranks on this machine needs {local_ranks} GPUs, '
+            f'it has {num_gpus}; use --nproc_per_node={num_gpus} or --device=cpu')
+    if kind == 'mps' and not torch.backends.mps.is_available():
+        raise UserError(f'--device={requested} but MPS is not available here; use --device=cpu')
+    if kind not in (None, 'cuda'):
+        return torch.device(requested), None
+    if kind is None and local_ranks > num_gpus:
+        note = (f'Note: {local_ranks} ranks on this machine but {num_gpus} GPU(s): computing on the CPU with gloo; '
+            f'use --nproc_per_node={num_gpus} to compute on CUDA') if num_gpus else None
+        return torch.device('cpu'), note
+    index = torch.device(requested).index if requested is not None and local_ranks == 1 else None
+    return torch.device('cuda', local_rank if index is None else index), None
+
+def init(device=None):
+    """Choose this rank's device and, under torchrun with several ranks, join the process group."""
+    global _device
+    world_size = _env_int('WORLD_SIZE', 1)
+    local_rank = _env_int('LOCAL_RANK', 0)
+    local_ranks = _env_int('LOCAL_WORLD_SIZE', world_size)
+    _device, note = choose_device(device, local_ranks, local_rank)
+    if _device.type == 'cuda':
+        torch.cuda.set_device(_device)
+    if world_size > 1 and not torch.distributed.is_initialized():
+        backend = 'nccl' if _device.type == 'cuda' else 'gloo'
         torch.distributed.init_process_group(backend=backend, init_method='env://')
-        _sync_device = torch.device('cuda') if backend == 'nccl' else None
-    training_stats.init_multiprocessing(rank=get_rank(), sync_device=_sync_device)
-
-def get_rank():
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-def get_world_size():
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if note and get_rank() == 0:
+        print(note, flush=True)
+    training_stats.init_multiprocessing(rank=get_rank(), sync_device=_device if _device.type == 'cuda' else None)
+    return _device
 
 def get_device():
-    """The device this rank computes on: its CUDA device, else MPS where asked, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device('cuda', torch.cuda.current_device())
-    return torch.device('cpu')
+    """The device chosen by init(); before init(), CUDA if present, else the CPU."""
+    if _device is not None:
+        return _device
+    return torch.device('cuda', torch.cuda.current_device()) if torch.cuda.is_available() else torch.device('cpu')
+
+def is_distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+def get_rank():
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+def get_world_size():
+    return torch.distributed.get_world_size() if is_distributed() else 1
 
 def barrier():
-    if torch.distributed.is_initialized():
+    if is_distributed():
         torch.distributed.barrier()
 
 def shutdown():
-    if torch.distributed.is_initialized():
+    if is_distributed():
         torch.distributed.destroy_process_group()
 
 def print0(*args, **kwargs):
+    """print() on rank 0 only."""
     if get_rank() == 0:
         print(*args, **kwargs)
 
 def all_reduce_sum(tensor):
-    """In-place sum across ranks (a no-op in a single process)."""
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor)
+    """Sum over ranks, in place; a single process leaves the tensor as it is. nccl reduces CUDA tensors
+    only, so a CPU tensor makes the round trip through this rank's GPU."""
+    if not is_distributed():
+        return tensor
+    if torch.distributed.get_backend() == 'nccl' and tensor.device.type != 'cuda':
+        on_gpu = tensor.to(get_device())
+        torch.distributed.all_reduce(on_gpu)
+        return tensor.copy_(on_gpu)
+    torch.distributed.all_reduce(tensor)
     return tensor
 
 def all_gather_object(obj):
-    """[obj of rank 0, obj of rank 1, ...]."""
-    if not torch.distributed.is_initialized():
+    """The list of every rank's `obj`, in rank order."""
+    if not is_distributed():
         return [obj]
-    gathered = [None] * get_world_size()
-    torch.distributed.all_gather_object(gathered, obj)
-    return gathered
+    everyone = [None for _ in range(get_world_size())]
+    torch.distributed.all_gather_object(everyone, obj)
+    return everyone
 
 #----------------------------------------------------------------------------
+# Checkpoints.
 
 def atomic_save(obj, path):
     """torch.save to a temporary file beside `path`, then rename: a crash never leaves a torn file."""
@@ -70,29 +114,29 @@ def atomic_save(obj, path):
         if os.path.exists(temp):
             os.remove(temp)
 
-class CheckpointIO:
-    """Saves and restores the state of named objects (modules, optimizers, dicts) in one file."""
+def _capture(obj):
+    """What a checkpoint stores of one object: a dict's items, or its state_dict."""
+    return dict(obj) if isinstance(obj, dict) else obj.state_dict()
 
-    def __init__(self, **kwargs):
-        self._state_objs = kwargs
+def _restore(obj, saved):
+    if isinstance(obj, dict):
+        obj.clear()
+        obj.update(saved)
+    else:
+        obj.load_state_dict(saved)
+
+class CheckpointIO:
+    """One file holding the state of named objects (dicts, or anything with state_dict/load_state_dict)."""
+
+    def __init__(self, **objects):
+        self._objects = objects
 
     def save(self, pt_path, verbose=True):
         if verbose:
             print0(f'Saving {pt_path} ... ', end='', flush=True)
-        data = dict()
-        for name, obj in self._state_objs.items():
-            if obj is None:
-                data[name] = None
-            elif isinstance(obj, dict):
-                data[name] = dict(obj)
-            elif hasattr(obj, 'state_dict'):
-                data[name] = obj.state_dict()
-            elif hasattr(obj, '__getstate__'):
-                data[name] = obj.__getstate__()
-            else:
-                raise ValueError(f'cannot checkpoint {name} of type {type(obj).__name__}')
+        contents = {name: _capture(obj) for name, obj in self._objects.items()}
         if get_rank() == 0:
-            atomic_save(data, pt_path)
+            atomic_save(contents, pt_path)
         barrier()
         if verbose:
             print0('done')
@@ -100,31 +144,24 @@ class CheckpointIO:
     def load(self, pt_path, verbose=True):
         if verbose:
             print0(f'Loading {pt_path} ... ', end='', flush=True)
-        data = torch.load(pt_path, map_location=torch.device('cpu'), weights_only=False)
-        for name, obj in self._state_objs.items():
-            if obj is None:
-                pass
-            elif isinstance(obj, dict):
-                obj.clear()
-                obj.update(data[name])
-            elif hasattr(obj, 'load_state_dict'):
-                obj.load_state_dict(data[name])
-            elif hasattr(obj, '__setstate__'):
-                obj.__setstate__(data[name])
-            else:
-                raise ValueError(f'cannot restore {name} of type {type(obj).__name__}')
+        contents = torch.load(pt_path, map_location='cpu', weights_only=False)
+        for name, obj in self._objects.items():
+            _restore(obj, contents[name])
         if verbose:
             print0('done')
 
-    def load_latest(self, run_dir, pattern=r'training-state-(\d+).pt', verbose=True):
-        """Load the checkpoint with the largest number in `run_dir`; return its path, or None."""
-        path = latest_checkpoint(run_dir, pattern)
+    def load_latest(self, run_dir, verbose=True):
+        """Restore the newest checkpoint of `run_dir`; its path, or None when there is none."""
+        path = latest_checkpoint(run_dir)
         if path is not None:
             self.load(path, verbose=verbose)
         return path
 
-def latest_checkpoint(run_dir, pattern=r'training-state-(\d+).pt'):
+CHECKPOINT_NAME = re.compile(r'training-state-(\d+)\.pt')
+
+def latest_checkpoint(run_dir):
+    """The training-state-<n>.pt of `run_dir` with the largest n, or None."""
     if not os.path.isdir(run_dir):
         return None
-    found = [(int(m.group(1)), f) for f in os.listdir(run_dir) if (m := re.fullmatch(pattern, f))]
-    return os.path.join(run_dir, max(found)[1]) if found else None
+    numbered = [(int(m.group(1)), name) for name in os.listdir(run_dir) if (m := CHECKPOINT_NAME.fullmatch(name))]
+    return os.path.join(run_dir, max(numbered)[1]) if numbered else None

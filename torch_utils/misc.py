@@ -55,6 +55,10 @@ class InfiniteSampler(torch.utils.data.Sampler):
                 yield int(order[idx % self.dataset_size])
             idx += 1
 
+def draw_device(generator, device):
+    """Where a draw from `generator` happens: torch requires the generator's own device."""
+    return generator.device if generator is not None else torch.device(device)
+
 def randn_like_from(generator=None):
     """A randn_like(x) that draws from `generator` (torch.randn_like when None)."""
     if generator is None:

@@ -4,13 +4,14 @@ Their denoiser, denoising posterior p(x | y, σ) and linear-Gaussian posteriors 
 distillation, multi-step sampling and PnP-GD can be checked exactly on a CPU (DESIGN §5).
 """
 
+import copy
 import math
 
 import numpy as np
 import torch
 
 from torch_utils import persistence
-from torch_utils.misc import randn_like_from
+from torch_utils.misc import draw_device, randn_like_from
 from training.networks_ncvsd import GenerativeDenoiser
 from training.noise_levels import as_sigma
 
@@ -51,7 +52,7 @@ class MixtureDenoiser(torch.nn.Module):
         """[N, K]: 0 for components of each sample's class, −inf elsewhere (all 0 without labels)."""
         if self.label_dim == 0 or class_labels is None:
             return torch.zeros(n, self.num_components, device=self.means.device)
-        labels = class_labels.reshape(-1, self.label_dim).argmax(dim=1).expand(n)
+        labels = class_labels.to(self.means.device).reshape(-1, self.label_dim).argmax(dim=1).expand(n)
         allowed = self.component_labels[None, :] == labels[:, None]
         return torch.where(allowed, 0.0, -math.inf)
 
@@ -129,10 +130,12 @@ def mixture_metrics(mixture, samples, class_labels=None):
     return metrics
 
 class MixtureDataset(torch.utils.data.Dataset):
-    """An endless-looking dataset of exact mixture samples; item i depends only on (seed, i)."""
+    """An endless-looking dataset of exact mixture samples; item i depends only on (seed, i).
+
+    It keeps its own CPU copy of the mixture: data stays on the CPU, and DataLoader workers never touch CUDA."""
 
     def __init__(self, mixture, seed=0, size=1 << 20):
-        self.mixture = mixture
+        self.mixture = copy.deepcopy(mixture).cpu()
         self.seed = seed
         self.size = size
         self.label_dim = mixture.label_dim
@@ -195,30 +198,31 @@ class GaussianMixture:
         `operator`: a dense matrix [M, D], or anything with `.matrix()` returning one; y: M values;
         class_labels: one one-hot row to condition on a class as well.
         """
-        A = (operator.matrix() if hasattr(operator, 'matrix') else torch.as_tensor(operator)).to(torch.float64)
-        means = self.module.means.flatten(1).to(torch.float64)                           # [K, D]
-        stds = self.module.stds.to(torch.float64)
-        y = torch.as_tensor(y).reshape(-1).to(torch.float64)                             # [M]
+        A = (operator.matrix() if hasattr(operator, 'matrix') else torch.as_tensor(operator)).to('cpu', torch.float64)
+        means = self.module.means.flatten(1).to('cpu', torch.float64)                    # [K, D], solved on the CPU
+        stds = self.module.stds.to('cpu', torch.float64)
+        y = torch.as_tensor(y).reshape(-1).to('cpu', torch.float64)                      # [M]
         eye_d, eye_m = torch.eye(means.shape[1], dtype=torch.float64), torch.eye(A.shape[0], dtype=torch.float64)
         log_w, post_means, post_chols = [], [], []
         for k in range(means.shape[0]):
             cov_y = stds[k] ** 2 * A @ A.T + sigma_y ** 2 * eye_m                        # y | k ~ N(A μ_k, s_k² A Aᵀ + σ_y² I)
             evidence = torch.distributions.MultivariateNormal(A @ means[k], covariance_matrix=cov_y).log_prob(y)
-            log_w.append(self.module.log_weights[k].double() + evidence)
+            log_w.append(self.module.log_weights[k].cpu().double() + evidence)
             cov = torch.linalg.inv(eye_d / stds[k] ** 2 + A.T @ A / sigma_y ** 2)
             post_means.append(cov @ (means[k] / stds[k] ** 2 + A.T @ y / sigma_y ** 2))
             post_chols.append(torch.linalg.cholesky((cov + cov.T) / 2))
-        log_w = torch.stack(log_w) + self.module._label_log_mask(class_labels, 1)[0].double()
+        log_w = torch.stack(log_w) + self.module._label_log_mask(class_labels, 1)[0].cpu().double()
         return log_w.softmax(0), torch.stack(post_means), torch.stack(post_chols)
 
     @torch.no_grad()
     def posterior_sample(self, operator, y, sigma_y, n, generator=None, class_labels=None):
         """n exact samples [n, C, H, W] of p(x | y) for y = A x + σ_y·n (see linear_posterior)."""
         weights, means, chols = self.linear_posterior(operator, y, sigma_y, class_labels)
-        ks = torch.multinomial(weights.float(), n, replacement=True, generator=generator)
-        normal = torch.randn(n, means.shape[1], 1, generator=generator, dtype=torch.float64)
-        out = means[ks] + (chols[ks] @ normal)[:, :, 0]
-        return out.reshape(n, *self.module.means.shape[1:]).float()
+        device = draw_device(generator, self.module.means.device)
+        ks = torch.multinomial(weights.float().to(device), n, replacement=True, generator=generator)
+        normal = torch.randn(n, means.shape[1], 1, generator=generator, dtype=torch.float64, device=device)
+        out = means.to(device)[ks] + (chols.to(device)[ks] @ normal)[:, :, 0]
+        return out.reshape(n, *self.module.means.shape[1:]).float().to(self.module.means.device)
 
 #----------------------------------------------------------------------------
 # The toy teacher: coloured shapes, one class per shape (the embedded default of train_ncvsd.py).

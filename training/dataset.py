@@ -1,7 +1,7 @@
-"""Image datasets stored as a folder or a zip of PNG/JPEG images (or .npy latents), EDM2 layout.
+"""Training images stored as a folder or a zip of PNG/JPEG files (or .npy latents), in EDM2's layout.
 
-Labels come from `dataset.json` ({"labels": [[filename, label], ...]}); images are returned as
-uint8 [C, H, W] numpy arrays, latents as float32 arrays.
+Labels come from `dataset.json` ({"labels": [[filename, label], ...]}); an item is
+(uint8 [C, H, W] image or float32 latent array, float32 one-hot or vector label).
 """
 
 import io
@@ -20,58 +20,136 @@ IMAGE_EXTENSIONS = {'.png', '.jpg', '.jpeg', '.bmp', '.webp', '.npy'}
 def file_ext(name):
     return os.path.splitext(name)[1].lower()
 
-class Dataset(torch.utils.data.Dataset):
-    """Common indexing: `max_size` subset (deterministic), x-flip doubling, one-hot labels."""
+class _Storage:
+    """Read access to the files of a folder or a zip. A zip handle belongs to the process that opened it:
+    forked DataLoader workers open their own (a shared handle's file position makes reads corrupt)."""
 
-    def __init__(self, name, raw_shape, use_labels=True, max_size=None, xflip=False, random_seed=0, cache=False):
-        self._name = name
-        self._raw_shape = list(raw_shape)
-        self._use_labels = use_labels
-        self._cache = cache
-        self._cached_images = dict()
-        self._raw_labels = None
-        self._label_shape = None
-        self._raw_idx = np.arange(self._raw_shape[0], dtype=np.int64)
-        if max_size is not None and self._raw_idx.size > max_size:
-            np.random.RandomState(random_seed % (1 << 31)).shuffle(self._raw_idx)
-            self._raw_idx = np.sort(self._raw_idx[:max_size])
-        self._xflip = np.zeros(self._raw_idx.size, dtype=np.uint8)
-        if xflip:
-            self._raw_idx = np.tile(self._raw_idx, 2)
-            self._xflip = np.concatenate([self._xflip, np.ones_like(self._xflip)])
+    def __init__(self, path):
+        self.path = path
+        self.is_zip = not os.path.isdir(path)
+        self._zip, self._zip_pid = None, None
+        if self.is_zip and file_ext(path) != '.zip':
+            raise UserError(f'dataset not found: {path} (expected a folder or a .zip made by dataset_tool.py convert)')
+        if self.is_zip and not os.path.isfile(path):
+            raise UserError(f'dataset not found: {path}')
+        try:
+            self.names = sorted(self._list())
+        except zipfile.BadZipFile:
+            raise UserError(f'{path} is not a valid zip file; recreate it with dataset_tool.py convert')
 
-    def _get_raw_labels(self):
-        if self._raw_labels is None:
-            self._raw_labels = self._load_raw_labels() if self._use_labels else None
-            if self._raw_labels is None:
-                self._raw_labels = np.zeros([self._raw_shape[0], 0], dtype=np.float32)
-            assert self._raw_labels.shape[0] == self._raw_shape[0]
-        return self._raw_labels
+    def _list(self):
+        if self.is_zip:
+            return self._archive().namelist()
+        return [os.path.relpath(os.path.join(folder, name), self.path).replace(os.sep, '/')
+            for folder, _subdirs, names in os.walk(self.path) for name in names]
+
+    def _archive(self):
+        if self._zip is None or self._zip_pid != os.getpid():
+            self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
+        return self._zip
+
+    def read(self, name):
+        if self.is_zip:
+            return self._archive().read(name)
+        with open(os.path.join(self.path, name), 'rb') as f:
+            return f.read()
+
+    def close(self):
+        if self._zip is not None and self._zip_pid == os.getpid():
+            self._zip.close()
+        self._zip = None
+
+    def __getstate__(self):
+        return dict(self.__dict__, _zip=None, _zip_pid=None)
+
+def decode_item(data, name, where):
+    """File bytes -> [C, H, W] array (uint8 image or float32 latents)."""
+    if file_ext(name) == '.npy':
+        array = np.load(io.BytesIO(data))
+        return array.reshape(-1, *array.shape[-2:])
+    try:
+        pixels = np.array(PIL.Image.open(io.BytesIO(data)))
+    except (OSError, PIL.UnidentifiedImageError, ValueError):
+        raise UserError(f'{where}: cannot decode image {name}; remove it or reconvert the dataset')
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    return pixels.transpose(2, 0, 1)
+
+def one_hot(label, num_classes):
+    if np.ndim(label) == 0:
+        vector = np.zeros([num_classes], dtype=np.float32)
+        vector[int(label)] = 1
+        return vector
+    return np.array(label, dtype=np.float32)
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images (or .npy latents) in a folder or a zip, with optional dataset.json labels.
+
+    max_size keeps a fixed random subset (chosen by random_seed); xflip appends mirrored copies;
+    cache keeps decoded items in memory; use_labels=False drops the labels (label_dim 0)."""
+
+    def __init__(self, path, resolution=None, use_labels=True, max_size=None, xflip=False, random_seed=0, cache=False):
+        self._path = path
+        self._storage = _Storage(path)
+        self._files = [name for name in self._storage.names if file_ext(name) in IMAGE_EXTENSIONS]
+        if not self._files:
+            raise UserError(f'no images found in {path}')
+        self._name = os.path.splitext(os.path.basename(path.rstrip('/')))[0]
+        self._image_shape = list(self._load(0).shape)
+        if resolution is not None and self._image_shape[1:] != [resolution, resolution]:
+            height, width = self._image_shape[1:]
+            raise UserError(f'{path} holds {width}x{height} images but {resolution}x{resolution} are needed; '
+                f'reconvert with dataset_tool.py convert --resolution={resolution}x{resolution}')
+        self._labels = self._read_labels() if use_labels else None
+        self._cache = {} if cache else None
+        order = np.arange(len(self._files), dtype=np.int64)
+        if max_size is not None and max_size < len(order):
+            np.random.RandomState(random_seed % (1 << 31)).shuffle(order)
+            order = np.sort(order[:max_size])
+        self._items = [(int(i), False) for i in order] + ([(int(i), True) for i in order] if xflip else [])
+
+    def _load(self, file_idx):
+        name = self._files[file_idx]
+        return decode_item(self._storage.read(name), name, self._path)
+
+    def _read_labels(self):
+        """[num files] class indices or [num files, L] vectors, or None without dataset.json labels."""
+        if 'dataset.json' not in self._storage.names:
+            return None
+        table = json.loads(self._storage.read('dataset.json')).get('labels')
+        if table is None:
+            return None
+        by_name = dict(table)
+        missing = [name for name in self._files if name not in by_name]
+        if missing:
+            raise UserError(f'{self._path}: dataset.json has no label for {missing[0]}')
+        labels = np.array([by_name[name] for name in self._files])
+        return labels.astype(np.int64 if labels.ndim == 1 else np.float32)
 
     def __len__(self):
-        return self._raw_idx.size
+        return len(self._items)
 
     def __getitem__(self, idx):
-        raw_idx = self._raw_idx[idx]
-        image = self._cached_images.get(raw_idx, None)
+        file_idx, mirrored = self._items[idx]
+        image = self._cache.get(file_idx) if self._cache is not None else None
         if image is None:
-            image = self._load_raw_image(raw_idx)
-            if self._cache:
-                self._cached_images[raw_idx] = image
-        if list(image.shape) != self.image_shape:
-            raise UserError(f'{self._name}: item {raw_idx} has shape {list(image.shape)}, expected {self.image_shape}; '
+            image = self._load(file_idx)
+            if self._cache is not None:
+                self._cache[file_idx] = image
+        if list(image.shape) != self._image_shape:
+            raise UserError(f'{self._name}: item {file_idx} has shape {list(image.shape)}, expected {self._image_shape}; '
                 'reconvert the dataset with dataset_tool.py convert --resolution=WxH')
-        if self._xflip[idx]:
+        if mirrored:
             image = image[:, :, ::-1]
         return image.copy(), self.get_label(idx)
 
     def get_label(self, idx):
-        label = self._get_raw_labels()[self._raw_idx[idx]]
-        if label.dtype == np.int64:
-            onehot = np.zeros(self.label_shape, dtype=np.float32)
-            onehot[label] = 1
-            label = onehot
-        return label.copy()
+        if self._labels is None:
+            return np.zeros([0], dtype=np.float32)
+        return one_hot(self._labels[self._items[idx][0]], self.label_dim)
+
+    def close(self):
+        self._storage.close()
 
     @property
     def name(self):
@@ -79,109 +157,29 @@ class Dataset(torch.utils.data.Dataset):
 
     @property
     def image_shape(self):
-        return list(self._raw_shape[1:])
+        return list(self._image_shape)
 
     @property
     def num_channels(self):
-        return self.image_shape[0]
+        return self._image_shape[0]
 
     @property
     def resolution(self):
-        assert self.image_shape[1] == self.image_shape[2]
-        return self.image_shape[1]
+        assert self._image_shape[1] == self._image_shape[2]
+        return self._image_shape[1]
 
     @property
     def label_shape(self):
-        if self._label_shape is None:
-            raw_labels = self._get_raw_labels()
-            if raw_labels.dtype == np.int64:
-                self._label_shape = [int(np.max(raw_labels)) + 1] if raw_labels.size else [0]
-            else:
-                self._label_shape = list(raw_labels.shape[1:])
-        return list(self._label_shape)
+        if self._labels is None:
+            return [0]
+        if self._labels.ndim == 1:
+            return [int(self._labels.max()) + 1]
+        return list(self._labels.shape[1:])
 
     @property
     def label_dim(self):
-        return int(self.label_shape[0]) if self.label_shape else 0
+        return self.label_shape[0]
 
     @property
     def has_labels(self):
         return self.label_dim != 0
-
-class ImageFolderDataset(Dataset):
-    """Images (or .npy latents) in a folder or a zip file, with optional dataset.json labels."""
-
-    def __init__(self, path, resolution=None, **super_kwargs):
-        self._path = path
-        self._zipfile = None
-        if os.path.isdir(path):
-            self._type = 'dir'
-            self._all_fnames = sorted(os.path.relpath(os.path.join(root, f), start=path).replace(os.sep, '/')
-                for root, _dirs, files in os.walk(path) for f in files)
-        elif file_ext(path) == '.zip':
-            if not os.path.isfile(path):
-                raise UserError(f'dataset not found: {path}')
-            self._type = 'zip'
-            try:
-                self._all_fnames = sorted(self._get_zipfile().namelist())
-            except zipfile.BadZipFile:
-                raise UserError(f'{path} is not a valid zip file; recreate it with dataset_tool.py convert')
-        else:
-            raise UserError(f'dataset not found: {path} (expected a folder or a .zip made by dataset_tool.py convert)')
-        self._image_fnames = [f for f in self._all_fnames if file_ext(f) in IMAGE_EXTENSIONS]
-        if len(self._image_fnames) == 0:
-            raise UserError(f'no images found in {path}')
-        name = os.path.splitext(os.path.basename(path.rstrip('/')))[0]
-        raw_shape = [len(self._image_fnames)] + list(self._load_raw_image(0).shape)
-        if resolution is not None and (raw_shape[2] != resolution or raw_shape[3] != resolution):
-            raise UserError(f'{path} holds {raw_shape[3]}x{raw_shape[2]} images but {resolution}x{resolution} are needed; '
-                f'reconvert with dataset_tool.py convert --resolution={resolution}x{resolution}')
-        super().__init__(name=name, raw_shape=raw_shape, **super_kwargs)
-
-    def _get_zipfile(self):
-        assert self._type == 'zip'
-        if self._zipfile is None:
-            self._zipfile = zipfile.ZipFile(self._path)
-        return self._zipfile
-
-    def _open_file(self, fname):
-        if self._type == 'dir':
-            return open(os.path.join(self._path, fname), 'rb')
-        return self._get_zipfile().open(fname, 'r')
-
-    def close(self):
-        if self._zipfile is not None:
-            self._zipfile.close()
-        self._zipfile = None
-
-    def __getstate__(self):
-        return dict(super().__getstate__(), _zipfile=None)
-
-    def _load_raw_image(self, raw_idx):
-        fname = self._image_fnames[raw_idx]
-        with self._open_file(fname) as f:
-            data = f.read()
-        if file_ext(fname) == '.npy':
-            image = np.load(io.BytesIO(data))
-            return image.reshape(-1, *image.shape[-2:])
-        try:
-            image = np.array(PIL.Image.open(io.BytesIO(data)))
-        except (OSError, PIL.UnidentifiedImageError, ValueError):
-            raise UserError(f'{self._path}: cannot decode image {fname}; remove it or reconvert the dataset')
-        image = image[:, :, np.newaxis] if image.ndim == 2 else image
-        return image.transpose(2, 0, 1)
-
-    def _load_raw_labels(self):
-        if 'dataset.json' not in self._all_fnames:
-            return None
-        with self._open_file('dataset.json') as f:
-            labels = json.load(f).get('labels', None)
-        if labels is None:
-            return None
-        labels = dict(labels)
-        try:
-            labels = [labels[fname] for fname in self._image_fnames]
-        except KeyError as err:
-            raise UserError(f'{self._path}: dataset.json has no label for {err.args[0]}')
-        labels = np.array(labels)
-        return labels.astype({1: np.int64, 2: np.float32}[labels.ndim])

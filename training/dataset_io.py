@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from dnnlib.util import UserError
+from torch_utils import distributed as dist
 from training.dataset import IMAGE_EXTENSIONS, file_ext
 
 TRANSFORMS = ['center-crop', 'center-crop-wide', 'center-crop-dhariwal']
@@ -210,7 +211,7 @@ def encode_dataset(source, dest, model_url='stabilityai/sd-vae-ft-mse', max_imag
     """Pixels -> VAE latent mean and std per image (float32 [8, H/8, W/8] .npy files)."""
     from training.dataset import ImageFolderDataset
     from training.encoders import StabilityVAEEncoder
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device, _note = dist.choose_device(device)
     dataset = ImageFolderDataset(source, max_size=max_images)
     if dataset.num_channels != 3:
         raise UserError(f'{source} holds {dataset.num_channels}-channel images; the VAE needs RGB')

@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 from dnnlib.util import UserError
+from torch_utils.misc import draw_device
 
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
@@ -67,8 +68,8 @@ class KarrasGridSampler:
         self.grid = karras_sigmas(num, sigma_min, sigma_max, rho, dtype=torch.float32)
 
     def __call__(self, n, device, generator=None):
-        idx = torch.randint(len(self.grid), [n], generator=generator, device='cpu')
-        return self.grid[idx].to(device).reshape(-1, 1, 1, 1)
+        idx = torch.randint(len(self.grid), [n], generator=generator, device=draw_device(generator, device))
+        return self.grid.to(idx.device)[idx].to(device).reshape(-1, 1, 1, 1)
 
 class LogNormalSampler:
     """t = exp(P_mean + P_std·n)."""
@@ -78,5 +79,5 @@ class LogNormalSampler:
         self.P_std = P_std
 
     def __call__(self, n, device, generator=None):
-        normal = torch.randn([n, 1, 1, 1], generator=generator, device='cpu').to(device)
+        normal = torch.randn([n, 1, 1, 1], generator=generator, device=draw_device(generator, device)).to(device)
         return (normal * self.P_std + self.P_mean).exp()

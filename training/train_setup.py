@@ -4,7 +4,6 @@ import json
 import os
 import pickle
 
-import torch
 
 import dnnlib
 from dnnlib.util import UserError
@@ -81,9 +80,18 @@ def make_init_net(config, teacher):
         os.replace(path + '.tmp', path)
     return net
 
+def check_device_options(config, opts, device):
+    """float16 bodies exist on CUDA only: an explicit --fp16=True elsewhere is an error, a preset's is noted."""
+    if device.type == 'cuda' or not config.get('fp16', False):
+        return
+    if opts.get('fp16'):
+        raise UserError(f'--fp16=True needs CUDA but this run is on {device.type}; drop --fp16 (on {device.type} the networks compute in float32)')
+    dist.print0(f'Note: preset "{config.preset}" asks for float16, which runs on CUDA only; computing in float32 on {device.type}')
+
 def launch(opts):
-    dist.init()
     config = resolve_options(opts)
+    device = dist.init(config.get('device'))
+    check_device_options(config, opts, device)
     teacher, encoder = load_teacher(config)
     dataset, encoder, dataset_kwargs = make_data(config, teacher, encoder)
     check_data_matches(dataset, encoder, teacher, bool(config.get('cond', True)))
@@ -111,6 +119,6 @@ def run_training(config, teacher, dataset, encoder, dataset_kwargs, run_options)
         seed=config.get('seed', 0), batch_size=config.batch, batch_gpu=config.get('batch_gpu'),
         total_nimg=config.duration, status_nimg=config.status, snapshot_nimg=config.snapshot,
         checkpoint_nimg=config.checkpoint, loss_scaling=config.get('ls', 1.0), ts=config.ts,
-        num_workers=config.get('workers', 2 if torch.cuda.is_available() else 0),
-        grid_size=config.get('grid_size', 64), device=config.get('device'),
+        num_workers=config.get('workers', 2 if dist.get_device().type == 'cuda' else 0),
+        grid_size=config.get('grid_size', 64), device=dist.get_device(),
     )

@@ -34,16 +34,18 @@ def learning_rate_schedule(cur_nimg, batch_size, ref_lr=0.010, ref_batches=35000
     return lr
 
 class RandomState:
-    """Every random number generator of every rank, checkpointed for exact resumption."""
+    """Every random number generator of every rank (the run's generator on its device, torch's CPU and
+    CUDA generators), checkpointed for exact resumption."""
 
     def __init__(self, device, seed):
-        self.generator = torch.Generator(device).manual_seed(seed)
+        self.device = torch.device(device)
+        self.generator = torch.Generator(self.device).manual_seed(seed)
         torch.manual_seed(seed)
 
     def state_dict(self):
-        state = dict(generator=self.generator.get_state(), cpu=torch.get_rng_state())
-        if torch.cuda.is_available():
-            state['cuda'] = torch.cuda.get_rng_state()
+        state = dict(device=self.device.type, generator=self.generator.get_state(), cpu=torch.get_rng_state())
+        if self.device.type == 'cuda':
+            state['cuda'] = torch.cuda.get_rng_state(self.device)
         return dict(ranks=dist.all_gather_object(state))
 
     def load_state_dict(self, states):
@@ -51,10 +53,14 @@ class RandomState:
             raise UserError(f'the checkpoint was written by {len(states["ranks"])} ranks but this run has {dist.get_world_size()}; '
                 'resume with the same number of processes')
         state = states['ranks'][dist.get_rank()]
+        saved_device = state.get('device', 'cpu')
+        if saved_device != self.device.type:
+            raise UserError(f'the checkpoint was written by a run on {saved_device} but this run is on {self.device.type}; '
+                f'resume with --device={saved_device}, or start a new --outdir')
         self.generator.set_state(state['generator'])
         torch.set_rng_state(state['cpu'])
-        if 'cuda' in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state['cuda'])
+        if 'cuda' in state:
+            torch.cuda.set_rng_state(state['cuda'], self.device)
 
 @torch.no_grad()
 def reduce_gradients_(module, loss_scaling, force_finite=True):
@@ -337,7 +343,11 @@ def training_loop(
             break
 
         lr = learning_rate_schedule(state.cur_nimg + batch_size, batch_size, **lr_kwargs)
-        iteration.run(batches, lr, use_gan=state.cur_nimg >= gan_warmup_nimg)
+        try:
+            iteration.run(batches, lr, use_gan=state.cur_nimg >= gan_warmup_nimg)
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(f'{device} ran out of memory at --batch-gpu={batch_gpu}; use a smaller --batch-gpu '
+                '(gradient accumulation keeps the results the same)') from None
         state.cur_nimg += batch_size
         ema.update(cur_nimg=state.cur_nimg, batch_size=batch_size)
     return G, S, D, ema
