@@ -124,8 +124,13 @@ def test_short_toy_distillation_improves_the_student(tmp_path):
     dataset, encoder = teacher.make_dataset()
     G, _, _, _ = training_loop(run_dir=str(tmp_path), teacher=teacher, dataset=dataset, encoder=encoder, init_net=init_net,
         network_kwargs={'use_fp16': False}, lr_kwargs=dict(ref_lr=0.01, ref_batches=0, rampup_Mimg=0), g_lr_scaling=0.03, d_lr_scaling=0.1,
-        batch_size=32, total_nimg=32 * 60, status_nimg=0, snapshot_nimg=0, checkpoint_nimg=0)
+        batch_size=32, total_nimg=32 * 60, status_nimg=0, snapshot_nimg=0, checkpoint_nimg=0, final_samples=200)
     after = score(G)
+    import json
+    final = json.loads(open(tmp_path / 'stats.jsonl').readlines()[-1])              # The run ends with its exact metrics.
+    for steps in (1, 2, 4):
+        assert final[f'Final-0.100/{steps}-step/tv']['num'] == 1 and 0 <= final[f'Final-0.100/{steps}-step/tv']['mean'] <= 1
+        assert final[f'Final-0.050/{steps}-step/class_accuracy']['mean'] > 0.5
     # The generator sharpens (spread towards 1) and keeps its classes; diversity (TV) is not asserted:
     # VSD is mode-seeking and this short run loses colours (see the toy benchmark in the README).
     assert abs(after['spread'] - 1) < abs(before['spread'] - 1) - 0.1, (before, after)

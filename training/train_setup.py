@@ -120,5 +120,5 @@ def run_training(config, teacher, dataset, encoder, dataset_kwargs, run_options)
         total_nimg=config.duration, status_nimg=config.status, snapshot_nimg=config.snapshot,
         checkpoint_nimg=config.checkpoint, loss_scaling=config.get('ls', 1.0), ts=config.ts,
         num_workers=config.get('workers', 2 if dist.get_device().type == 'cuda' else 0),
-        grid_size=config.get('grid_size', 64), device=dist.get_device(),
+        grid_size=config.get('grid_size', 64), final_samples=config.get('final_samples', 2000), device=dist.get_device(),
     )

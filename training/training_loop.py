@@ -222,6 +222,35 @@ def save_sample_grid(denoiser, encoder, ts, teacher, seeds, path):
         return teacher.exact_metrics(samples, labels)
     return None
 
+FINAL_TS = {1: (10, 39), 2: (10, 22, 39), 4: (0, 10, 20, 30, 39)}     # The paper's 1-, 2- and 4-step chains.
+
+@torch.no_grad()
+def final_exact_metrics(ema, gamma, teacher, device, num=2000, batch=500, seed=0):
+    """{'Final<ema>/<k>-step/<metric>': value}: exact metrics of every EMA at 1, 2 and 4 steps on `num`
+    samples (classes uniform), printed as they come."""
+    results = {}
+    for ema_net, suffix in ema.get():
+        denoiser = GenerativeDenoiser(copy.deepcopy(ema_net).eval().requires_grad_(False), gamma=gamma).to(device)
+        labels = None
+        if teacher.label_dim:
+            labels = torch.eye(teacher.label_dim, device=device)[torch.arange(num, device=device) % teacher.label_dim]
+        shape = [num, denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution]
+        for steps, ts in FINAL_TS.items():
+            rng = torch.Generator(device).manual_seed(seed)
+            noise = torch.randn(shape, generator=rng, device=device)
+            samples = torch.cat([denoiser.sample(noise[i:i + batch], None if labels is None else labels[i:i + batch], ts=ts,
+                randn_like=misc.randn_like_from(rng)) for i in range(0, num, batch)])
+            metrics = teacher.exact_metrics(samples, labels)
+            dist.print0(f'Exact metrics of EMA {suffix[1:]}, {steps} step(s) --ts={",".join(map(str, ts))}, {num} samples: '
+                + '  '.join(f'{name} {value:.3f}' for name, value in metrics.items()))
+            results.update({f'Final{suffix}/{steps}-step/{name}': value for name, value in metrics.items()})
+    return results
+
+def report0_from_rank0(values):
+    """report0() a {name: value} that only rank 0 computed: every rank must report the same names."""
+    for name, value in dist.all_gather_object(values)[0].items():
+        training_stats.report0(name, value)
+
 def report_status(state, start_time, prev_time, prev_nimg, stats_path):
     """One status line and one stats.jsonl record; returns the new (time, nimg) reference."""
     cur_time = time.time()
@@ -232,16 +261,21 @@ def report_status(state, start_time, prev_time, prev_nimg, stats_path):
     training_stats.report0('Timing/sec_per_kimg', sec_per_kimg)
     training_stats.report0('Resources/cpu_mem_gb', cpu_mem)
     training_stats.report0('Resources/peak_gpu_mem_gb', gpu_mem)
-    collector = training_stats.default_collector
-    collector.update()
+    collector = append_stats(stats_path, cur_time)
     losses = '  '.join(f'{name.split("/")[1]} {collector.mean(name):<8.4f}'
         for name in ('Loss/score', 'Loss/discriminator', 'Loss/generator') if collector.num(name))
     dist.print0(f'kimg {kimg:<9.3f} time {dnnlib.util.format_time(state.total_elapsed_time + cur_time - start_time):<9s} '
         f'sec/kimg {sec_per_kimg:<8.2f} {losses}  cpumem {cpu_mem:<5.2f} gpumem {gpu_mem:<5.2f}', flush=True)
+    return cur_time, state.cur_nimg
+
+def append_stats(stats_path, timestamp):
+    """Collect what was reported since the last record (all ranks) and append it to stats.jsonl (rank 0)."""
+    collector = training_stats.default_collector
+    collector.update()
     if dist.get_rank() == 0:
         with open(stats_path, 'at') as f:
-            f.write(json.dumps(dict(collector.as_dict(), timestamp=cur_time)) + '\n')
-    return cur_time, state.cur_nimg
+            f.write(json.dumps(dict(collector.as_dict(), timestamp=timestamp)) + '\n')
+    return collector
 
 def memory_report():
     cpu = psutil.Process(os.getpid()).memory_info().rss / 2**30
@@ -279,6 +313,7 @@ def training_loop(
     ts                  = (10, 22, 39),
     num_workers         = 0,
     grid_size           = 64,
+    final_samples       = 2000,         # Exact teachers: samples per exact metric at the end of the run.
     device              = None,
 ):
     device = torch.device(device) if device is not None else dist.get_device()
@@ -330,9 +365,7 @@ def training_loop(
         progressed = state.cur_nimg != start_nimg
         if (done or (snapshot_nimg and state.cur_nimg % snapshot_nimg == 0)) and (progressed or done):
             exact = save_snapshot(run_dir, state.cur_nimg, ema, gamma, encoder, dataset_kwargs, loss_fn, ts, teacher, grid_seeds, device)
-            for suffix, metrics in exact.items():
-                for name, value in (metrics or {}).items():
-                    training_stats.report0(f'Exact{suffix}/{name}', value)
+            report0_from_rank0({f'Exact{suffix}/{name}': value for suffix, metrics in exact.items() for name, value in (metrics or {}).items()})
         if (done or (status_nimg and state.cur_nimg % status_nimg == 0)) and (progressed or done):
             prev_status_time, prev_status_nimg = report_status(state, start_time, prev_status_time, prev_status_nimg, stats_path)
         if (done or (checkpoint_nimg and state.cur_nimg % checkpoint_nimg == 0)) and progressed:
@@ -350,4 +383,8 @@ def training_loop(
                 '(gradient accumulation keeps the results the same)') from None
         state.cur_nimg += batch_size
         ema.update(cur_nimg=state.cur_nimg, batch_size=batch_size)
+
+    if hasattr(teacher, 'exact_metrics'):
+        report0_from_rank0(final_exact_metrics(ema, gamma, teacher, device, final_samples) if dist.get_rank() == 0 else {})
+        append_stats(stats_path, time.time())
     return G, S, D, ema
