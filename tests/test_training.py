@@ -208,3 +208,84 @@ def test_out_of_memory_names_batch_gpu(assets, tmp_path, monkeypatch):
         training_loop(run_dir=str(tmp_path), teacher=teacher, dataset=ImageFolderDataset(assets['data']), encoder=StandardRGBEncoder(),
             network_kwargs={'use_fp16': False}, batch_size=4, batch_gpu=2, total_nimg=4, status_nimg=4, snapshot_nimg=0,
             checkpoint_nimg=0, grid_size=4, device='cpu')
+
+#----------------------------------------------------------------------------
+# The published training dynamics (DESIGN §3).
+
+def tiny_run(assets, tmp_path, **kwargs):
+    teacher = load_network_data(assets['teacher'], verbose=False)['ema']
+    options = dict(run_dir=str(tmp_path), teacher=teacher, dataset=ImageFolderDataset(assets['data']), encoder=StandardRGBEncoder(),
+        network_kwargs={'use_fp16': False}, lr_kwargs=dict(ref_lr=0.1, ref_batches=0, rampup_Mimg=0), batch_size=4, batch_gpu=4,
+        total_nimg=8, status_nimg=0, snapshot_nimg=0, checkpoint_nimg=0, grid_size=4, device='cpu', seed=0)
+    return training_loop(**dict(options, **kwargs))
+
+def mpconv_weights(net):
+    from training.networks_edm2 import MPConv
+    return {name: layer.weight.detach().clone() for name, layer in net.named_modules() if isinstance(layer, MPConv)}
+
+def test_discriminator_raw_norms_grow_while_G_and_S_stay_normalised(assets, tmp_path):
+    from training.networks_edm2 import normalize
+    torch.manual_seed(0)                                                 # The loop builds its students after the same seed.
+    teacher = prepare_frozen(load_network_data(assets['teacher'], verbose=False)['ema'], 'cpu')
+    before = mpconv_weights(build_students(teacher, {'use_fp16': False}, 'cpu')[2])
+    G, S, D, _ema = tiny_run(assets, tmp_path, g_lr_scaling=1.0, d_lr_scaling=1.0)
+    for net in (G, S):
+        for name, weight in mpconv_weights(net).items():
+            assert torch.allclose(weight, normalize(weight), rtol=1e-4, atol=1e-5), name
+    after = mpconv_weights(D)
+    grown = [name for name in after if after[name].norm() > before[name].norm() * (1 + 1e-5)]
+    assert len(grown) > 0.8 * len(after), sorted(set(after) - set(grown))
+    assert not any(torch.allclose(weight, normalize(weight), rtol=1e-4) for weight in after.values())   # Never renormalised in place.
+
+def test_students_start_with_their_own_logvar_head_and_the_teacher_unet(assets):
+    teacher = prepare_frozen(load_network_data(assets['teacher'], verbose=False)['ema'], 'cpu')
+    torch.manual_seed(1)
+    G, S, D = build_students(teacher, {'use_fp16': False}, 'cpu')
+    for student in (G, S):
+        assert not torch.equal(student.logvar_linear.weight, teacher.logvar_linear.weight)
+        assert not torch.equal(student.logvar_fourier.freqs, teacher.logvar_fourier.freqs)
+    from training.networks_edm2 import normalize
+    unet = teacher.unet.state_dict()
+    for part, in_place in ((G.enc, True), (G.ctrl, True), (G.dec, True), (S.enc, True), (D.enc, False), (D.ctrl, False)):
+        shared = [name for name in part.state_dict() if name in unet and name.endswith('weight') and unet[name].ndim > 1]
+        assert len(shared) > 5
+        for name in shared:                             # G and S renormalise their copy in place; D keeps it raw.
+            expected = normalize(unet[name]) if in_place else unet[name]
+            assert torch.allclose(part.state_dict()[name], expected, atol=1e-6), name
+    G_copy, _, _ = build_students(teacher, {'use_fp16': False}, 'cpu', copy_logvar=True)    # The documented option.
+    assert torch.equal(G_copy.logvar_linear.weight, normalize(teacher.logvar_linear.weight))
+
+def test_first_update_of_a_rampup_runs_at_learning_rate_zero(assets, tmp_path, monkeypatch):
+    from training import training_loop as loop
+    rates, run = [], loop.NCVSDIteration.run
+    def recording_run(self, batches, lr, **kwargs):
+        rates.append(lr)
+        return run(self, batches, lr, **kwargs)
+    monkeypatch.setattr(loop.NCVSDIteration, 'run', recording_run)
+    tiny_run(assets, tmp_path, lr_kwargs=dict(ref_lr=0.01, ref_batches=0, rampup_Mimg=1))
+    assert rates == [0.0, pytest.approx(0.01 * 4 / 1e6)]
+
+def test_gradients_are_averaged_across_ranks(tmp_path):
+    """Two gloo ranks with identical batches: the reduced gradient is each rank's own (the mean, not the sum)."""
+    script = tmp_path / 'average.py'
+    script.write_text(textwrap.dedent(f'''
+        import sys, torch
+        sys.path.insert(0, {ROOT!r})
+        from torch_utils import distributed as dist
+        from training.training_loop import reduce_gradients_
+        dist.init('cpu')
+        torch.manual_seed(0)
+        net = torch.nn.Linear(4, 3)
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+        (net(x).square().sum() * 8.0).backward()                       # Loss scaling 8.
+        own = [p.grad.clone() / 8.0 for p in net.parameters()]
+        reduce_gradients_(net, loss_scaling=8.0)
+        torch.save(dict(own=own, reduced=[p.grad for p in net.parameters()]), {str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.pt')
+        dist.shutdown()
+    '''))
+    result = run_python(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)], env={'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(2):
+        saved = torch.load(tmp_path / f'rank{rank}.pt')
+        for own, reduced in zip(saved['own'], saved['reduced']):
+            assert torch.allclose(reduced, own, rtol=1e-6), (own, reduced)

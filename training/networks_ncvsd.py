@@ -39,6 +39,8 @@ class ControlledDecoder(UNet):
 class _TwoEncoderNetwork(torch.nn.Module):
     """Shared part of G/S and the discriminator: `enc` sees (x, σ), `ctrl` sees the condition (y, σ_y)."""
 
+    force_weight_normalization = True   # Renormalise the raw weights in place after every optimizer step.
+
     def _init_common(self, img_resolution, img_channels, label_dim, use_fp16, sigma_data, unet_kwargs):
         self.img_resolution = img_resolution
         self.img_channels = img_channels
@@ -69,7 +71,7 @@ class _TwoEncoderNetwork(torch.nn.Module):
         return dict(x=x, class_labels=class_labels, c_skip=c_skip, c_out=c_out, c_noise=c_noise,
             enc_x=enc_x, enc_skips=enc_skips, ctrl_x=ctrl_x, ctrl_skips=ctrl_skips)
 
-    def init_from_pretrained(self, teacher):
+    def init_from_pretrained(self, teacher, copy_logvar=False):
         """Copy the teacher UNet's weights into every part with matching names (new weights keep their init)."""
         unet_state = teacher.unet.state_dict()
         for part in self._pretrained_parts():
@@ -77,15 +79,16 @@ class _TwoEncoderNetwork(torch.nn.Module):
         return self
 
     def prepare_for_training(self):
-        """Weights normalised once per optimizer step by `project_()` rather than inside forward."""
+        """No in-place normalisation inside forward: `project_()` does it once per optimizer step, where forced."""
         disable_forward_normalization_(self)
         self.project_()
         return self
 
     @torch.no_grad()
     def project_(self):
-        """Forced weight normalisation (and weight clipping); call after every optimizer step."""
-        normalize_weights_(self)
+        """Forced weight normalisation (where the network has it) and weight clipping; call after every optimizer step."""
+        if self.force_weight_normalization:
+            normalize_weights_(self)
         for module in self.modules():
             if isinstance(module, ControlledDecoder):
                 module.clip_weights_()
@@ -106,9 +109,11 @@ class ConditionalPrecond(_TwoEncoderNetwork):
     def _pretrained_parts(self):
         return [self.ctrl, self.enc, self.dec]
 
-    def init_from_pretrained(self, teacher):
+    def init_from_pretrained(self, teacher, copy_logvar=False):
+        """The UNet parts from the teacher; the logvar head keeps its own initialisation, as published,
+        unless copy_logvar (then the teacher's trained uncertainty weights the loss from the first step)."""
         super().init_from_pretrained(teacher)
-        if hasattr(teacher, 'logvar_linear'):
+        if copy_logvar and hasattr(teacher, 'logvar_linear'):
             self.logvar_fourier.load_state_dict(teacher.logvar_fourier.state_dict())
             self.logvar_linear.load_state_dict(teacher.logvar_linear.state_dict())
         return self
@@ -125,7 +130,12 @@ class ConditionalPrecond(_TwoEncoderNetwork):
 
 @persistence.persistent_class
 class ConditionalDiscriminator(_TwoEncoderNetwork):
-    """logit(x, σ | y, σ_y) = out_conv(mean over pixels of mp_cat(ctrl features, enc features))."""
+    """logit(x, σ | y, σ_y) = out_conv(mean over pixels of mp_cat(ctrl features, enc features)).
+
+    As published, its weights are normalised inside forward only, never in place: their raw norms grow
+    during training, and the effective step size shrinks with them."""
+
+    force_weight_normalization = False
 
     def __init__(self, img_resolution, img_channels, label_dim, use_fp16=True, sigma_data=0.5,
         logvar_channels=128, **unet_kwargs,         # logvar_channels: accepted so a teacher's kwargs fit; unused

@@ -116,6 +116,7 @@ def run_training(config, teacher, dataset, encoder, dataset_kwargs, run_options)
         lr_kwargs=dict(ref_lr=config.lr, ref_batches=config.ref_batches, rampup_Mimg=config.rampup_Mimg),
         g_lr_scaling=config.g_lr_scaling, d_lr_scaling=config.d_lr_scaling, gamma=config.gamma,
         gan_warmup_nimg=int(config.gan_warmup_Kimg * 1000), ema_stds=config.ema_stds,
+        copy_teacher_logvar=bool(config.get('copy_teacher_logvar', False)),
         seed=config.get('seed', 0), batch_size=config.batch, batch_gpu=config.get('batch_gpu'),
         total_nimg=config.duration, status_nimg=config.status, snapshot_nimg=config.snapshot,
         checkpoint_nimg=config.checkpoint, loss_scaling=config.get('ls', 1.0), ts=config.ts,

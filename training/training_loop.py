@@ -64,13 +64,13 @@ class RandomState:
 
 @torch.no_grad()
 def reduce_gradients_(module, loss_scaling, force_finite=True):
-    """Sum gradients over ranks in one flat all-reduce, undo loss scaling, zero non-finite values."""
+    """Average gradients over ranks (DDP semantics) in one flat all-reduce, undo loss scaling, zero non-finite values."""
     params = [p for p in module.parameters() if p.grad is not None]
     if not params:
         return
     flat = torch.cat([p.grad.flatten() for p in params])
     dist.all_reduce_sum(flat)
-    flat.div_(loss_scaling)
+    flat.div_(loss_scaling * dist.get_world_size())
     if force_finite:
         torch.nan_to_num(flat, nan=0, posinf=0, neginf=0, out=flat)
     offset = 0
@@ -87,16 +87,17 @@ def infinite_batches(data_loader, encoder, device):
 #----------------------------------------------------------------------------
 # Set-up.
 
-def build_students(init_net, network_kwargs, device):
-    """Generator, fake score and discriminator with the architecture and weights of `init_net`
-    (an EDM2 Precond: the teacher itself, or a network fitted to an exact teacher); kwargs override."""
+def build_students(init_net, network_kwargs, device, copy_logvar=False):
+    """Generator, fake score and discriminator with the architecture and UNet weights of `init_net`
+    (an EDM2 Precond: the teacher itself, or a network fitted to an exact teacher); kwargs override.
+    copy_logvar: G and S also take its logvar head (the published code keeps theirs random)."""
     kwargs = dict(init_net.init_kwargs)
     kwargs.update(network_kwargs)
     for name in ('img_resolution', 'img_channels', 'label_dim'):
         kwargs[name] = getattr(init_net, name)
     nets = []
     for cls in (ConditionalPrecond, ConditionalPrecond, ConditionalDiscriminator):
-        net = cls(**kwargs).init_from_pretrained(init_net)
+        net = cls(**kwargs).init_from_pretrained(init_net, copy_logvar)
         nets.append(net.train().to(device).prepare_for_training())
     return nets
 
@@ -301,6 +302,7 @@ def training_loop(
     gamma               = 0.414,
     gan_warmup_nimg     = 0,
     ema_stds            = (0.050, 0.100),
+    copy_teacher_logvar = False,        # Students' logvar heads start as the teacher's (published: their own random init).
     seed                = 0,
     batch_size          = 2048,
     batch_gpu           = None,
@@ -334,7 +336,7 @@ def training_loop(
     # Networks, loss, optimizers, EMA.
     teacher = loading.prepare_frozen(teacher, device)
     torch.manual_seed(seed)                                 # The same initial weights on every rank.
-    G, S, D = build_students(teacher if init_net is None else init_net.to(device), network_kwargs, device)
+    G, S, D = build_students(teacher if init_net is None else init_net.to(device), network_kwargs, device, copy_teacher_logvar)
     loss_fn = dnnlib.util.construct_class_by_name(class_name='training.loss.NCVSDLoss', **loss_kwargs)
     optimizers = [torch.optim.Adam(net.parameters(), lr=0, **optimizer_kwargs) for net in (S, D, G)]
     ema = PowerFunctionEMA(G, stds=ema_stds)
@@ -375,7 +377,7 @@ def training_loop(
         if done:
             break
 
-        lr = learning_rate_schedule(state.cur_nimg + batch_size, batch_size, **lr_kwargs)
+        lr = learning_rate_schedule(state.cur_nimg, batch_size, **lr_kwargs)     # At the images seen before this iteration.
         try:
             iteration.run(batches, lr, use_gan=state.cur_nimg >= gan_warmup_nimg)
         except torch.cuda.OutOfMemoryError:
