@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from inverse.operators import get_operator
+from torch_utils.distributed import choose_device
 from torch_utils.misc import randn_like_from
 from inverse.pnp import pnp_gd
 from training.analytic import GaussianMixture, ExactGenerativeDenoiser, toy_teacher, mixture_metrics
@@ -30,13 +31,13 @@ def row(name, nfe, metrics):
     acc = metrics.get('class_accuracy')
     print(f'| {name:<34s} | {nfe:>4} | {metrics["tv"]:.3f} | {metrics["spread"]:.3f} | {"-" if acc is None else f"{acc:.3f}":>5} |', flush=True)
 
-def labels_for(n, label_dim):
-    return torch.eye(label_dim)[torch.arange(n) % label_dim]
+def labels_for(n, label_dim, device):
+    return torch.eye(label_dim, device=device)[torch.arange(n, device=device) % label_dim]
 
 def sample_rows(mixture, student, n, gen):
     teacher = mixture.teacher()
-    labels = labels_for(n, teacher.label_dim)
-    noise = lambda: torch.randn(n, teacher.img_channels, teacher.img_resolution, teacher.img_resolution, generator=gen)
+    labels = labels_for(n, teacher.label_dim, gen.device)
+    noise = lambda: torch.randn(n, teacher.img_channels, teacher.img_resolution, teacher.img_resolution, generator=gen, device=gen.device)
     randn_like = randn_like_from(gen)
     for steps in (2, 4, 8, 16, 32):
         row(f'(a) EDM Heun, exact teacher', 2 * steps - 1, mixture.metrics(edm_heun_sampler(teacher, noise(), labels, steps), labels))
@@ -53,7 +54,7 @@ def pnp_rows(mixture, student, images, chains, sigma_y, gen):
     """TV between chain components and exact posterior weights, averaged over measurements."""
     teacher = mixture.teacher()
     op = get_operator('box_inpainting', img_size=teacher.img_resolution, channels=teacher.img_channels)
-    labels = labels_for(images, teacher.label_dim)
+    labels = labels_for(images, teacher.label_dim, gen.device)
     truths = mixture.sample(images, labels, generator=gen)
     samplers = [('(d) PnP-GD, exact G', ExactGenerativeDenoiser(teacher))] + ([('(d) PnP-GD, student', student)] if student is not None else [])
     for name, net in samplers:
@@ -65,7 +66,7 @@ def pnp_rows(mixture, student, images, chains, sigma_y, gen):
             with torch.no_grad():
                 x = pnp_gd(net, y.expand(chains, -1, -1, -1), op, sigma_y, steps=50, generator=gen, labels=chain_labels)
             assign = teacher.component_log_posterior(x, 1e-3).argmax(dim=1)
-            freq = torch.bincount(assign, minlength=teacher.num_components).double() / chains
+            freq = torch.bincount(assign, minlength=teacher.num_components).double().cpu() / chains
             tvs.append(0.5 * float((freq - weights).abs().sum()))
             metrics = mixture_metrics(teacher, x, chain_labels)
             spreads.append(metrics['spread'])
@@ -79,13 +80,15 @@ def pnp_rows(mixture, student, images, chains, sigma_y, gen):
 @click.option('--chains', help='PnP-GD chains per measurement', type=int, default=200, show_default=True)
 @click.option('--sigma-y', help='Measurement noise', type=float, default=0.05, show_default=True)
 @click.option('--seed', type=int, default=0, show_default=True)
-def main(student, n, pnp_images, chains, sigma_y, seed):
+@click.option('--device', help='Device (default: CUDA if available, else CPU)', metavar='STR')
+def main(student, n, pnp_images, chains, sigma_y, seed, device):
     """Exact sample-quality metrics of every sampler on the toy mixture (see module docstring)."""
     torch.set_grad_enabled(False)
-    gen = torch.Generator().manual_seed(seed)
-    mixture = GaussianMixture.from_teacher(toy_teacher())
-    net = load_network_data(student, verbose=False)['ema'].eval() if student else None
-    print(f'Toy mixture: {mixture.module.num_components} components, 16x16x3, std {float(mixture.module.stds[0]):.2f}; {n} samples per row '
+    device, _note = choose_device(device)
+    gen = torch.Generator(device).manual_seed(seed)
+    mixture = GaussianMixture.from_teacher(toy_teacher().to(device))
+    net = load_network_data(student, verbose=False)['ema'].float().eval().to(device) if student else None
+    print(f'Toy mixture on {device}: {mixture.module.num_components} components, 16x16x3, std {float(mixture.module.stds[0]):.2f}; {n} samples per row '
         f'(rows (a, b) show the sampling error of exact samplers); PnP-GD: {pnp_images} measurements x {chains} chains, sigma_y {sigma_y}.')
     print('| sampler                            |  NFE |   TV  | spread | class acc |')
     print('| --- | --- | --- | --- | --- |')

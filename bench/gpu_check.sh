@@ -5,7 +5,7 @@
 #      match the CPU run's (class accuracy >= 0.95, TV <= 0.15);
 #   3. a 2 kimg float16 run of a random teacher of the EDM2 img64-s architecture from a zip with 4 data
 #      workers, killed after its first checkpoint and resumed to the end;
-#   4. generate_images.py from that run's snapshot;
+#   4. bench/exact.py with the toy student, generate_images.py from the img64-s run's snapshot;
 #   5. bench/train_step.py and bench/sample.py at bench-s64 (ms/iter, img/s, peak memory).
 # Usage: bash bench/gpu_check.sh   (WORK=DIR keeps the artifacts there; default: a temporary folder)
 # The last line is "GPU check: PASS" or "GPU check: FAIL (<what failed>)".
@@ -56,6 +56,7 @@ echo "artifacts in $WORK"
 step "CUDA tests" python -m pytest -q tests -k cuda -p no:cacheprovider
 step "toy on CUDA" toy_on_cuda
 step "img64-s fp16 run, killed and resumed" killed_and_resumed
+step "bench/exact.py on CUDA" python bench/exact.py --student="$WORK/toy/network-snapshot-0000016-0.100.pkl" --n=500 --pnp-images=1 --chains=50 --device=cuda
 step "generate_images.py" python generate_images.py --net="$WORK/s64/network-snapshot-0000002-0.100.pkl" --ts=10,22,39 \
     --outdir="$WORK/generated" --seeds=0-15 --grid="$WORK/generated.png"
 step "bench/train_step.py" python bench/train_step.py --preset=bench-s64 --batch=64 --iters=6 --warmup=2

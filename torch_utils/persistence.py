@@ -1,9 +1,9 @@
 """Pickles that carry the source code of their classes (EDM2's persistence format, version 6).
 
-A class decorated with @persistent_class pickles each instance as
-`_reconstruct_persistent_obj(meta)`, where `meta` holds the text of the whole module that defined
-the class, the class name and the instance state. Loading such a pickle runs that module text in a
-fresh module, so a snapshot keeps working after the code in the repository changes.
+A class decorated with @persistent_class pickles each instance as `_reconstruct_persistent_obj(meta)`,
+meta = dict(type='class', version=6, module_src=<text of the defining module>, class_name, state).
+Unpickling runs that text in a fresh module (one per distinct text), so a snapshot keeps working after
+the code in the repository changes, and EDM2's own pickles load here.
 """
 
 import copy
@@ -16,31 +16,31 @@ import uuid
 
 import dnnlib
 
-_version = 6                # The format version written by EDM2; kept so EDM2 tools read our pickles.
-_decorators = set()         # Every class produced by persistent_class().
-_import_hooks = []          # Callables applied to `meta` before reconstruction.
-_module_to_src_dict = {}    # Module -> its source text.
-_src_to_module_dict = {}    # Source text -> the module made from it (one module per distinct text).
+FORMAT_VERSION = 6
+_persistent_classes = set()     # Every class made by persistent_class().
+_hooks = []                     # hook(meta) -> meta, applied before reconstruction.
+_source_of_module = {}          # module -> its text
+_module_of_source = {}          # text -> the module made from it
 
-def persistent_class(orig_class):
-    """Class decorator: instances remember their constructor arguments and pickle with their source."""
-    assert isinstance(orig_class, type)
-    if orig_class in _decorators:
-        return orig_class
-    orig_module = sys.modules[orig_class.__module__]
-    orig_module_src = _module_to_src(orig_module)
+def persistent_class(cls):
+    """Class decorator: instances keep their constructor arguments (init_args, init_kwargs) and pickle
+    together with the source of their module."""
+    assert isinstance(cls, type)
+    if cls in _persistent_classes:
+        return cls
+    module = sys.modules[cls.__module__]
+    source = _source(module)
 
-    class Decorator(orig_class):
-        _orig_module_src = orig_module_src
-        _orig_class_name = orig_class.__name__
+    class Persistent(cls):
+        _persistent_source = source                 # Read through the instance: the most derived class wins.
+        _persistent_name = cls.__name__
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            # The outermost decorated class sets these last, so they hold its own arguments.
+            # EDM2's attribute names: its pickles restore them, and the outermost class writes them last.
             self._init_args = copy.deepcopy(args)
             self._init_kwargs = copy.deepcopy(kwargs)
-            assert orig_class.__name__ in orig_module.__dict__
-            _check_pickleable(self.__reduce__())
+            _assert_pickleable(self.__reduce__())
 
         @property
         def init_args(self):
@@ -52,86 +52,75 @@ def persistent_class(orig_class):
 
         def __reduce__(self):
             fields = list(super().__reduce__())
-            fields += [None] * max(3 - len(fields), 0)
-            if fields[0] is not _reconstruct_persistent_obj:
-                meta = dict(type='class', version=_version, module_src=self._orig_module_src,
-                    class_name=self._orig_class_name, state=fields[2])
-                fields[:3] = [_reconstruct_persistent_obj, (meta,), None]
-            return tuple(fields)
+            if fields[0] is _reconstruct_persistent_obj:         # A persistent base class has done it.
+                return tuple(fields)
+            fields += [None] * (3 - len(fields))
+            meta = dict(type='class', version=FORMAT_VERSION, module_src=self._persistent_source,
+                class_name=self._persistent_name, state=fields[2])
+            return (_reconstruct_persistent_obj, (meta,), None, *fields[3:])
 
-    Decorator.__name__ = orig_class.__name__
-    Decorator.__qualname__ = orig_class.__qualname__
-    Decorator.__module__ = orig_class.__module__
-    _decorators.add(Decorator)
-    return Decorator
+    for attr in ('__name__', '__qualname__', '__module__'):
+        setattr(Persistent, attr, getattr(cls, attr))
+    _persistent_classes.add(Persistent)
+    return Persistent
 
 def is_persistent(obj):
     """True for a persistent class or an instance of one."""
-    try:
-        if obj in _decorators:
-            return True
-    except TypeError:
-        pass
-    return type(obj) in _decorators
+    return type(obj) in _persistent_classes or (isinstance(obj, type) and obj in _persistent_classes)
 
 def import_hook(hook):
-    """Register hook(meta) -> meta, run on every persistent object being unpickled (e.g. to patch old source)."""
+    """Register hook(meta) -> meta, applied to every persistent object being unpickled (e.g. to patch old source)."""
     assert callable(hook)
-    _import_hooks.append(hook)
+    _hooks.append(hook)
 
 def _reconstruct_persistent_obj(meta):
-    """Unpickling entry point named inside every persistent pickle."""
-    meta = dnnlib.EasyDict(meta)
-    meta.state = dnnlib.EasyDict(meta.state)
-    for hook in _import_hooks:
+    """The function every persistent pickle calls on loading."""
+    meta = dnnlib.EasyDict(meta, state=dnnlib.EasyDict(meta['state']))
+    for hook in _hooks:
         meta = hook(meta)
-        assert meta is not None
-    if meta.version != _version:
-        raise pickle.UnpicklingError(f'persistent object of format version {meta.version}; this code reads version {_version}')
+        assert meta is not None, 'an import hook must return the meta it was given'
+    if meta.version != FORMAT_VERSION:
+        raise pickle.UnpicklingError(f'persistent object of format version {meta.version}; this code reads version {FORMAT_VERSION}')
     if meta.type != 'class':
         raise pickle.UnpicklingError(f'unknown persistent object type "{meta.type}"')
-    module = _src_to_module(meta.module_src)
-    decorator_class = persistent_class(module.__dict__[meta.class_name])
-    obj = decorator_class.__new__(decorator_class)
-    setstate = getattr(obj, '__setstate__', None)
-    if callable(setstate):
-        setstate(meta.state)
+    cls = persistent_class(_module_from_source(meta.module_src).__dict__[meta.class_name])
+    instance = cls.__new__(cls)
+    if callable(getattr(instance, '__setstate__', None)):
+        instance.__setstate__(meta.state)
     else:
-        obj.__dict__.update(meta.state)
-    return obj
+        instance.__dict__.update(meta.state)
+    return instance
 
-def _module_to_src(module):
-    src = _module_to_src_dict.get(module, None)
-    if src is None:
-        src = inspect.getsource(module)
-        _module_to_src_dict[module] = src
-        _src_to_module_dict[src] = module
-    return src
+def _source(module):
+    if module not in _source_of_module:
+        text = inspect.getsource(module)
+        _source_of_module[module] = text
+        _module_of_source[text] = module
+    return _source_of_module[module]
 
-def _src_to_module(src):
-    module = _src_to_module_dict.get(src, None)
-    if module is None:
-        module_name = '_imported_module_' + uuid.uuid4().hex
-        module = types.ModuleType(module_name)
-        sys.modules[module_name] = module
-        _module_to_src_dict[module] = src
-        _src_to_module_dict[src] = module
-        exec(src, module.__dict__)
-    return module
+def _module_from_source(text):
+    """The module built from `text`, executed once per distinct text under a unique name."""
+    if text not in _module_of_source:
+        module = types.ModuleType(f'_imported_module_{uuid.uuid4().hex}')
+        sys.modules[module.__name__] = module
+        _source_of_module[module] = text
+        _module_of_source[text] = module
+        exec(text, module.__dict__)
+    return _module_of_source[text]
 
-def _check_pickleable(obj):
-    """Fail early, at construction, if the object could not be saved in a snapshot."""
-    def strip(value):
+_PLAIN = (str, int, float, bool, bytes, bytearray, type(None))
+
+def _assert_pickleable(reduced):
+    """Fail at construction, not at the first snapshot, when an instance could not be pickled.
+    Tensors, arrays, plain values and other persistent objects are known to pickle and are left out."""
+    def leftovers(value):
         if isinstance(value, (list, tuple, set)):
-            return [strip(x) for x in value]
+            return [leftovers(item) for item in value]
         if isinstance(value, dict):
-            return [[strip(k), strip(v)] for k, v in value.items()]
-        if isinstance(value, (str, int, float, bool, bytes, bytearray)) or value is None:
+            return [[leftovers(key), leftovers(item)] for key, item in value.items()]
+        if isinstance(value, _PLAIN) or is_persistent(value):
             return None
-        if f'{type(value).__module__}.{type(value).__name__}' in ('numpy.ndarray', 'torch.Tensor', 'torch.nn.parameter.Parameter'):
-            return None
-        if is_persistent(value):
+        if type(value).__module__ in ('numpy', 'torch', 'torch.nn.parameter') and type(value).__name__ in ('ndarray', 'Tensor', 'Parameter'):
             return None
         return value
-    with io.BytesIO() as f:
-        pickle.dump(strip(obj), f)
+    pickle.dump(leftovers(reduced), io.BytesIO())

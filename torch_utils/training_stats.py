@@ -1,121 +1,107 @@
-"""Scalar statistics reported from anywhere during training, averaged across ranks on demand."""
+"""Scalars reported from anywhere during training (losses, timings), averaged across ranks when collected.
+
+    training_stats.report('Loss/score', loss)          # any rank, any device, any number of values
+    collector = training_stats.Collector('Loss/.*')
+    collector.update(); collector.mean('Loss/score')
+"""
 
 import re
 
 import numpy as np
 import torch
 
-_num_moments = 3            # [count, sum, sum of squares]
-_reduce_dtype = torch.float64
-_counter_dtype = torch.float64
-_rank = 0
-_sync_device = None
-_sync_called = False
-_counters = dict()          # name -> device -> [count, sum, sumsq] accumulated since the last collect
-_cumulative = dict()        # name -> [count, sum, sumsq] since the beginning
+_state = dict(rank=0, sync_device=None, synced=False)
+_pending = {}           # name -> {device: float64 [count, sum, sum of squares]} reported since the last sync
+_totals = {}            # name -> float64 [count, sum, sum of squares] on the CPU, since the start
 
 def init_multiprocessing(rank, sync_device):
-    """Set the rank and the device used to all-reduce statistics (None: the CPU, for gloo)."""
-    global _rank, _sync_device
-    assert not _sync_called
-    _rank = rank
-    _sync_device = sync_device
+    """This process's rank, and the device the all-reduce runs on (None: the CPU, for gloo)."""
+    assert not _state['synced'], 'init_multiprocessing() must come before the first collection'
+    _state.update(rank=rank, sync_device=sync_device)
+
+def _moments(values):
+    flat = torch.as_tensor(values).detach().reshape(-1).to(torch.float64)
+    return torch.stack([torch.ones_like(flat).sum(), flat.sum(), flat.square().sum()])
 
 def report(name, value):
-    """Record a scalar or a tensor of values under `name`; returns `value` unchanged."""
-    if name not in _counters:
-        _counters[name] = dict()
-    elems = torch.as_tensor(value)
-    if elems.numel() == 0:
-        return value
-    elems = elems.detach().flatten().to(_reduce_dtype)
-    moments = torch.stack([torch.ones_like(elems).sum(), elems.sum(), elems.square().sum()])
-    device = moments.device
-    if device not in _counters[name]:
-        _counters[name][device] = torch.zeros_like(moments)
-    _counters[name][device].add_(moments)
+    """Add the values of `value` (a scalar or a tensor) to the statistic `name`; returns `value`."""
+    per_device = _pending.setdefault(name, {})
+    if torch.as_tensor(value).numel() > 0:
+        moments = _moments(value)
+        if moments.device in per_device:
+            per_device[moments.device] += moments
+        else:
+            per_device[moments.device] = moments
     return value
 
 def report0(name, value):
-    """report() on rank 0 only (others still take part in collection)."""
-    report(name, value if _rank == 0 else [])
-    return value
+    """report() from rank 0 only; the other ranks still register the name, so collections stay in step."""
+    return report(name, value if _state['rank'] == 0 else [])
+
+def _sync(names):
+    """Fold the pending moments of `names`, summed over ranks, into the totals; returns {name: totals}."""
+    if not names:
+        return {}
+    _state['synced'] = True
+    device = _state['sync_device'] or torch.device('cpu')
+    pending = torch.zeros([len(names), 3], dtype=torch.float64, device=device)
+    for row, name in enumerate(names):
+        for moments in _pending[name].values():
+            pending[row] += moments.to(device)
+        _pending[name].clear()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(pending)
+    for name, moments in zip(names, pending.cpu()):
+        _totals[name] = _totals.get(name, torch.zeros(3, dtype=torch.float64)) + moments
+    return {name: _totals[name] for name in names}
 
 class Collector:
-    """Averages of the reported statistics whose names match `regex`, since the last update()."""
+    """Means and standard deviations of the statistics matching `regex`, over the interval between the
+    last two update() calls (keep_previous: a statistic not reported since keeps its last interval)."""
 
     def __init__(self, regex='.*', keep_previous=True):
-        self._regex = re.compile(regex)
+        self._pattern = re.compile(regex)
         self._keep_previous = keep_previous
-        self._cumulative = dict()
-        self._moments = dict()
+        self._seen = {}          # name -> totals at the last update
+        self._interval = {}      # name -> moments of the last interval
         self.update()
-        self._moments.clear()
+        self._interval.clear()
 
     def names(self):
-        return [name for name in _counters if self._regex.fullmatch(name)]
+        return [name for name in _pending if self._pattern.fullmatch(name)]
 
     def update(self):
+        """Collect (an all-reduce under torchrun: every rank must call it)."""
         if not self._keep_previous:
-            self._moments.clear()
-        for name, cumulative in _sync(self.names()):
-            if name not in self._cumulative:
-                self._cumulative[name] = torch.zeros([_num_moments], dtype=_counter_dtype)
-            delta = cumulative - self._cumulative[name]
-            self._cumulative[name].copy_(cumulative)
-            if float(delta[0]) != 0:
-                self._moments[name] = delta
+            self._interval.clear()
+        for name, totals in _sync(self.names()).items():
+            delta = totals - self._seen.get(name, torch.zeros_like(totals))
+            self._seen[name] = totals.clone()
+            if delta[0] != 0:
+                self._interval[name] = delta
 
-    def _get_delta(self, name):
-        assert self._regex.fullmatch(name)
-        if name not in self._moments:
-            self._moments[name] = torch.zeros([_num_moments], dtype=_counter_dtype)
-        return self._moments[name]
+    def _get(self, name):
+        assert self._pattern.fullmatch(name), name
+        return self._interval.get(name, torch.zeros(3, dtype=torch.float64))
 
     def num(self, name):
-        return int(self._get_delta(name)[0])
+        return int(self._get(name)[0])
 
     def mean(self, name):
-        delta = self._get_delta(name)
-        return float('nan') if int(delta[0]) == 0 else float(delta[1] / delta[0])
+        count, total, _squares = self._get(name).tolist()
+        return total / count if count else float('nan')
 
     def std(self, name):
-        delta = self._get_delta(name)
-        if int(delta[0]) == 0 or not np.isfinite(float(delta[1])):
+        count, total, squares = self._get(name).tolist()
+        if not count or not np.isfinite(total):
             return float('nan')
-        mean = float(delta[1] / delta[0])
-        raw_var = float(delta[2] / delta[0])
-        return np.sqrt(max(raw_var - np.square(mean), 0))
+        return float(np.sqrt(max(squares / count - (total / count) ** 2, 0)))
 
     def as_dict(self):
-        """{name: {num, mean, std}} for every statistic reported since the last update (the stats.jsonl record)."""
-        return {name: dict(num=self.num(name), mean=self.mean(name), std=self.std(name)) for name in self.names() if self.num(name) > 0}
+        """{name: {num, mean, std}} of the last interval (a stats.jsonl record)."""
+        return {name: dict(num=self.num(name), mean=self.mean(name), std=self.std(name)) for name in self.names() if self.num(name)}
 
     def __getitem__(self, name):
         return self.mean(name)
-
-def _sync(names):
-    """All-reduce the pending counters of `names` and fold them into the cumulative totals."""
-    global _sync_called
-    if len(names) == 0:
-        return []
-    _sync_called = True
-    deltas = []
-    device = _sync_device if _sync_device is not None else torch.device('cpu')
-    for name in names:
-        delta = torch.zeros([_num_moments], dtype=_counter_dtype, device=device)
-        for counter in _counters[name].values():
-            delta.add_(counter.to(device))
-            counter.copy_(torch.zeros_like(counter))
-        deltas.append(delta)
-    deltas = torch.stack(deltas)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(deltas)
-    deltas = deltas.cpu()
-    for idx, name in enumerate(names):
-        if name not in _cumulative:
-            _cumulative[name] = torch.zeros([_num_moments], dtype=_counter_dtype)
-        _cumulative[name].add_(deltas[idx])
-    return [(name, _cumulative[name]) for name in names]
 
 default_collector = Collector(keep_previous=False)
