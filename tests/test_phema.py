@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import scipy.integrate
 
-from training.phema import exp_to_std, std_to_exp, power_function_correlation, solve_posthoc_coefficients, PowerFunctionEMA
+from training.phema import exp_to_std, std_to_exp, profile_overlap, solve_posthoc_coefficients, PowerFunctionEMA
 
 def test_std_exp_inverse():
     for std in (0.01, 0.05, 0.1, 0.2):
@@ -14,7 +14,7 @@ def test_correlation_matches_numerical_integral():
         return np.where(t <= ofs, (exp + 1) * t ** exp / ofs ** (exp + 1), 0)
     for (a_ofs, a_std, b_ofs, b_std) in [(100, 0.05, 100, 0.1), (60, 0.1, 100, 0.05), (100, 0.03, 40, 0.15)]:
         numeric = scipy.integrate.quad(lambda t: profile(t, a_ofs, a_std) * profile(t, b_ofs, b_std), 0, max(a_ofs, b_ofs), limit=200)[0]
-        assert float(power_function_correlation(a_ofs, a_std, b_ofs, b_std)) == pytest.approx(numeric, rel=1e-5)
+        assert float(profile_overlap(a_ofs, a_std, b_ofs, b_std)) == pytest.approx(numeric, rel=1e-5)
 
 def test_reconstruction_of_a_saved_profile_is_that_profile():
     in_ofs = np.array([50, 50, 100, 100], dtype=float)

@@ -1,59 +1,58 @@
-"""Tensor helpers used by the networks, the training loop and EDM2's embedded sources."""
+"""Tensor helpers used by the networks, the training loop and EDM2's embedded sources (misc.const_like)."""
 
 import numpy as np
 import torch
 
-_constant_cache = dict()
+_constants = {}         # (value bytes, dtype, shape, ...) -> tensor
 
 def constant(value, shape=None, dtype=None, device=None, memory_format=None):
-    """A cached constant tensor, so that e.g. resampling filters are not rebuilt at every call."""
-    value = np.asarray(value)
-    if shape is not None:
-        shape = tuple(shape)
-    dtype = torch.get_default_dtype() if dtype is None else dtype
-    device = torch.device('cpu') if device is None else torch.device(device)
-    memory_format = torch.contiguous_format if memory_format is None else memory_format
-    key = (value.shape, value.dtype, value.tobytes(), shape, dtype, device, memory_format)
-    tensor = _constant_cache.get(key, None)
-    if tensor is None:
-        tensor = torch.as_tensor(value.copy(), dtype=dtype, device=device)
+    """A tensor of `value` (broadcast to `shape`), built once per distinct request and then reused,
+    so that e.g. resampling filters are not rebuilt at every call."""
+    array = np.asarray(value)
+    dtype = dtype if dtype is not None else torch.get_default_dtype()
+    device = torch.device(device if device is not None else 'cpu')
+    memory_format = memory_format if memory_format is not None else torch.contiguous_format
+    shape = None if shape is None else tuple(shape)
+    key = (array.tobytes(), array.shape, array.dtype, shape, dtype, device, memory_format)
+    if key not in _constants:
+        made = torch.as_tensor(array.copy(), dtype=dtype, device=device)
         if shape is not None:
-            tensor, _ = torch.broadcast_tensors(tensor, torch.empty(shape))
-        tensor = tensor.contiguous(memory_format=memory_format)
-        _constant_cache[key] = tensor
-    return tensor
+            made = made.expand(shape)
+        _constants[key] = made.contiguous(memory_format=memory_format)
+    return _constants[key]
 
 def const_like(ref, value, shape=None, dtype=None, device=None, memory_format=None):
-    """constant() with dtype and device taken from `ref` unless given."""
-    dtype = ref.dtype if dtype is None else dtype
-    device = ref.device if device is None else device
-    return constant(value, shape=shape, dtype=dtype, device=device, memory_format=memory_format)
+    """constant() on the dtype and device of `ref`, unless given."""
+    return constant(value, shape=shape, dtype=ref.dtype if dtype is None else dtype,
+        device=ref.device if device is None else device, memory_format=memory_format)
 
 class InfiniteSampler(torch.utils.data.Sampler):
-    """Endless shuffled index stream, split across ranks; `start_idx` resumes mid-stream."""
+    """An endless stream of dataset indices, reshuffled every epoch (seeded by (seed, epoch)); rank r of
+    W takes every W-th position, and `start_idx` resumes the stream mid-way."""
 
     def __init__(self, dataset, rank=0, num_replicas=1, shuffle=True, seed=0, start_idx=0):
         assert len(dataset) > 0 and num_replicas > 0 and 0 <= rank < num_replicas
         super().__init__()
-        self.dataset_size = len(dataset)
-        self.rank = rank
-        self.num_replicas = num_replicas
-        self.shuffle = shuffle
-        self.seed = seed
-        self.start_idx = start_idx
+        self.size = len(dataset)
+        self.rank, self.world = rank, num_replicas
+        self.shuffle, self.seed, self.start_idx = shuffle, seed, start_idx
+
+    def epoch_order(self, epoch):
+        order = np.arange(self.size)
+        if self.shuffle:
+            np.random.RandomState(hash((self.seed, epoch)) % (1 << 31)).shuffle(order)
+        return order
 
     def __iter__(self):
-        idx = self.start_idx
-        epoch = None
+        position = self.start_idx - (self.start_idx - self.rank) % self.world   # Last position of ours at or before start.
+        position += self.world if position < self.start_idx else 0
+        epoch, order = None, None
         while True:
-            if epoch != idx // self.dataset_size:
-                epoch = idx // self.dataset_size
-                order = np.arange(self.dataset_size)
-                if self.shuffle:
-                    np.random.RandomState(hash((self.seed, epoch)) % (1 << 31)).shuffle(order)
-            if idx % self.num_replicas == self.rank:
-                yield int(order[idx % self.dataset_size])
-            idx += 1
+            if position // self.size != epoch:
+                epoch = position // self.size
+                order = self.epoch_order(epoch)
+            yield int(order[position % self.size])
+            position += self.world
 
 def draw_device(generator, device):
     """Where a draw from `generator` happens: torch requires the generator's own device."""
@@ -65,17 +64,8 @@ def randn_like_from(generator=None):
         return torch.randn_like
     return lambda x: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
-def params_and_buffers(module):
-    assert isinstance(module, torch.nn.Module)
-    return list(module.parameters()) + list(module.buffers())
-
-def named_params_and_buffers(module):
-    assert isinstance(module, torch.nn.Module)
-    return list(module.named_parameters()) + list(module.named_buffers())
-
 def tile_images(x, w, h):
     """[N, C, H, W] -> one [C, h*H, w*W] grid, row-major."""
-    assert x.ndim == 4
-    N, C, H, W = x.shape
-    assert N == w * h
-    return x.reshape(h, w, C, H, W).permute(2, 0, 3, 1, 4).reshape(C, h * H, w * W)
+    count, channels, height, width = x.shape
+    assert count == w * h
+    return x.reshape(h, w, channels, height, width).permute(2, 0, 3, 1, 4).reshape(channels, h * height, width * w)

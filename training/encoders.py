@@ -15,7 +15,13 @@ import dnnlib
 from dnnlib.util import UserError
 from torch_utils import persistence
 
+def pixels_from_unit(x):
+    """[-1, 1] -> uint8 pixels (rounded to nearest)."""
+    return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
 class Encoder:
+    """Dataset items -> network space (encode = encode_latents ∘ encode_pixels) and back to uint8 (decode)."""
+
     def init(self, device):
         pass
 
@@ -23,29 +29,32 @@ class Encoder:
         return self.__dict__
 
     def encode(self, x):
-        """Dataset items -> training space."""
         return self.encode_latents(self.encode_pixels(x))
 
     def encode_pixels(self, x):
+        """uint8 pixels -> what a dataset stores (the pixels, or VAE latent statistics)."""
         raise NotImplementedError
 
     def encode_latents(self, x):
+        """What a dataset stores -> network space."""
         raise NotImplementedError
 
     def decode(self, x):
-        """Training space -> uint8 pixels."""
+        """Network space -> uint8 pixels."""
         raise NotImplementedError
 
 @persistence.persistent_class
 class StandardRGBEncoder(Encoder):
-    def encode_pixels(self, x):                 # uint8 -> the same values as float32
+    """Pixels in [0, 255] <-> [-1, 1]."""
+
+    def encode_pixels(self, x):
         return x
 
-    def encode_latents(self, x):                # [0, 255] -> [-1, 1]
+    def encode_latents(self, x):
         return x.to(torch.float32) / 127.5 - 1
 
-    def decode(self, x):                        # [-1, 1] -> uint8
-        return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
+    def decode(self, x):
+        return pixels_from_unit(x)
 
 @persistence.persistent_class
 class IdentityEncoder(Encoder):
@@ -58,52 +67,51 @@ class IdentityEncoder(Encoder):
         return x.to(torch.float32)
 
     def decode(self, x):
-        return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
+        return pixels_from_unit(x)
 
 @persistence.persistent_class
 class StabilityVAEEncoder(Encoder):
-    """SD VAE (diffusers AutoencoderKL, from a hub name or a local folder); latents scaled to std ≈ 0.5."""
+    """SD VAE (diffusers AutoencoderKL, from a hub name or a local folder); latents scaled to std ≈ 0.5.
+
+    The raw statistics are per latent channel, measured on ImageNet-512 (EDM2's values)."""
 
     def __init__(self, vae_name='stabilityai/sd-vae-ft-mse', raw_mean=[5.81, 3.25, 0.12, -2.15],
         raw_std=[4.17, 4.62, 3.71, 3.28], final_mean=0, final_std=0.5, batch_size=8,
     ):
         self.vae_name = vae_name
-        self.scale = np.float32(final_std) / np.float32(raw_std)
-        self.bias = np.float32(final_mean) - np.float32(raw_mean) * self.scale
+        self.scale = np.float32(final_std) / np.asarray(raw_std, dtype=np.float32)              # latent = raw·scale + bias
+        self.bias = np.float32(final_mean) - np.asarray(raw_mean, dtype=np.float32) * self.scale
         self.batch_size = int(batch_size)
         self._vae = None
 
     def init(self, device):
         if self._vae is None:
             self._vae = load_stability_vae(self.vae_name, device=device)
-        else:
-            self._vae.to(device)
+        self._vae.to(device)
 
     def __getstate__(self):
         return dict(self.__dict__, _vae=None)
 
-    def _run_vae(self, fn, x):
-        return torch.cat([fn(batch) for batch in x.split(self.batch_size)])
+    def _in_batches(self, fn, x):
+        return torch.cat([fn(chunk) for chunk in x.split(self.batch_size)])
 
-    def encode_pixels(self, x):                 # uint8 [N, 3, H, W] -> raw latent mean and std [N, 8, H/8, W/8]
+    def encode_pixels(self, x):
+        """uint8 [N, 3, H, W] -> the VAE posterior's mean and std, [N, 8, H/8, W/8]."""
         self.init(x.device)
-        x = x.to(torch.float32) / 127.5 - 1
-        def encode(batch):
-            dist = self._vae.encode(batch)['latent_dist']
-            return torch.cat([dist.mean, dist.std], dim=1)
-        return self._run_vae(encode, x)
+        def moments(chunk):
+            posterior = self._vae.encode(chunk)['latent_dist']
+            return torch.cat([posterior.mean, posterior.std], dim=1)
+        return self._in_batches(moments, x.to(torch.float32) / 127.5 - 1)
 
-    def encode_latents(self, x):                # raw mean/std -> a sample, scaled
+    def encode_latents(self, x):
+        """Mean and std -> one scaled latent sample."""
         mean, std = x.to(torch.float32).chunk(2, dim=1)
-        x = mean + torch.randn_like(mean) * std
-        return x * _channel_vector(self.scale, x) + _channel_vector(self.bias, x)
+        return (mean + torch.randn_like(mean) * std) * _channel_vector(self.scale, mean) + _channel_vector(self.bias, mean)
 
-    def decode(self, x):                        # scaled latents -> uint8 pixels
+    def decode(self, x):
         self.init(x.device)
-        x = x.to(torch.float32)
-        x = (x - _channel_vector(self.bias, x)) / _channel_vector(self.scale, x)
-        x = self._run_vae(lambda batch: self._vae.decode(batch)['sample'], x)
-        return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)      # the VAE decodes to [-1, 1]
+        raw = (x.to(torch.float32) - _channel_vector(self.bias, x)) / _channel_vector(self.scale, x)
+        return pixels_from_unit(self._in_batches(lambda chunk: self._vae.decode(chunk)['sample'], raw))    # VAE output in [-1, 1]
 
 def _channel_vector(values, ref):
     return torch.as_tensor(values, dtype=torch.float32, device=ref.device).reshape(1, -1, 1, 1)

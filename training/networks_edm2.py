@@ -140,15 +140,10 @@ class Block(torch.nn.Module):
         attn_balance=0.3, clip_act=256,
     ):
         super().__init__()
-        self.out_channels = out_channels
-        self.flavor = flavor
-        self.resample_filter = resample_filter
-        self.resample_mode = resample_mode
-        self.num_heads = out_channels // channels_per_head if attention else 0
-        self.dropout = dropout
-        self.res_balance = res_balance
-        self.attn_balance = attn_balance
-        self.clip_act = clip_act
+        self.flavor, self.out_channels, self.clip_act, self.dropout = flavor, out_channels, clip_act, dropout
+        self.resample_mode, self.resample_filter = resample_mode, resample_filter
+        self.num_heads = out_channels // channels_per_head if attention else 0           # 0: no attention layer
+        self.res_balance, self.attn_balance = res_balance, attn_balance                  # mp_sum weights of the branches
         self.emb_gain = torch.nn.Parameter(torch.zeros([]))
         self.conv_res0 = MPConv(out_channels if flavor == 'enc' else in_channels, out_channels, kernel=[3, 3])
         self.emb_linear = MPConv(emb_channels, out_channels, kernel=[])
@@ -206,27 +201,27 @@ def unet_layout(img_resolution, img_channels, model_channels=192, channel_mult=[
     enc = []
     cout = img_channels + 1
     for level, channels in enumerate(widths):
-        res = img_resolution >> level
+        res = img_resolution // 2 ** level
         if level == 0:
             enc.append((f'{res}x{res}_conv', 'conv', dict(in_channels=cout, out_channels=channels)))
             cout = channels
         else:
             enc.append((f'{res}x{res}_down', 'block', dict(in_channels=cout, out_channels=cout, flavor='enc', resample_mode='down')))
-        for idx in range(num_blocks):
-            enc.append((f'{res}x{res}_block{idx}', 'block', dict(in_channels=cout, out_channels=channels, flavor='enc', attention=(res in attn_resolutions))))
+        for block in range(num_blocks):
+            enc.append((f'{res}x{res}_block{block}', 'block', dict(in_channels=cout, out_channels=channels, flavor='enc', attention=(res in attn_resolutions))))
             cout = channels
 
     dec = []
     skips = [spec[2]['out_channels'] for spec in enc]
     for level, channels in reversed(list(enumerate(widths))):
-        res = img_resolution >> level
+        res = img_resolution // 2 ** level
         if level == len(widths) - 1:
             dec.append((f'{res}x{res}_in0', 'block', dict(in_channels=cout, out_channels=cout, flavor='dec', attention=True)))
             dec.append((f'{res}x{res}_in1', 'block', dict(in_channels=cout, out_channels=cout, flavor='dec')))
         else:
             dec.append((f'{res}x{res}_up', 'block', dict(in_channels=cout, out_channels=cout, flavor='dec', resample_mode='up')))
-        for idx in range(num_blocks + 1):
-            dec.append((f'{res}x{res}_block{idx}', 'block', dict(in_channels=cout + skips.pop(), out_channels=channels, flavor='dec', attention=(res in attn_resolutions))))
+        for block in range(num_blocks + 1):
+            dec.append((f'{res}x{res}_block{block}', 'block', dict(in_channels=cout + skips.pop(), out_channels=channels, flavor='dec', attention=(res in attn_resolutions))))
             cout = channels
     return enc, dec, cout
 
@@ -246,8 +241,7 @@ class UNet(torch.nn.Module):
         widths = [model_channels * mult for mult in channel_mult]
         noise_channels = model_channels * channel_mult_noise if channel_mult_noise is not None else widths[0]
         emb_channels = model_channels * channel_mult_emb if channel_mult_emb is not None else max(widths)
-        self.label_balance = label_balance
-        self.concat_balance = concat_balance
+        self.label_balance, self.concat_balance = label_balance, concat_balance        # mp_sum / mp_cat weights
         enc_specs, dec_specs, final_channels = unet_layout(img_resolution, img_channels, model_channels,
             channel_mult, num_blocks, attn_resolutions)
         self.num_skips = len(enc_specs)
@@ -337,12 +331,9 @@ class Precond(torch.nn.Module):
         logvar_channels=128, **unet_kwargs,
     ):
         super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
-        self.sigma_data = sigma_data
-        self.unet = UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **unet_kwargs)
+        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        self.use_fp16, self.sigma_data = use_fp16, sigma_data
+        self.unet = UNet(img_resolution, img_channels, label_dim, **unet_kwargs)
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
 

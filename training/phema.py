@@ -24,37 +24,40 @@ def std_to_exp(std):
     exps = [np.roots([1, 7, 16 - v, 12 - v]).real.max() for v in inv_var]
     return np.float64(exps).reshape(std.shape)
 
-def power_function_beta(std, t_next, t_delta):
-    """EMA decay for a step of t_delta images ending at t_next."""
-    return (1 - t_delta / t_next) ** (std_to_exp(std) + 1)
+def ema_decay(std, cur_nimg, step_nimg):
+    """Decay β of the power-function EMA for a step of step_nimg images that ends at cur_nimg."""
+    return (1 - step_nimg / cur_nimg) ** (std_to_exp(std) + 1)
 
 class PowerFunctionEMA:
-    """One EMA copy of `net` per relative std; buffers follow the live network."""
+    """One averaged copy of `net` per relative std; the copies' buffers are refreshed from the live network."""
 
     def __init__(self, net, stds=(0.050, 0.100)):
         self.net = net
         self.stds = list(stds)
         self.emas = [copy.deepcopy(net).eval().requires_grad_(False) for _std in self.stds]
 
+    def _pairs(self, ema, what='parameters'):
+        return zip(getattr(self.net, what)(), getattr(ema, what)())
+
     @torch.no_grad()
     def reset(self):
         for ema in self.emas:
-            for p_net, p_ema in zip(self.net.parameters(), ema.parameters()):
-                p_ema.copy_(p_net)
+            for live, average in self._pairs(ema):
+                average.copy_(live)
 
     @torch.no_grad()
     def update(self, cur_nimg, batch_size):
         for std, ema in zip(self.stds, self.emas):
-            beta = float(power_function_beta(std=std, t_next=cur_nimg, t_delta=batch_size))
-            for p_net, p_ema in zip(self.net.parameters(), ema.parameters()):
-                p_ema.lerp_(p_net.detach(), 1 - beta)
+            weight = 1 - float(ema_decay(std, cur_nimg, batch_size))
+            for live, average in self._pairs(ema):
+                average.lerp_(live.detach(), weight)
 
     @torch.no_grad()
     def get(self):
-        """[(ema network, suffix like '-0.050')] with buffers copied from the live network."""
+        """[(ema network, suffix like '-0.050')], buffers copied from the live network."""
         for ema in self.emas:
-            for b_net, b_ema in zip(self.net.buffers(), ema.buffers()):
-                b_ema.copy_(b_net)
+            for live, copied in self._pairs(ema, 'buffers'):
+                copied.copy_(live)
         return [(ema, f'-{std:.3f}') for std, ema in zip(self.stds, self.emas)]
 
     def state_dict(self):
@@ -62,32 +65,27 @@ class PowerFunctionEMA:
 
     def load_state_dict(self, state):
         self.stds = list(state['stds'])
-        for ema, ema_state in zip(self.emas, state['emas']):
-            ema.load_state_dict(ema_state)
+        for ema, saved in zip(self.emas, state['emas']):
+            ema.load_state_dict(saved)
 
 #----------------------------------------------------------------------------
 # Post-hoc reconstruction: the EMA profile of a new std as a least-squares mix of saved profiles.
 
-def power_function_correlation(a_ofs, a_std, b_ofs, b_std):
-    """∫ p_a(t) p_b(t) dt of two EMA profiles p(t) = (γ+1) t^γ / T^(γ+1) on [0, T] (closed form)."""
-    a_exp = std_to_exp(a_std)
-    b_exp = std_to_exp(b_std)
-    t_ratio = a_ofs / b_ofs
-    t_exp = np.where(a_ofs < b_ofs, b_exp, -a_exp)
-    t_max = np.maximum(a_ofs, b_ofs)
-    num = (a_exp + 1) * (b_exp + 1) * t_ratio ** t_exp
-    den = (a_exp + b_exp + 1) * t_max
-    return num / den
+def profile_overlap(t_a, std_a, t_b, std_b):
+    """∫ p_a(t)·p_b(t) dt of two EMA profiles p(t) = (γ+1)·t^γ / T^(γ+1) on [0, T], T = t_a or t_b (closed form)."""
+    exp_a, exp_b = std_to_exp(std_a), std_to_exp(std_b)
+    later_exp = np.where(t_a < t_b, exp_b, -exp_a)                # The profile that ends later sets the power.
+    return (exp_a + 1) * (exp_b + 1) * (t_a / t_b) ** later_exp / ((exp_a + exp_b + 1) * np.maximum(t_a, t_b))
 
 def solve_posthoc_coefficients(in_ofs, in_std, out_ofs, out_std):
-    """Coefficients [num_in, num_out] mixing saved EMA snapshots into the requested ones."""
-    in_ofs, in_std = np.broadcast_arrays(in_ofs, in_std)
-    out_ofs, out_std = np.broadcast_arrays(out_ofs, out_std)
-    rv = lambda x: np.float64(x).reshape(-1, 1)
-    cv = lambda x: np.float64(x).reshape(1, -1)
-    A = power_function_correlation(rv(in_ofs), rv(in_std), cv(in_ofs), cv(in_std))
-    B = power_function_correlation(rv(in_ofs), rv(in_std), cv(out_ofs), cv(out_std))
-    return np.linalg.lstsq(A, B, rcond=None)[0]
+    """[num_in, num_out] least-squares coefficients that mix the saved EMA profiles into the requested ones."""
+    as_column = lambda values: np.float64(values).reshape(-1, 1)
+    as_row = lambda values: np.float64(values).reshape(1, -1)
+    saved_t, saved_std = np.broadcast_arrays(in_ofs, in_std)
+    wanted_t, wanted_std = np.broadcast_arrays(out_ofs, out_std)
+    gram = profile_overlap(as_column(saved_t), as_column(saved_std), as_row(saved_t), as_row(saved_std))
+    target = profile_overlap(as_column(saved_t), as_column(saved_std), as_row(wanted_t), as_row(wanted_std))
+    return np.linalg.lstsq(gram, target, rcond=None)[0]
 
 def list_snapshots(indir):
     """[(kimg, std, path)] of the network-snapshot-<kimg>-<std>.pkl files in `indir`."""
