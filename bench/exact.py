@@ -23,9 +23,8 @@ from torch_utils.misc import randn_like_from
 from inverse.pnp import pnp_gd
 from training.analytic import GaussianMixture, ExactGenerativeDenoiser, toy_teacher, mixture_metrics
 from training.loading import load_network_data
+from training.noise_levels import PAPER_CHAINS
 from training.sampling import edm_heun_sampler
-
-TS = {1: [10, 39], 2: [10, 22, 39], 4: [0, 10, 20, 30, 39]}
 
 def row(name, nfe, metrics):
     acc = metrics.get('class_accuracy')
@@ -42,10 +41,10 @@ def sample_rows(mixture, student, n, gen):
     for steps in (2, 4, 8, 16, 32):
         row(f'(a) EDM Heun, exact teacher', 2 * steps - 1, mixture.metrics(edm_heun_sampler(teacher, noise(), labels, steps), labels))
     exact_gd = ExactGenerativeDenoiser(teacher)
-    for nfe, ts in TS.items():
+    for nfe, ts in PAPER_CHAINS.items():
         row(f'(b) exact G, --ts={",".join(map(str, ts))}', nfe, mixture.metrics(exact_gd(noise() * 80, 80.0, labels, ts=ts, randn_like=randn_like), labels))
     if student is not None:
-        for nfe, ts in TS.items():
+        for nfe, ts in PAPER_CHAINS.items():
             with torch.no_grad():
                 x = student(noise() * 80, 80.0, labels, ts=ts, randn_like=randn_like)
             row(f'(c) student, --ts={",".join(map(str, ts))}', nfe, mixture.metrics(x, labels))

@@ -9,6 +9,7 @@ from torch_utils.misc import draw_device
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
 NUM_GRID_STEPS = 40     # The grid that --ts indexes.
+PAPER_CHAINS = {1: (10, 39), 2: (10, 22, 39), 4: (0, 10, 20, 30, 39)}     # The paper's 1-, 2- and 4-step --ts.
 
 def karras_sigmas(num, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=7.0, dtype=torch.float64):
     """[num] noise levels from sigma_max down to sigma_min, uniform in σ^(1/ρ)."""

@@ -18,6 +18,7 @@ from torch_utils import misc
 from torch_utils import training_stats
 from training import loading
 from training.networks_ncvsd import ConditionalPrecond, ConditionalDiscriminator, GenerativeDenoiser
+from training.noise_levels import PAPER_CHAINS
 from training.phema import PowerFunctionEMA
 from training.sampling import StackedRandomGenerator, random_labels, save_image_grid
 
@@ -223,20 +224,17 @@ def save_sample_grid(denoiser, encoder, ts, teacher, seeds, path):
         return teacher.exact_metrics(samples, labels)
     return None
 
-FINAL_TS = {1: (10, 39), 2: (10, 22, 39), 4: (0, 10, 20, 30, 39)}     # The paper's 1-, 2- and 4-step chains.
-
 @torch.no_grad()
 def final_exact_metrics(ema, gamma, teacher, device, num=2000, batch=500, seed=0):
     """{'Final<ema>/<k>-step/<metric>': value}: exact metrics of every EMA at 1, 2 and 4 steps on `num`
     samples (classes uniform), printed as they come."""
-    results = {}
+    results, labels = {}, None
+    if teacher.label_dim:
+        labels = torch.eye(teacher.label_dim, device=device)[torch.arange(num, device=device) % teacher.label_dim]
     for ema_net, suffix in ema.get():
         denoiser = GenerativeDenoiser(copy.deepcopy(ema_net).eval().requires_grad_(False), gamma=gamma).to(device)
-        labels = None
-        if teacher.label_dim:
-            labels = torch.eye(teacher.label_dim, device=device)[torch.arange(num, device=device) % teacher.label_dim]
         shape = [num, denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution]
-        for steps, ts in FINAL_TS.items():
+        for steps, ts in PAPER_CHAINS.items():
             rng = torch.Generator(device).manual_seed(seed)
             noise = torch.randn(shape, generator=rng, device=device)
             samples = torch.cat([denoiser.sample(noise[i:i + batch], None if labels is None else labels[i:i + batch], ts=ts,
