@@ -115,3 +115,10 @@ def test_released_style_pickle_loads_and_samples(tmp_path, monkeypatch):
     result = run_python(['generate_images.py', f'--net={tmp_path / "released.pkl"}', '--ts=10,22,39', f'--outdir={tmp_path / "out"}', '--seeds=0-1'])
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['000000.png', '000001.png']
+
+def test_module_entry_points_show_help_and_change_nothing(tmp_path):
+    """`--help` of every `python -m` entry point prints usage, exits 0 and writes nothing."""
+    for module in ('training.export', 'inverse.masks', 'training.phema'):
+        result = run_python(['-m', module, '--help'], cwd=str(tmp_path))
+        assert result.returncode == 0 and 'Usage:' in result.stdout, (module, result.stderr)
+    assert list(tmp_path.iterdir()) == []

@@ -6,8 +6,8 @@ Every CLI's --net accepts the result: students can be shared without executing p
 """
 
 import os
-import sys
 
+import click
 import torch
 
 import dnnlib
@@ -64,14 +64,18 @@ def load_exported(f):
         encoder = dnnlib.util.construct_class_by_name(*enc['init_args'], class_name=ENCODER_CLASSES[enc['class_name']], **enc['init_kwargs'])
     return dnnlib.EasyDict(ema=net.eval(), encoder=encoder)
 
-def main(argv):
-    from training.loading import load_network_data
-    if len(argv) != 2:
-        raise UserError('usage: python -m training.export SNAPSHOT.pkl OUT.pt')
-    export = export_network(load_network_data(argv[0]))
-    torch.save(export, argv[1] + '.tmp')
-    os.replace(argv[1] + '.tmp', argv[1])
-    print(f'Wrote {argv[1]} ({export["network"]["class_name"]}, {len(export["state_dict"])} tensors)')
+@click.command()
+@click.argument('snapshot', metavar='SNAPSHOT.pkl')
+@click.argument('out', metavar='OUT.pt')
+def main(snapshot, out):
+    """Write the weights-only file OUT.pt of the network in SNAPSHOT.pkl (path or URL)."""
+    def export_to_file():
+        from training.loading import load_network_data
+        export = export_network(load_network_data(snapshot))
+        torch.save(export, out + '.tmp')
+        os.replace(out + '.tmp', out)
+        print(f'Wrote {out} ({export["network"]["class_name"]}, {len(export["state_dict"])} tensors)')
+    dnnlib.util.run_cli(export_to_file)
 
 if __name__ == '__main__':
-    dnnlib.util.run_cli(main, sys.argv[1:])
+    main()
