@@ -34,7 +34,7 @@ def run(net, data, preset, outdir, batch, seed, runs, num, metrics, lpips_vgg, l
 @click.option('--runs', help='Independent runs per image (default: the preset\'s)', metavar='INT', type=click.IntRange(min=1))
 @click.option('--num', help='Use at most this many images', metavar='INT', type=click.IntRange(min=1))
 @click.option('--metrics', help='psnr,ssim,lpips', metavar='LIST', default='psnr,ssim,lpips', show_default=True)
-@click.option('--beta', help='Likelihood temperature β (default 2σ_y²... as the preset)', type=float)
+@click.option('--beta', help='Likelihood temperature β [default: the preset\'s; 2σ_y² where it sets none]', type=float)
 @click.option('--ema-sigma', help='Average x over steps with σ below this', type=float)
 @click.option('--ema-decay', help='EMA decay of x', type=float)
 @click.option('--sigma-min', help='Smallest σ of the annealing', type=float)
