@@ -289,3 +289,11 @@ def test_gradients_are_averaged_across_ranks(tmp_path):
         saved = torch.load(tmp_path / f'rank{rank}.pt')
         for own, reduced in zip(saved['own'], saved['reduced']):
             assert torch.allclose(reduced, own, rtol=1e-6), (own, reduced)
+
+def test_rerunning_a_finished_run_changes_nothing(assets, tmp_path):
+    assert train_cli(assets, tmp_path, '--duration=8', '--snapshot=8').returncode == 0
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir()}
+    again = train_cli(assets, tmp_path, '--duration=8', '--snapshot=8', '--ts=10,39')
+    assert again.returncode == 0, again.stderr
+    assert 'finished run' in again.stdout and 'nothing changed' in again.stdout
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir()} == before

@@ -96,7 +96,9 @@ def launch(opts):
     dataset, encoder, dataset_kwargs = make_data(config, teacher, encoder)
     check_data_matches(dataset, encoder, teacher, bool(config.get('cond', True)))
     run_options = {k: v for k, v in config.items() if k not in ('outdir', 'workers', 'device')}
-    check_run_options(config.outdir, run_options)
+    if check_run_options(config.outdir, run_options):
+        dist.shutdown()
+        return
     logger = dnnlib.util.Logger(os.path.join(config.outdir, 'log.txt')) if dist.get_rank() == 0 else None
     try:
         run_training(config, teacher, dataset, encoder, dataset_kwargs, run_options)

@@ -119,8 +119,14 @@ def check_data_matches(dataset, encoder, teacher, cond):
 
 RESUMABLE_CHANGES = ('duration', 'status', 'snapshot', 'checkpoint', 'ts', 'batch_gpu', 'grid_size')   # Safe to change on resume.
 
+def checkpoint_nimg(path):
+    """Images seen by the run when it wrote the checkpoint at `path` (memory-mapped: the weights are not read)."""
+    return int(torch.load(path, map_location='cpu', weights_only=False, mmap=True)['state']['cur_nimg'])
+
 def check_run_options(run_dir, options):
-    """An outdir belongs to one run: refuse to resume a run with different settings."""
+    """An outdir belongs to one run: refuse to resume a run with different settings. Returns True when the
+    run has already reached options['duration'] (then nothing is written)."""
+    latest = dist.latest_checkpoint(run_dir)
     path = os.path.join(run_dir, 'training_options.json')
     identity = {k: v for k, v in options.items() if k not in RESUMABLE_CHANGES}
     if os.path.isfile(path):
@@ -128,15 +134,20 @@ def check_run_options(run_dir, options):
             previous = json.load(f)
         previous = {k: v for k, v in previous.items() if k in identity}
         changed = sorted(k for k in set(identity) | set(previous) if identity.get(k) != previous.get(k))
-        if changed and dist.latest_checkpoint(run_dir) is not None:
+        if changed and latest is not None:
             raise UserError(f'--outdir={run_dir} holds checkpoints of a different run (differs in {", ".join(changed)}); '
                 'use a new --outdir, or the original settings to resume')
+    if latest is not None and checkpoint_nimg(latest) >= options['duration']:
+        dist.print0(f'--outdir={run_dir} holds a finished run ({checkpoint_nimg(latest) / 1000:g} kimg); nothing to do, nothing changed. '
+            'Pass a longer --duration to continue it.')
+        return True
     if dist.get_rank() == 0:
         os.makedirs(run_dir, exist_ok=True)
         temp = path + '.tmp'
         with open(temp, 'w') as f:
             json.dump(options, f, indent=2)
         os.replace(temp, path)
+    return False
 
 class NCVSDIteration:
     """One NCVSD iteration (DESIGN §3): fake score, discriminator and generator phases, each on its own
