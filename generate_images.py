@@ -20,10 +20,10 @@ from torch_utils import distributed as dist
 from training.network_setup import load_for_sampling, check_sampling_options
 from training.sampling import generate_images, save_image_grid
 
-def run(net, outdir, seeds, ts=None, steps=32, class_idx=None, subdirs=False, batch=32, device=None, grid=None):
+def run(net, outdir, seeds, ts=None, steps=32, class_idx=None, subdirs=False, batch=32, device=None, grid=None, vae=None):
     device = dist.init(device)
     seeds = parse_int_list(seeds)
-    net, encoder = load_for_sampling(net, device, verbose=dist.get_rank() == 0)
+    net, encoder = load_for_sampling(net, device, verbose=dist.get_rank() == 0, vae=vae)
     ts = check_sampling_options(net, ts, steps, class_idx)
     sampler = f'--ts={",".join(map(str, ts))}' if ts else f'Heun, {2 * steps - 1} NFE'
     dist.print0(f'Generating {len(seeds)} images ({sampler}) to "{outdir}" on {dist.get_world_size()} rank(s) ...')
@@ -57,6 +57,7 @@ def run(net, outdir, seeds, ts=None, steps=32, class_idx=None, subdirs=False, ba
 @click.option('--subdirs', help='One subfolder per 1000 seeds', is_flag=True)
 @click.option('--batch', help='Images per batch and rank', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
 @click.option('--device', help='Device (default: CUDA if available, else CPU)', metavar='STR')
+@click.option('--vae', help='VAE for latent-space networks (hub name or folder) [default: the pickle\'s]', metavar='NAME|DIR')
 @click.option('--grid', help='Also save all images as one PNG grid here', metavar='PNG')
 def main(**opts):
     run_cli(run, **opts)

@@ -30,6 +30,7 @@ from training import train_setup
 @click.option('--fp16', help='Run the UNet bodies in float16 on CUDA', metavar='BOOL', type=bool)
 @click.option('--seed', help='Random seed', metavar='INT', type=int)
 @click.option('--workers', help='Data loader worker processes', metavar='INT', type=click.IntRange(min=0))
+@click.option('--vae', help='VAE for latent datasets (hub name or folder) [default: the one dataset_tool.py encode used]', metavar='NAME|DIR')
 @click.option('--device', help='Device (default: CUDA if available, else CPU)', metavar='STR')
 def main(**opts):
     run_cli(train_setup.launch, {k: v for k, v in opts.items() if v is not None})

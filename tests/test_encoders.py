@@ -67,3 +67,39 @@ def test_encode_to_latents_and_use_them_for_training(tmp_path, monkeypatch):
     check_data_matches(dataset, encoder, teacher, cond=True)
     decoded = encoder.decode(encoder.encode_latents(torch.as_tensor(item)[None]))
     assert decoded.shape == (1, 3, 32, 32) and decoded.dtype == torch.uint8
+
+def test_the_encoding_vae_reaches_training_and_a_failed_one_is_not_retried(tmp_path, monkeypatch):
+    import pickle
+    import dnnlib
+    import training.encoders as encoders
+    from helpers import make_dataset, make_teacher
+    from training.dataset import ImageFolderDataset
+    from training.dataset_io import encode_dataset
+    from training.train_setup import make_data
+    loads = []
+    def fake_loader(name, device=None):
+        loads.append(name)
+        if name == 'offline/vae':
+            raise UserError('cannot load VAE "offline/vae"')
+        return FakeVAE()
+    monkeypatch.setattr(encoders, 'load_stability_vae', fake_loader)
+    pixels = make_dataset(tmp_path / 'src', tmp_path / 'pixels.zip', num=2, resolution=32)
+    encode_dataset(str(pixels), str(tmp_path / 'latents.zip'), model_url=str(tmp_path / 'my-vae'), batch=2)
+    assert ImageFolderDataset(str(tmp_path / 'latents.zip')).info == {'vae': str(tmp_path / 'my-vae')}
+    with open(make_teacher(tmp_path / 't.pkl', resolution=4, channels=4), 'rb') as f:
+        teacher = pickle.load(f)['ema']
+    config = dnnlib.EasyDict(data=str(tmp_path / 'latents.zip'), cond=True)
+    _, encoder, _ = make_data(config, teacher, StabilityVAEEncoder())          # Even over a teacher pickle's encoder.
+    assert encoder.vae_name == str(tmp_path / 'my-vae')
+    _, encoder, _ = make_data(dnnlib.EasyDict(config, vae='offline/vae'), teacher, None)
+    assert encoder.vae_name == 'offline/vae'
+    for _snapshot in range(3):
+        with pytest.raises(UserError, match='offline/vae'):
+            encoder.decode(torch.zeros(1, 4, 4, 4))
+    assert loads.count('offline/vae') == 1
+
+def test_vae_option_needs_a_latent_network(tmp_path):
+    from helpers import make_teacher
+    from training.network_setup import load_for_sampling
+    with pytest.raises(UserError, match='not a latent-space network; drop --vae'):
+        load_for_sampling(str(make_teacher(tmp_path / 't.pkl')), torch.device('cpu'), verbose=False, vae='some/vae')

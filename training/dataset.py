@@ -112,6 +112,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         name = self._files[file_idx]
         return decode_item(self._storage.read(name), name, self._path)
 
+    @property
+    def info(self):
+        """dataset.json's entries other than the labels (e.g. "vae": where `encode` got its VAE)."""
+        if 'dataset.json' not in self._storage.names:
+            return {}
+        return {k: v for k, v in json.loads(self._storage.read('dataset.json')).items() if k != 'labels'}
+
     def _read_labels(self):
         """[num files] class indices or [num files, L] vectors, or None without dataset.json labels."""
         if 'dataset.json' not in self._storage.names:

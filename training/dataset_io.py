@@ -150,8 +150,9 @@ class DatasetWriter:
 def item_name(idx, ext):
     return f'{idx // 1000:05d}/img{idx:08d}.{ext}'
 
-def write_dataset(dest, items, total):
-    """Write (array, label) items; PNG for uint8 HWC images, .npy for float arrays. Returns the count."""
+def write_dataset(dest, items, total, info=None):
+    """Write (array, label) items; PNG for uint8 HWC images, .npy for float arrays; `info` (a dict) is
+    recorded in dataset.json beside the labels. Returns the count."""
     writer = DatasetWriter(dest)
     labels = []
     count = 0
@@ -170,7 +171,7 @@ def write_dataset(dest, items, total):
             labels.append([name, label] if label is not None else None)
             count += 1
         has_labels = all(x is not None for x in labels) and count > 0
-        writer.write('dataset.json', json.dumps({'labels': labels if has_labels else None}).encode('utf-8'))
+        writer.write('dataset.json', json.dumps(dict(info or {}, labels=labels if has_labels else None)).encode('utf-8'))
     except BaseException:
         writer.abort()
         raise
@@ -226,6 +227,6 @@ def encode_dataset(source, dest, model_url='stabilityai/sd-vae-ft-mse', max_imag
             for i, latent in zip(range(start, stop), latents):
                 label = int(np.argmax(dataset.get_label(i))) if dataset.has_labels else None
                 yield latent, label
-    count = write_dataset(dest, items(), len(dataset))
+    count = write_dataset(dest, items(), len(dataset), info=dict(vae=model_url))     # Training decodes with the same VAE.
     print(f'Wrote {count} latents to {dest}')
     return count

@@ -84,13 +84,21 @@ class StabilityVAEEncoder(Encoder):
         self.batch_size = int(batch_size)
         self._vae = None
 
+    _load_error = None      # A VAE that could not be loaded is not retried (class default: old pickles lack it).
+
     def init(self, device):
+        if self._load_error is not None:
+            raise UserError(self._load_error)
         if self._vae is None:
-            self._vae = load_stability_vae(self.vae_name, device=device)
+            try:
+                self._vae = load_stability_vae(self.vae_name, device=device)
+            except UserError as err:
+                self._load_error = str(err)
+                raise
         self._vae.to(device)
 
     def __getstate__(self):
-        return dict(self.__dict__, _vae=None)
+        return dict(self.__dict__, _vae=None, _load_error=None)
 
     def _in_batches(self, fn, x):
         return torch.cat([fn(chunk) for chunk in x.split(self.batch_size)])

@@ -52,9 +52,11 @@ def make_data(config, teacher, encoder):
         dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=config.data,
             use_labels=bool(config.get('cond', True)), xflip=False, cache=True)
         dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
-        if encoder is None:
-            latent = dataset.num_channels == 2 * teacher.img_channels
-            encoder = StabilityVAEEncoder() if latent else StandardRGBEncoder()
+        if dataset.num_channels == 2 * teacher.img_channels:        # VAE latents: decode with --vae, else the encoding VAE
+            vae = config.get('vae') or dataset.info.get('vae')
+            encoder = StabilityVAEEncoder(**({'vae_name': vae} if vae else {})) if vae or encoder is None else encoder
+        elif encoder is None:
+            encoder = StandardRGBEncoder()
         return dataset, encoder, dataset_kwargs
     if hasattr(teacher, 'make_dataset'):
         dataset, encoder = teacher.make_dataset(seed=config.get('seed', 0))

@@ -117,7 +117,7 @@ def check_data_matches(dataset, encoder, teacher, cond):
     if cond and teacher.label_dim == 0 and dataset.label_dim != 0:
         raise UserError(f'the teacher is unconditional but the dataset has labels; pass --cond=False')
 
-RESUMABLE_CHANGES = ('duration', 'status', 'snapshot', 'checkpoint', 'ts', 'batch_gpu', 'grid_size')   # Safe to change on resume.
+RESUMABLE_CHANGES = ('duration', 'status', 'snapshot', 'checkpoint', 'ts', 'batch_gpu', 'grid_size', 'vae')   # Safe to change on resume.
 
 def checkpoint_nimg(path):
     """Images seen by the run when it wrote the checkpoint at `path` (memory-mapped: the weights are not read)."""
@@ -219,6 +219,8 @@ def save_snapshot(run_dir, cur_nimg, ema, gamma, encoder, dataset_kwargs, loss_f
             results[suffix] = save_sample_grid(denoiser.to(device), encoder, ts, teacher, grid_seeds, base + '.png')
     return results
 
+_skipped_grid_reasons = set()
+
 @torch.no_grad()
 def save_sample_grid(denoiser, encoder, ts, teacher, seeds, path):
     """Draw samples for fixed seeds, save them as a grid; exact metrics where the teacher has them."""
@@ -230,7 +232,9 @@ def save_sample_grid(denoiser, encoder, ts, teacher, seeds, path):
     try:
         save_image_grid(encoder.decode(samples), path)
     except UserError as err:
-        print(f'Sample grid skipped: {err}')
+        if str(err) not in _skipped_grid_reasons:                  # Once per reason, not at every snapshot.
+            _skipped_grid_reasons.add(str(err))
+            print(f'Sample grids skipped: {err}')
     if hasattr(teacher, 'exact_metrics'):
         return teacher.exact_metrics(samples, labels)
     return None
