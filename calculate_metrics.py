@@ -69,10 +69,9 @@ def common_options(fn):
         fn = decorator(fn)
     return fn
 
-def setup(metrics, inception, dinov2, custom, device):
-    device = dist.init(device)
-    detectors = fd.make_detectors(parse_metrics(metrics), dict(fid=inception, fd_dinov2=dinov2), parse_custom(custom))
-    return device, detectors
+def make_detectors(metrics, inception, dinov2, custom):
+    """The detectors (their weights are fetched here: called once the user's own paths have been checked)."""
+    return fd.make_detectors(parse_metrics(metrics), dict(fid=inception, fd_dinov2=dinov2), parse_custom(custom))
 
 @click.group()
 def cmdline():
@@ -91,10 +90,11 @@ def cmdline():
 def gen(net, ref_path, ts, steps, num, seed, class_idx, out, metrics, batch, inception, dinov2, custom, device):
     """Generate images on the fly (no files) and compare them with a reference."""
     def run():
-        dev, detectors = setup(metrics, inception, dinov2, custom, device)
+        dev = dist.init(device)
         ref = fd.load_reference(ref_path)
         network, encoder = load_for_sampling(net, dev, verbose=dist.get_rank() == 0)
         checked_ts = check_sampling_options(network, ts, steps, class_idx)
+        detectors = make_detectors(metrics, inception, dinov2, custom)
         progress = tqdm.tqdm(total=num, unit='img', disable=dist.get_rank() != 0)
         images = (r['images'] for r in generate_images(network, encoder, list(range(seed, seed + num)), ts=checked_ts, steps=steps,
             class_idx=class_idx, batch_size=batch, device=dev, rank=dist.get_rank(), world_size=dist.get_world_size()))
@@ -113,9 +113,10 @@ def gen(net, ref_path, ts, steps, num, seed, class_idx, out, metrics, batch, inc
 def calc(images, ref_path, num, out, metrics, batch, inception, dinov2, custom, device):
     """Compare a folder or zip of images with a reference."""
     def run():
-        dev, detectors = setup(metrics, inception, dinov2, custom, device)
+        dev = dist.init(device)
         ref = fd.load_reference(ref_path)
         resolution = ImageFolderDataset(images).resolution
+        detectors = make_detectors(metrics, inception, dinov2, custom)
         stats = fd.compute_stats(dataset_batches(images, num, batch, dev), detectors, resolution)
         report(stats, ref, ref_path, out)
         dist.shutdown()
@@ -129,8 +130,9 @@ def calc(images, ref_path, num, out, metrics, batch, inception, dinov2, custom, 
 def ref(data, dest, num, metrics, batch, inception, dinov2, custom, device):
     """Compute reference statistics of a dataset."""
     def run():
-        dev, detectors = setup(metrics, inception, dinov2, custom, device)
+        dev = dist.init(device)
         resolution = ImageFolderDataset(data).resolution
+        detectors = make_detectors(metrics, inception, dinov2, custom)
         stats = fd.compute_stats(dataset_batches(data, num, batch, dev), detectors, resolution)
         if dist.get_rank() == 0:
             fd.save_reference(stats, dest)

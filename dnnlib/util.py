@@ -195,10 +195,10 @@ def open_url(url, cache_dir=None, num_attempts=3, verbose=True, return_filename=
 def _download(url, num_attempts, verbose):
     import requests
     last_error = None
+    if verbose:
+        print(f'Downloading {url} ...', flush=True)
     for _attempt in range(num_attempts):
         try:
-            if verbose:
-                print(f'Downloading {url} ...', flush=True)
             with requests.Session() as session:
                 res = session.get(url, timeout=60)
                 res.raise_for_status()

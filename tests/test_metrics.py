@@ -119,3 +119,13 @@ def test_gen_one_and_two_processes_agree(metric_assets, tmp_path):
     assert one['num_images'] == two['num_images'] == {'fd_stand': 12}
     assert one['fd_stand'] == pytest.approx(two['fd_stand'], rel=1e-6)
     assert one['fd_stand'] > 0.01
+
+@pytest.mark.parametrize('command', ['calc', 'ref'])
+def test_user_paths_are_checked_before_any_detector_is_fetched(tmp_path, command):
+    """Offline, a missing --images/--data or --ref is reported as such, not as a failed detector download."""
+    args = ['calculate_metrics.py', command, '--metrics=fid', '--inception=https://127.0.0.1:9/inception.pkl']
+    args += ([f'--images={tmp_path / "nowhere"}', f'--ref={tmp_path / "absent.pkl"}'] if command == 'calc'
+        else [f'--data={tmp_path / "nowhere.zip"}', f'--dest={tmp_path / "ref.pkl"}'])
+    result = run_python(args, env=ENV)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert ('absent.pkl' if command == 'calc' else 'nowhere.zip') in result.stderr and 'inception' not in result.stderr.lower()

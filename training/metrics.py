@@ -33,7 +33,8 @@ def load_weights(path_or_url, env, default_url, option, reader):
         with dnnlib.util.open_url(url, verbose=dist.get_rank() == 0) as f:
             return reader(f)
     except UserError as err:
-        raise UserError(f'{err} — cannot load detector weights from {url}; pass {option}=PATH (or set {env}) to a local copy')
+        raise UserError(f'cannot load the detector weights ({err}); offline, pass {option}=PATH (or set {env}) to a local copy, '
+            'or plug in another detector with --detector=METRIC=module.Class') from None
 
 def as_rgb(images):
     return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
