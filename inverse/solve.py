@@ -14,6 +14,7 @@ from inverse.operators import get_operator
 from inverse.pnp import pnp_gd
 from training.dataset import ImageFolderDataset
 from training.encoders import StandardRGBEncoder
+from training.networks_ncvsd import is_generative_denoiser
 from training.sampling import save_image_grid
 
 TASK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'presets', 'tasks')
@@ -32,7 +33,7 @@ def load_task(name_or_path, overrides=None):
     return task
 
 def check_network(net, encoder, dataset):
-    if type(encoder).__name__ == 'StabilityVAEEncoder' or not hasattr(net, 'gamma'):
+    if type(encoder).__name__ == 'StabilityVAEEncoder' or not is_generative_denoiser(net):
         kind = 'a latent-space (VAE) network' if type(encoder).__name__ == 'StabilityVAEEncoder' else 'not an NCVSD generative denoiser'
         raise UserError(f'--net is {kind}; PnP-GD here works in pixel space with an NCVSD student such as edm2-ffhq256-xs.pkl')
     if dataset.resolution != net.img_resolution or dataset.num_channels != net.img_channels:

@@ -12,6 +12,7 @@ import torch
 
 import dnnlib
 from dnnlib.util import UserError
+from training.networks_ncvsd import is_generative_denoiser
 
 FORMAT = 'ncvsd-export-v1'
 NETWORK_CLASSES = {                              # Class name in the file -> our implementation.
@@ -35,7 +36,7 @@ def export_network(data):
     """The exportable dict of a loaded snapshot (keys ema, encoder)."""
     net = data['ema']
     wrapper = None
-    if hasattr(net, 'gamma') and hasattr(net, 'model'):
+    if is_generative_denoiser(net):
         wrapper = dict(gamma=float(net.gamma), init_sigma=float(net.init_sigma))
         net = net.model
     export = dict(format=FORMAT, network=_describe(net, NETWORK_CLASSES, 'network'), generative_denoiser=wrapper,

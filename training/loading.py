@@ -6,6 +6,7 @@ import torch
 
 import dnnlib
 from dnnlib.util import UserError
+from training.networks_ncvsd import is_generative_denoiser
 
 def load_network_data(path_or_url, verbose=True):
     """The pickled dict of a snapshot (keys ema, encoder, ...) as an EasyDict."""
@@ -33,7 +34,7 @@ def check_diffusion_network(net, path_or_url):
     if missing or not isinstance(net, torch.nn.Module):
         raise UserError(f'{path_or_url} is not a diffusion network (missing {", ".join(missing) or "torch.nn.Module"}); '
             'give an EDM2 teacher pickle such as edm2-img64-s-1073741-0.075.pkl')
-    if hasattr(net, 'gamma') and hasattr(net, 'model'):
+    if is_generative_denoiser(net):
         raise UserError(f'{path_or_url} holds an NCVSD generative denoiser, not a diffusion teacher; give the EDM2 teacher pickle')
     return net
 

@@ -6,7 +6,7 @@ from dnnlib.util import UserError
 from training import loading
 from training.encoders import StandardRGBEncoder, StabilityVAEEncoder
 from training.noise_levels import parse_ts
-from training.sampling import is_generative_denoiser
+from training.networks_ncvsd import is_generative_denoiser
 
 def load_for_sampling(path_or_url, device, verbose=True, vae=None):
     """(network in eval mode on device, encoder) from an NCVSD snapshot, a released checkpoint, an EDM2

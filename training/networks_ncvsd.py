@@ -155,6 +155,10 @@ class ConditionalDiscriminator(_TwoEncoderNetwork):
 
 #----------------------------------------------------------------------------
 
+def is_generative_denoiser(net):
+    """A GenerativeDenoiser, ours or an unpickled released one (duck-typed: released pickles name their own class)."""
+    return hasattr(net, 'gamma') and hasattr(net, 'model')
+
 class GenerativeDenoiser(torch.nn.Module):
     """G(y, σ): a sample of p(x | y = x + σn), from one evaluation of a conditional network.
 

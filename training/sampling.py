@@ -5,6 +5,7 @@ import PIL.Image
 import torch
 
 from torch_utils import misc
+from training.networks_ncvsd import is_generative_denoiser
 
 class StackedRandomGenerator:
     """One torch.Generator per seed, so that an image depends on its seed only (not on batching)."""
@@ -61,9 +62,6 @@ def edm_heun_sampler(net, noise, labels=None, num_steps=32, sigma_min=0.002, sig
             x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_next)
         x = x_next
     return x.to(torch.float32)
-
-def is_generative_denoiser(net):
-    return hasattr(net, 'gamma') and hasattr(net, 'model')
 
 def sample_batch(net, noise, labels, rnd, ts=None, steps=None):
     """Student (--ts) or teacher (--steps) samples in network space."""
