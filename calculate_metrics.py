@@ -18,8 +18,8 @@ from dnnlib.util import run_cli, UserError
 from torch_utils import distributed as dist
 from training import metrics as fd
 from training.dataset import ImageFolderDataset
-from training.network_setup import load_for_sampling, check_sampling_options
-from training.sampling import generate_images
+from training.network_setup import load_for_sampling
+from training.sampling import check_sampling_options, generate_images
 
 def parse_metrics(text):
     return [m.strip() for m in text.split(',') if m.strip()]

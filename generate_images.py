@@ -10,15 +10,14 @@ Examples:
 import os
 
 import click
-import numpy as np
 import PIL.Image
 import torch
 import tqdm
 
 from dnnlib.util import run_cli, parse_int_list
 from torch_utils import distributed as dist
-from training.network_setup import load_for_sampling, check_sampling_options
-from training.sampling import generate_images, save_image_grid
+from training.network_setup import load_for_sampling
+from training.sampling import check_sampling_options, generate_images, save_image_grid
 
 def run(net, outdir, seeds, ts=None, steps=32, class_idx=None, subdirs=False, batch=32, device=None, grid=None, vae=None):
     device = dist.init(device)

@@ -1,7 +1,6 @@
 """Shared set-up of the benchmarks: a random teacher of a preset's architecture, timing helpers."""
 
 import contextlib
-import json
 import os
 import resource
 import statistics

@@ -10,7 +10,7 @@ published implementation's iteration for bench-a at batch 32 on a 2-core CPU: ~8
 import click
 import torch
 
-from common import random_teacher, PhaseTimer, peak_memory_mb, synchronize
+from common import random_teacher, PhaseTimer, peak_memory_mb
 from training.loss import NCVSDLoss
 from training.speed import OPTIONS, set_speed_options, get_speed_options
 from training.training_loop import NCVSDIteration, build_students

@@ -51,7 +51,7 @@ def test_encode_to_latents_and_use_them_for_training(tmp_path, monkeypatch):
     from training.dataset import ImageFolderDataset
     from training.dataset_io import encode_dataset
     from training.train_setup import make_data
-    from training.training_loop import check_data_matches
+    from training.train_setup import check_data_matches
     import dnnlib
     monkeypatch.setattr(encoders, 'load_stability_vae', lambda name, device=None: FakeVAE())
     pixels = make_dataset(tmp_path / 'src', tmp_path / 'pixels.zip', num=5, resolution=32)

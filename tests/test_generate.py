@@ -9,7 +9,7 @@ from helpers import make_teacher
 from training.analytic import GaussianMixture, toy_teacher, mixture_metrics
 from training.sampling import edm_heun_sampler, generate_images, rank_batches
 from training.encoders import StandardRGBEncoder
-from training.network_setup import check_sampling_options
+from training.sampling import check_sampling_options
 from training.networks_ncvsd import GenerativeDenoiser
 
 def test_heun_with_exact_teacher_reproduces_the_mixture():

@@ -6,7 +6,6 @@ scaled Stable Diffusion VAE latents; datasets store the latent mean and std (8 c
 """
 
 import os
-import warnings
 
 import numpy as np
 import torch

@@ -1,6 +1,5 @@
 """Noise-level grids, multi-step timesteps (--ts) and the posterior identity of NCVSD."""
 
-import numpy as np
 import torch
 
 from dnnlib.util import UserError

@@ -4,8 +4,10 @@ import numpy as np
 import PIL.Image
 import torch
 
+from dnnlib.util import UserError
 from torch_utils import misc
 from training.networks_ncvsd import is_generative_denoiser
+from training.noise_levels import parse_ts
 
 class StackedRandomGenerator:
     """One torch.Generator per seed, so that an image depends on its seed only (not on batching)."""
@@ -62,6 +64,21 @@ def edm_heun_sampler(net, noise, labels=None, num_steps=32, sigma_min=0.002, sig
             x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_next)
         x = x_next
     return x.to(torch.float32)
+
+def check_sampling_options(net, ts, steps, class_idx):
+    """Validated ts (students) and class index; a clear error for options that do not fit the network."""
+    if is_generative_denoiser(net):
+        ts = parse_ts(ts if ts is not None else '10,22,39')
+    elif ts is not None:
+        raise UserError('--ts is for NCVSD students; this network is a diffusion teacher: use --steps')
+    if not is_generative_denoiser(net) and (steps is None or steps < 1):
+        raise UserError('--steps must be at least 1 for a diffusion teacher')
+    if class_idx is not None:
+        if net.label_dim == 0:
+            raise UserError('--class was given but the network is unconditional; drop --class')
+        if not 0 <= class_idx < net.label_dim:
+            raise UserError(f'--class={class_idx} is out of range: the network has {net.label_dim} classes (0 to {net.label_dim - 1})')
+    return ts
 
 def sample_batch(net, noise, labels, rnd, ts=None, steps=None):
     """Student (--ts) or teacher (--steps) samples in network space."""

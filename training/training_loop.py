@@ -102,53 +102,6 @@ def build_students(init_net, network_kwargs, device, copy_logvar=False):
         nets.append(net.train().to(device).prepare_for_training())
     return nets
 
-def check_data_matches(dataset, encoder, teacher, cond):
-    """Clear errors when the data cannot feed the teacher (resolution, channels, labels)."""
-    item = torch.as_tensor(dataset[0][0])[None]
-    encoded = encoder.encode_latents(item)
-    expected = [teacher.img_channels, teacher.img_resolution, teacher.img_resolution]
-    if list(encoded.shape[1:]) != expected:
-        raise UserError(f'the dataset gives items of shape {list(encoded.shape[1:])} (channels, height, width) '
-            f'but the teacher expects {expected}; convert the data at {teacher.img_resolution}x{teacher.img_resolution} '
-            'with dataset_tool.py (and encode it for latent-space teachers)')
-    if cond and teacher.label_dim != 0 and dataset.label_dim != teacher.label_dim:
-        raise UserError(f'the dataset has {dataset.label_dim} classes but the teacher has label_dim={teacher.label_dim}; '
-            'use the matching dataset, or --cond=False for an unconditional teacher')
-    if cond and teacher.label_dim == 0 and dataset.label_dim != 0:
-        raise UserError(f'the teacher is unconditional but the dataset has labels; pass --cond=False')
-
-RESUMABLE_CHANGES = ('duration', 'status', 'snapshot', 'checkpoint', 'ts', 'batch_gpu', 'grid_size', 'vae')   # Safe to change on resume.
-
-def checkpoint_nimg(path):
-    """Images seen by the run when it wrote the checkpoint at `path` (memory-mapped: the weights are not read)."""
-    return int(torch.load(path, map_location='cpu', weights_only=False, mmap=True)['state']['cur_nimg'])
-
-def check_run_options(run_dir, options):
-    """An outdir belongs to one run: refuse to resume a run with different settings. Returns True when the
-    run has already reached options['duration'] (then nothing is written)."""
-    latest = dist.latest_checkpoint(run_dir)
-    path = os.path.join(run_dir, 'training_options.json')
-    identity = {k: v for k, v in options.items() if k not in RESUMABLE_CHANGES}
-    if os.path.isfile(path):
-        with open(path) as f:
-            previous = json.load(f)
-        previous = {k: v for k, v in previous.items() if k in identity}
-        changed = sorted(k for k in set(identity) | set(previous) if identity.get(k) != previous.get(k))
-        if changed and latest is not None:
-            raise UserError(f'--outdir={run_dir} holds checkpoints of a different run (differs in {", ".join(changed)}); '
-                'use a new --outdir, or the original settings to resume')
-    if latest is not None and checkpoint_nimg(latest) >= options['duration']:
-        dist.print0(f'--outdir={run_dir} holds a finished run ({checkpoint_nimg(latest) / 1000:g} kimg); nothing to do, nothing changed. '
-            'Pass a longer --duration to continue it.')
-        return True
-    if dist.get_rank() == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        temp = path + '.tmp'
-        with open(temp, 'w') as f:
-            json.dump(options, f, indent=2)
-        os.replace(temp, path)
-    return False
-
 class NCVSDIteration:
     """One NCVSD iteration (DESIGN §3): fake score, discriminator and generator phases, each on its own
     batches with gradient accumulation, a cross-rank gradient sum and one Adam step."""
