@@ -16,9 +16,9 @@ import tqdm
 
 from dnnlib.util import run_cli, UserError
 from torch_utils import distributed as dist
-from training import metrics as fd
+from evaluation import frechet
 from training.dataset import ImageFolderDataset
-from training.network_setup import load_for_sampling
+from training.network_io import load_network
 from training.sampling import check_sampling_options, generate_images
 
 def parse_metrics(text):
@@ -47,8 +47,8 @@ def dataset_batches(path, num, batch, device):
     return
 
 def report(stats, ref, ref_path, out):
-    fd.check_reference(ref, stats, ref_path)
-    scores = fd.fd_scores(stats, ref)
+    frechet.check_reference(ref, stats, ref_path)
+    scores = frechet.fd_scores(stats, ref)
     if dist.get_rank() == 0:
         for metric, value in scores.items():
             print(f'{metric} {value:.5g}  ({stats[metric]["num_images"]} images, detector {stats[metric]["detector"]})')
@@ -71,7 +71,7 @@ def common_options(fn):
 
 def make_detectors(metrics, inception, dinov2, custom):
     """The detectors (their weights are fetched here: called once the user's own paths have been checked)."""
-    return fd.make_detectors(parse_metrics(metrics), dict(fid=inception, fd_dinov2=dinov2), parse_custom(custom))
+    return frechet.make_detectors(parse_metrics(metrics), dict(fid=inception, fd_dinov2=dinov2), parse_custom(custom))
 
 @click.group()
 def cmdline():
@@ -91,14 +91,14 @@ def gen(net, ref_path, ts, steps, num, seed, class_idx, out, metrics, batch, inc
     """Generate images on the fly (no files) and compare them with a reference."""
     def run():
         dev = dist.init(device)
-        ref = fd.load_reference(ref_path)
-        network, encoder = load_for_sampling(net, dev, verbose=dist.get_rank() == 0)
+        ref = frechet.load_reference(ref_path)
+        network, encoder = load_network(net, dev, verbose=dist.get_rank() == 0)
         checked_ts = check_sampling_options(network, ts, steps, class_idx)
         detectors = make_detectors(metrics, inception, dinov2, custom)
         progress = tqdm.tqdm(total=num, unit='img', disable=dist.get_rank() != 0)
         images = (r['images'] for r in generate_images(network, encoder, list(range(seed, seed + num)), ts=checked_ts, steps=steps,
             class_idx=class_idx, batch_size=batch, device=dev, rank=dist.get_rank(), world_size=dist.get_world_size()))
-        stats = fd.compute_stats(images, detectors, network.img_resolution * (8 if hasattr(encoder, '_vae') else 1), progress)
+        stats = frechet.compute_stats(images, detectors, network.img_resolution * (8 if hasattr(encoder, '_vae') else 1), progress)
         progress.close()
         report(stats, ref, ref_path, out)
         dist.shutdown()
@@ -114,10 +114,10 @@ def calc(images, ref_path, num, out, metrics, batch, inception, dinov2, custom, 
     """Compare a folder or zip of images with a reference."""
     def run():
         dev = dist.init(device)
-        ref = fd.load_reference(ref_path)
+        ref = frechet.load_reference(ref_path)
         resolution = ImageFolderDataset(images).resolution
         detectors = make_detectors(metrics, inception, dinov2, custom)
-        stats = fd.compute_stats(dataset_batches(images, num, batch, dev), detectors, resolution)
+        stats = frechet.compute_stats(dataset_batches(images, num, batch, dev), detectors, resolution)
         report(stats, ref, ref_path, out)
         dist.shutdown()
     run_cli(run)
@@ -133,9 +133,9 @@ def ref(data, dest, num, metrics, batch, inception, dinov2, custom, device):
         dev = dist.init(device)
         resolution = ImageFolderDataset(data).resolution
         detectors = make_detectors(metrics, inception, dinov2, custom)
-        stats = fd.compute_stats(dataset_batches(data, num, batch, dev), detectors, resolution)
+        stats = frechet.compute_stats(dataset_batches(data, num, batch, dev), detectors, resolution)
         if dist.get_rank() == 0:
-            fd.save_reference(stats, dest)
+            frechet.save_reference(stats, dest)
             print(f'Saved {", ".join(stats)} statistics of {next(iter(stats.values()))["num_images"]} images to {dest}')
         dist.shutdown()
     run_cli(run)

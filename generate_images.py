@@ -16,13 +16,14 @@ import tqdm
 
 from dnnlib.util import run_cli, parse_int_list
 from torch_utils import distributed as dist
-from training.network_setup import load_for_sampling
+from training.network_io import load_network
+from training.noise_levels import DEFAULT_TS
 from training.sampling import check_sampling_options, generate_images, save_image_grid
 
 def run(net, outdir, seeds, ts=None, steps=32, class_idx=None, subdirs=False, batch=32, device=None, grid=None, vae=None):
     device = dist.init(device)
     seeds = parse_int_list(seeds)
-    net, encoder = load_for_sampling(net, device, verbose=dist.get_rank() == 0, vae=vae)
+    net, encoder = load_network(net, device, verbose=dist.get_rank() == 0, vae=vae)
     ts = check_sampling_options(net, ts, steps, class_idx)
     sampler = f'--ts={",".join(map(str, ts))}' if ts else f'Heun, {2 * steps - 1} NFE'
     dist.print0(f'Generating {len(seeds)} images ({sampler}) to "{outdir}" on {dist.get_world_size()} rank(s) ...')
@@ -50,7 +51,7 @@ def run(net, outdir, seeds, ts=None, steps=32, class_idx=None, subdirs=False, ba
 @click.option('--net', help='Network pickle or export (path or URL)', metavar='PKL|PT', required=True)
 @click.option('--outdir', help='Where to save the images', metavar='DIR', required=True)
 @click.option('--seeds', help='Random seeds, e.g. 0-3,7', metavar='LIST', default='0-63', show_default=True)
-@click.option('--ts', help='NCVSD grid indices ending at 39, e.g. 10,22,39 [default: 10,22,39]', metavar='LIST')
+@click.option('--ts', help=f'NCVSD grid indices ending at 39 [default: {",".join(map(str, DEFAULT_TS))}]', metavar='LIST')
 @click.option('--steps', help='Heun steps for diffusion teachers', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
 @click.option('--class', 'class_idx', help='Class label (default: random per seed)', metavar='INT', type=int)
 @click.option('--subdirs', help='One subfolder per 1000 seeds', is_flag=True)

@@ -11,12 +11,12 @@ import click
 from dnnlib.util import run_cli
 from torch_utils import distributed as dist
 from inverse.solve import load_task, solve_dataset
-from training.network_setup import load_for_sampling
+from training.network_io import load_network
 
 def run(net, data, preset, outdir, batch, seed, runs, num, metrics, lpips_vgg, lpips_heads, device, **overrides):
     device = dist.init(device)
     task = load_task(preset, overrides)
-    network, encoder = load_for_sampling(net, device)
+    network, encoder = load_network(net, device)
     report = solve_dataset(network, encoder, data, task, outdir, batch=batch, seed=seed, runs=runs, max_images=num,
         metrics=[m.strip() for m in metrics.split(',')], lpips_vgg=lpips_vgg, lpips_heads=lpips_heads, device=device)
     for metric, s in report['summary'].items():

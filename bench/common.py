@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from training.networks_edm2 import Precond
-from training.train_setup import load_preset
+from training.run_config import load_preset
 
 def random_teacher(preset, device):
     """An EDM2 Precond with the preset's network_arch and non-zero gains (so every layer contributes)."""

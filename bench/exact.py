@@ -21,8 +21,9 @@ from inverse.operators import get_operator
 from torch_utils.distributed import choose_device
 from torch_utils.misc import randn_like_from
 from inverse.pnp import pnp_gd
-from training.analytic import GaussianMixture, ExactGenerativeDenoiser, toy_teacher, mixture_metrics
-from training.loading import load_network_data
+from training.analytic import GaussianMixture, ExactGenerativeDenoiser, mixture_metrics
+from training.toy import toy_teacher
+from training.network_io import load_network_data
 from training.noise_levels import PAPER_CHAINS
 from training.sampling import edm_heun_sampler
 
@@ -39,7 +40,7 @@ def sample_rows(mixture, student, n, gen):
     noise = lambda: torch.randn(n, teacher.img_channels, teacher.img_resolution, teacher.img_resolution, generator=gen, device=gen.device)
     randn_like = randn_like_from(gen)
     for steps in (2, 4, 8, 16, 32):
-        row(f'(a) EDM Heun, exact teacher', 2 * steps - 1, mixture.metrics(edm_heun_sampler(teacher, noise(), labels, steps), labels))
+        row('(a) EDM Heun, exact teacher', 2 * steps - 1, mixture.metrics(edm_heun_sampler(teacher, noise(), labels, steps), labels))
     exact_gd = ExactGenerativeDenoiser(teacher)
     for nfe, ts in PAPER_CHAINS.items():
         row(f'(b) exact G, --ts={",".join(map(str, ts))}', nfe, mixture.metrics(exact_gd(noise() * 80, 80.0, labels, ts=ts, randn_like=randn_like), labels))

@@ -13,7 +13,7 @@ import torch
 from common import random_teacher, PhaseTimer, peak_memory_mb
 from training.loss import NCVSDLoss
 from training.speed import OPTIONS, set_speed_options, get_speed_options
-from training.training_loop import NCVSDIteration, build_students
+from training.training_loop import NCVSDIteration, build_optimizers, build_students
 
 def random_batches(shape, label_dim, device, generator):
     """Endless random (images, one-hot labels): the step without data loading."""
@@ -39,10 +39,9 @@ def main(preset, batch, iters, warmup, device, threads, off):
     teacher, config = random_teacher(preset, device)
     teacher.eval().requires_grad_(False)
     G, S, D = build_students(teacher, dict(use_fp16=bool(config.get('fp16', False))), device)
-    optimizers = [torch.optim.Adam(net.parameters(), lr=0, betas=(0.9, 0.99)) for net in (S, D, G)]
-    generator = torch.Generator(device).manual_seed(0)
-    step = NCVSDIteration(G, S, D, teacher, NCVSDLoss(P_mean=config.P_mean, P_std=config.P_std), optimizers, config.gamma,
-        num_rounds=1, batch_gpu_total=batch, g_lr_scaling=config.g_lr_scaling, d_lr_scaling=config.d_lr_scaling, generator=generator)
+    step = NCVSDIteration(G, S, D, teacher, NCVSDLoss(P_mean=config.P_mean, P_std=config.P_std), build_optimizers(G, S, D), config.gamma,
+        num_rounds=1, batch_gpu_total=batch, g_lr_scaling=config.g_lr_scaling, d_lr_scaling=config.d_lr_scaling,
+        rng=torch.Generator(device).manual_seed(0))
     shape = (batch, teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
     batches = random_batches(shape, teacher.label_dim, device, torch.Generator(device).manual_seed(1))
     timer = PhaseTimer(device)

@@ -140,6 +140,12 @@ def parse_nimg(text):
     scale = {None: 1, 'K': 1e3, 'M': 1e6, 'G': 1e9, 'Ki': 2**10, 'Mi': 2**20, 'Gi': 2**30}[m.group(2)]
     return int(round(float(m.group(1)) * scale))
 
+def nimg_stamp(nimg, fine=False):
+    """The <kimg> of file names: EDM2's whole kimg (7 digits), or with three decimals so that every image count differs."""
+    return f'{nimg / 1000:011.3f}' if fine else f'{nimg // 1000:07d}'
+
+STAMP_PATTERN = r'\d+(?:\.\d{3})?'       # A nimg_stamp() in a file name.
+
 #----------------------------------------------------------------------------
 # URL access with a download cache.
 

@@ -1,4 +1,4 @@
-"""PnP-GD (DESIGN §3): alternate a generative-denoiser prior step and an exact likelihood step while
+"""PnP-GD (README, Inverse problems): alternate a generative-denoiser prior step and an exact likelihood step while
 the noise level anneals over a Karras schedule."""
 
 import math

@@ -9,7 +9,7 @@ import torch
 import tqdm
 
 from dnnlib.util import UserError
-from inverse import metrics as im
+from evaluation import image_quality
 from inverse.operators import get_operator
 from inverse.pnp import pnp_gd
 from training.dataset import ImageFolderDataset
@@ -39,6 +39,9 @@ def check_network(net, encoder, dataset):
     if dataset.resolution != net.img_resolution or dataset.num_channels != net.img_channels:
         raise UserError(f'the images are {dataset.num_channels}x{dataset.resolution}x{dataset.resolution} but the network expects '
             f'{net.img_channels}x{net.img_resolution}x{net.img_resolution}; resize the data with dataset_tool.py convert')
+    if net.label_dim and dataset.label_dim != net.label_dim:
+        raise UserError(f'the network is class-conditional ({net.label_dim} classes) but the images carry '
+            f'{dataset.label_dim or "no"} labels; give a folder or zip whose dataset.json labels them (e.g. python -m training.toy images)')
 
 def save_png(x, path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -50,15 +53,15 @@ def make_lpips(wanted, vgg_path, heads_path, device):
     if 'lpips' not in wanted:
         return None, 'not requested'
     try:
-        lpips = im.LPIPS()
+        lpips = image_quality.LPIPS()
         lpips.load_weights(vgg_path, heads_path)
-        return lpips.to(device), im.LPIPS.variant
+        return lpips.to(device), image_quality.LPIPS.variant
     except UserError as err:
         return None, f'unavailable: {err}'
 
 def image_metrics(recon, truth, lpips):
-    a, b = im.to_unit(recon), im.to_unit(truth)
-    values = dict(psnr=im.psnr(a, b), ssim=im.ssim(a, b))
+    a, b = image_quality.to_unit(recon), image_quality.to_unit(truth)
+    values = dict(psnr=image_quality.psnr(a, b), ssim=image_quality.ssim(a, b))
     if lpips is not None:
         with torch.no_grad():
             values['lpips'] = lpips(a.float(), b.float()).to(torch.float64)
@@ -76,7 +79,7 @@ def summarize(per_image):
 
 def solve_dataset(net, encoder, data, task, outdir, batch=4, seed=0, runs=None, max_images=None, metrics=('psnr', 'ssim', 'lpips'),
     lpips_vgg=None, lpips_heads=None, device=torch.device('cpu')):
-    dataset = ImageFolderDataset(data, use_labels=False, max_size=max_images)
+    dataset = ImageFolderDataset(data, use_labels=bool(net.label_dim), max_size=max_images)
     check_network(net, encoder, dataset)
     operator_kwargs = dict(task['operator'])
     operator = get_operator(operator_kwargs.pop('name'), img_size=dataset.resolution, channels=dataset.num_channels, **operator_kwargs)
@@ -89,12 +92,13 @@ def solve_dataset(net, encoder, data, task, outdir, batch=4, seed=0, runs=None, 
     for start in range(0, len(dataset), batch):
         indices = list(range(start, min(start + batch, len(dataset))))
         truth = torch.stack([torch.as_tensor(dataset[i][0]) for i in indices]).to(device).to(torch.float32) / 127.5 - 1
+        labels = torch.stack([torch.as_tensor(dataset[i][1]) for i in indices]).to(device, torch.float32) if net.label_dim else None
         y = operator.measure(truth, task['sigma_y'], generator=generator)
         items = [dict(index=i, runs=[]) for i in indices]
         for run in range(runs):
             recon = pnp_gd(net, y, operator, task['sigma_y'], beta=task.get('beta'), steps=task['steps'], sigma_min=task['sigma_min'],
                 sigma_max=task['sigma_max'], rho=task['rho'], ts=task.get('ts'), ema_sigma=task.get('ema_sigma', 0.0),
-                ema_decay=task.get('ema_decay'), generator=generator, progress=progress)
+                ema_decay=task.get('ema_decay'), generator=generator, labels=labels, progress=progress)
             values = image_metrics(recon, truth, lpips)
             for j, item in enumerate(items):
                 item['runs'].append({k: v[j] for k, v in values.items() if k in metrics})

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import DEVICES
-from training.analytic import GaussianMixture, toy_teacher, mixture_metrics
+from training.analytic import GaussianMixture, mixture_metrics
+from training.toy import toy_teacher
 
 def tiny_mixture(label_dim=0):
     gen = torch.Generator().manual_seed(0)
@@ -92,7 +93,7 @@ def test_linear_posterior_against_brute_force(device):
 def test_teacher_pickles_and_loads(tmp_path):
     import pickle
     import dnnlib
-    from training.loading import load_network_data, check_diffusion_network
+    from training.network_io import load_network_data, check_diffusion_network
     teacher = toy_teacher(resolution=8)
     with open(tmp_path / 'toy.pkl', 'wb') as f:
         pickle.dump(dnnlib.EasyDict(ema=teacher), f)
@@ -104,7 +105,7 @@ def test_teacher_pickles_and_loads(tmp_path):
 
 def test_short_toy_distillation_improves_the_student(tmp_path):
     """A few NCVSD iterations on an 8×8 toy move the student's exact metrics towards the mixture."""
-    from training.analytic import fit_denoiser_network, ExactGenerativeDenoiser
+    from training.toy import fit_denoiser_network
     from training.networks_ncvsd import ConditionalPrecond, GenerativeDenoiser
     from training.training_loop import training_loop
     torch.manual_seed(0)

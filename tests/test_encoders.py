@@ -51,8 +51,8 @@ def test_encode_to_latents_and_use_them_for_training(tmp_path, monkeypatch):
     from training.dataset import ImageFolderDataset
     from training.dataset_io import encode_dataset
     from training.train_setup import make_data
+    from training.run_config import default_config
     from training.train_setup import check_data_matches
-    import dnnlib
     monkeypatch.setattr(encoders, 'load_stability_vae', lambda name, device=None: FakeVAE())
     pixels = make_dataset(tmp_path / 'src', tmp_path / 'pixels.zip', num=5, resolution=32)
     assert encode_dataset(str(pixels), str(tmp_path / 'latents.zip'), batch=2) == 5
@@ -62,7 +62,7 @@ def test_encode_to_latents_and_use_them_for_training(tmp_path, monkeypatch):
     import pickle
     with open(make_teacher(tmp_path / 't.pkl', resolution=4, channels=4), 'rb') as f:
         teacher = pickle.load(f)['ema']
-    dataset, encoder, _ = make_data(dnnlib.EasyDict(data=str(tmp_path / 'latents.zip'), cond=True), teacher, None)
+    dataset, encoder, _ = make_data(default_config(data=str(tmp_path / 'latents.zip'), cond=True), teacher, None)
     assert type(encoder).__name__ == 'StabilityVAEEncoder'
     check_data_matches(dataset, encoder, teacher, cond=True)
     decoded = encoder.decode(encoder.encode_latents(torch.as_tensor(item)[None]))
@@ -76,6 +76,7 @@ def test_the_encoding_vae_reaches_training_and_a_failed_one_is_not_retried(tmp_p
     from training.dataset import ImageFolderDataset
     from training.dataset_io import encode_dataset
     from training.train_setup import make_data
+    from training.run_config import default_config
     loads = []
     def fake_loader(name, device=None):
         loads.append(name)
@@ -88,7 +89,7 @@ def test_the_encoding_vae_reaches_training_and_a_failed_one_is_not_retried(tmp_p
     assert ImageFolderDataset(str(tmp_path / 'latents.zip')).info == {'vae': str(tmp_path / 'my-vae')}
     with open(make_teacher(tmp_path / 't.pkl', resolution=4, channels=4), 'rb') as f:
         teacher = pickle.load(f)['ema']
-    config = dnnlib.EasyDict(data=str(tmp_path / 'latents.zip'), cond=True)
+    config = default_config(data=str(tmp_path / 'latents.zip'), cond=True)
     _, encoder, _ = make_data(config, teacher, StabilityVAEEncoder())          # Even over a teacher pickle's encoder.
     assert encoder.vae_name == str(tmp_path / 'my-vae')
     _, encoder, _ = make_data(dnnlib.EasyDict(config, vae='offline/vae'), teacher, None)
@@ -100,6 +101,6 @@ def test_the_encoding_vae_reaches_training_and_a_failed_one_is_not_retried(tmp_p
 
 def test_vae_option_needs_a_latent_network(tmp_path):
     from helpers import make_teacher
-    from training.network_setup import load_for_sampling
+    from training.network_io import load_network
     with pytest.raises(UserError, match='not a latent-space network; drop --vae'):
-        load_for_sampling(str(make_teacher(tmp_path / 't.pkl')), torch.device('cpu'), verbose=False, vae='some/vae')
+        load_network(str(make_teacher(tmp_path / 't.pkl')), torch.device('cpu'), verbose=False, vae='some/vae')

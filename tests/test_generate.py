@@ -6,7 +6,8 @@ import torch
 from conftest import run_python, DEVICES
 from dnnlib.util import UserError
 from helpers import make_teacher
-from training.analytic import GaussianMixture, toy_teacher, mixture_metrics
+from training.analytic import GaussianMixture, mixture_metrics
+from training.toy import toy_teacher
 from training.sampling import edm_heun_sampler, generate_images, rank_batches
 from training.encoders import StandardRGBEncoder
 from training.sampling import check_sampling_options
@@ -71,7 +72,7 @@ def test_cli_teacher_and_export(tmp_path):
 def test_export_round_trip(tmp_path):
     import pickle
     import dnnlib
-    from training.export import export_network, load_exported
+    from training.network_io import load_exported
     from training.networks_ncvsd import ConditionalPrecond
     from conftest import load_fixture
     data = load_fixture('ncvsd_networks_small.pt')
@@ -80,7 +81,7 @@ def test_export_round_trip(tmp_path):
     snapshot = tmp_path / 'snap.pkl'
     with open(snapshot, 'wb') as f:
         pickle.dump(dnnlib.EasyDict(ema=GenerativeDenoiser(net, gamma=0.3), encoder=StandardRGBEncoder()), f)
-    result = run_python(['-m', 'training.export', str(snapshot), str(tmp_path / 'student.pt')])
+    result = run_python(['-m', 'training.network_io', 'export', str(snapshot), str(tmp_path / 'student.pt')])
     assert result.returncode == 0, result.stderr
     raw = torch.load(tmp_path / 'student.pt', weights_only=True)              # no pickled code inside
     assert raw['format'] == 'ncvsd-export-v1'
@@ -118,7 +119,7 @@ def test_released_style_pickle_loads_and_samples(tmp_path, monkeypatch):
 
 def test_module_entry_points_show_help_and_change_nothing(tmp_path):
     """`--help` of every `python -m` entry point prints usage, exits 0 and writes nothing."""
-    for module in ('training.export', 'inverse.masks', 'training.phema'):
+    for module in ('training.network_io', 'inverse.masks', 'training.phema'):
         result = run_python(['-m', module, '--help'], cwd=str(tmp_path))
         assert result.returncode == 0 and 'Usage:' in result.stdout, (module, result.stderr)
     assert list(tmp_path.iterdir()) == []

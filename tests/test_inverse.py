@@ -9,9 +9,10 @@ import torch
 import dnnlib
 from conftest import run_python, load_fixture, DEVICES, ROOT
 from dnnlib.util import UserError
-from inverse import metrics as im
+from evaluation import image_quality
 from inverse.operators import get_operator, Inpainting, ula_likelihood_step, motion_kernel
 from inverse.pnp import pnp_gd
+from inverse import solve
 from training.analytic import GaussianMixture
 
 LINEAR = [('box_inpainting', {}), ('gaussian_deblur_circ', dict(kernel_size=5, intensity=1.0)),
@@ -113,12 +114,12 @@ def test_pnp_gd_with_exact_denoiser_matches_the_exact_posterior(device):
 
 def test_psnr_and_ssim_known_values():
     a = torch.full([1, 1, 16, 16], 0.5, dtype=torch.float64)
-    assert float(im.psnr(a, a + 0.1)) == pytest.approx(20.0)
+    assert float(image_quality.psnr(a, a + 0.1)) == pytest.approx(20.0)
     b = torch.full_like(a, 0.25)
     c1 = 0.01 ** 2
-    assert float(im.ssim(a, b)) == pytest.approx((2 * 0.5 * 0.25 + c1) / (0.5 ** 2 + 0.25 ** 2 + c1))
+    assert float(image_quality.ssim(a, b)) == pytest.approx((2 * 0.5 * 0.25 + c1) / (0.5 ** 2 + 0.25 ** 2 + c1))
     x = torch.rand(1, 1, 16, 16, dtype=torch.float64)
-    assert float(im.ssim(x, x)) == pytest.approx(1.0)
+    assert float(image_quality.ssim(x, x)) == pytest.approx(1.0)
 
 def test_ssim_against_a_direct_computation():
     gen = torch.Generator().manual_seed(0)
@@ -134,10 +135,10 @@ def test_ssim_against_a_direct_computation():
             vp, vq, cpq = (w * (p - mp) ** 2).sum(), (w * (q - mq) ** 2).sum(), (w * (p - mp) * (q - mq)).sum()
             c1, c2 = 0.01 ** 2, 0.03 ** 2
             values.append((2 * mp * mq + c1) * (2 * cpq + c2) / ((mp ** 2 + mq ** 2 + c1) * (vp + vq + c2)))
-    assert float(im.ssim(x, y)) == pytest.approx(float(torch.stack(values).mean()), rel=1e-9)
+    assert float(image_quality.ssim(x, y)) == pytest.approx(float(torch.stack(values).mean()), rel=1e-9)
 
 def test_lpips_structure_and_missing_weights(tmp_path):
-    lpips = im.LPIPS()
+    lpips = image_quality.LPIPS()
     x = torch.rand(2, 3, 32, 32)
     assert torch.allclose(lpips(x, x), torch.zeros(2), atol=1e-6)
     assert (lpips(x, torch.rand(2, 3, 32, 32)) > 0).all()
@@ -206,13 +207,12 @@ def test_phase_retrieval_cli_writes_results_and_grid(student, tmp_path):
 
 def test_a_failed_grid_keeps_the_results(student, tmp_path, monkeypatch, capsys):
     from helpers import make_dataset
-    from inverse import solve
-    from training.network_setup import load_for_sampling
+    from training.network_io import load_network
     def broken_grid(*args, **kwargs):
         raise RuntimeError('stack expects each tensor to be equal size')
     monkeypatch.setattr(solve, 'save_image_grid', broken_grid)
     data = make_dataset(tmp_path / 'src', tmp_path / 'data.zip', num=2)
-    net, encoder = load_for_sampling(str(student), torch.device('cpu'), verbose=False)
+    net, encoder = load_network(str(student), torch.device('cpu'), verbose=False)
     task = solve.load_task('box_inpainting', dict(steps=2, runs=1))
     solve.solve_dataset(net, encoder, str(data), task, str(tmp_path / 'out'), metrics=('psnr',))
     assert 'grid.png not written' in capsys.readouterr().out
@@ -238,3 +238,18 @@ def test_quick_start_script_finds_the_checkpoint_and_images(tmp_path, name):
         assert result.returncode == 0, result.stderr
         assert f'--net=../model_zoo/ncvsd/{name} --data=../data/test/ffhq_val --preset=box_inpainting' in result.stdout
         assert '--runs=2' in result.stdout
+
+def test_class_conditional_student_takes_the_labels_of_toy_test_images(tmp_path):
+    """`python -m training.toy images` writes labelled images; a class-conditional network needs them."""
+    from training.analytic import ExactGenerativeDenoiser
+    from training.encoders import StandardRGBEncoder
+    from training.toy import toy_teacher
+    result = run_python(['-m', 'training.toy', 'images', f'--dest={tmp_path / "toy"}', '--num=4'])
+    assert result.returncode == 0, result.stderr
+    net = ExactGenerativeDenoiser(toy_teacher())
+    task = solve.load_task('box_inpainting', dict(steps=10))
+    report = solve.solve_dataset(net, StandardRGBEncoder(), str(tmp_path / 'toy'), task, str(tmp_path / 'out'), metrics=('psnr',))
+    assert report['num_images'] == 4 and report['summary']['psnr']['mean'] > 15
+    os.remove(tmp_path / 'toy' / 'dataset.json')
+    with pytest.raises(UserError, match='class-conditional'):
+        solve.solve_dataset(net, StandardRGBEncoder(), str(tmp_path / 'toy'), task, str(tmp_path / 'out2'), metrics=('psnr',))

@@ -40,7 +40,7 @@ def test_generator_gradient_points_towards_the_teacher():
     for shift in (0.7, -0.4):
         gen = ShiftedGenerator(shift)
         images = torch.zeros(512, 1, 2, 2)
-        loss, gan = loss_fn.generator_loss(gen, exact_score_net(shift), teacher, images, generator=torch.Generator().manual_seed(0))
+        loss, gan = loss_fn.generator_loss(gen, exact_score_net(shift), teacher, images, rng=torch.Generator().manual_seed(0))
         assert gan is None
         loss.sum().backward()
         # d loss / d m = Σ 2λ(t)(s − s0) with s − s0 = m·σ_eff²/(S² + σ_eff²): same sign as m.
@@ -57,8 +57,8 @@ def test_score_loss_is_smallest_for_the_exact_fake_score():
     loss_fn = NCVSDLoss()
     gen = ShiftedGenerator(0.6)
     images = torch.zeros(2048, 1, 2, 2)
-    exact = loss_fn.score_loss(gen, exact_score_net(0.6), images, generator=torch.Generator().manual_seed(1)).mean()
-    wrong = loss_fn.score_loss(gen, exact_score_net(0.0), images, generator=torch.Generator().manual_seed(1)).mean()
+    exact = loss_fn.score_loss(gen, exact_score_net(0.6), images, rng=torch.Generator().manual_seed(1)).mean()
+    wrong = loss_fn.score_loss(gen, exact_score_net(0.0), images, rng=torch.Generator().manual_seed(1)).mean()
     assert exact < wrong
 
 def test_score_loss_value_matches_formula():
@@ -81,7 +81,7 @@ def test_discriminator_loss_at_chance_is_log2_per_dimension():
 
 def test_sigma_sampler_uses_the_karras_grid():
     grid = karras_sigmas(1000).float()
-    y, sigma = NCVSDLoss().sample_condition(torch.zeros(256, 1, 1, 1), generator=torch.Generator().manual_seed(0))
+    y, sigma = NCVSDLoss().sample_condition(torch.zeros(256, 1, 1, 1), rng=torch.Generator().manual_seed(0))
     assert all(torch.isclose(grid, s).any() for s in sigma.flatten())
     assert float(grid.max()) == 80.0 and abs(float(grid.min()) - 0.002) < 1e-7
 

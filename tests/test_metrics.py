@@ -8,7 +8,7 @@ import torch
 
 from conftest import run_python, ROOT, DEVICES
 from dnnlib.util import UserError
-from training import metrics as fd
+from evaluation import frechet
 
 STANDIN = '--detector=fd_stand=standin_detectors.PoolingDetector'
 ENV = {'PYTHONPATH': f'{ROOT}{os.pathsep}{os.path.join(ROOT, "tests")}'}
@@ -19,35 +19,35 @@ def test_frechet_distance_closed_form_for_gaussians():
     mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
     a, b = rng.uniform(0.5, 2, size=5), rng.uniform(0.5, 2, size=5)
     expected = np.square(mu1 - mu2).sum() + np.square(np.sqrt(a) - np.sqrt(b)).sum()
-    assert fd.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    assert frechet.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
 
 def test_frechet_distance_against_scipy_on_random_features():
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(500, 6)), rng.normal(size=(400, 6)) @ rng.normal(size=(6, 6)) + 0.3
-    s1, s2 = fd.FeatureStats(6), fd.FeatureStats(6)
+    s1, s2 = frechet.FeatureStats(6), frechet.FeatureStats(6)
     s1.append(torch.as_tensor(x))
     s2.append(torch.as_tensor(y))
     (_, mu1, sig1), (_, mu2, sig2) = s1.finalize(), s2.finalize()
     assert np.allclose(sig1, np.cov(x, rowvar=False)) and np.allclose(mu2, y.mean(0))
     reference = np.square(mu1 - mu2).sum() + np.trace(sig1 + sig2 - 2 * scipy.linalg.sqrtm(sig1 @ sig2).real)
-    assert fd.frechet_distance(mu1, sig1, mu2, sig2) == pytest.approx(reference, rel=1e-9)
+    assert frechet.frechet_distance(mu1, sig1, mu2, sig2) == pytest.approx(reference, rel=1e-9)
 
 @pytest.mark.parametrize('device', DEVICES)
 def test_fd_of_a_set_against_itself_is_zero(device):
     from standin_detectors import PoolingDetector
     images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, device=device)
-    stats = fd.compute_stats([images[:40], images[40:]], {'fd_stand': PoolingDetector()}, 16)
+    stats = frechet.compute_stats([images[:40], images[40:]], {'fd_stand': PoolingDetector()}, 16)
     features = PoolingDetector()(images.cpu())
     assert np.allclose(stats['fd_stand']['mu'], features.mean(0).numpy(), rtol=1e-10)
     assert np.allclose(stats['fd_stand']['sigma'], np.cov(features.numpy(), rowvar=False), rtol=1e-8)
-    assert fd.fd_scores(stats, stats)['fd_stand'] == pytest.approx(0, abs=1e-8)
+    assert frechet.fd_scores(stats, stats)['fd_stand'] == pytest.approx(0, abs=1e-8)
     assert stats['fd_stand']['num_images'] == 64
 
 def test_reference_round_trip_and_format(tmp_path):
     ref = {'fid': dict(mu=np.arange(3.0), sigma=np.eye(3)), 'fd_dinov2': dict(mu=np.ones(2), sigma=np.eye(2) * 2)}
     for name in ('ref.pkl', 'ref.npz'):
-        fd.save_reference(ref, str(tmp_path / name))
-        loaded = fd.load_reference(str(tmp_path / name))
+        frechet.save_reference(ref, str(tmp_path / name))
+        loaded = frechet.load_reference(str(tmp_path / name))
         assert set(loaded) == {'fid', 'fd_dinov2'}
         assert np.array_equal(loaded['fid']['sigma'], np.eye(3)) and np.array_equal(loaded['fd_dinov2']['mu'], np.ones(2))
     with open(tmp_path / 'ref.pkl', 'rb') as f:
@@ -63,22 +63,22 @@ def test_malicious_reference_is_refused_without_running(tmp_path, monkeypatch):
     with open(tmp_path / 'evil.pkl', 'wb') as f:
         pickle.dump({'fid': {'mu': np.zeros(2), 'sigma': Payload()}}, f)
     with pytest.raises(UserError, match='only numpy arrays and builtins'):
-        fd.load_reference(str(tmp_path / 'evil.pkl'))
+        frechet.load_reference(str(tmp_path / 'evil.pkl'))
     assert not (tmp_path / 'PWNED_BY_REFERENCE').exists()
 
 def test_reference_mismatch_is_refused():
     ours = {'fid': dict(mu=0, sigma=0, detector='a', resolution=64)}
     with pytest.raises(UserError, match='resolution=512'):
-        fd.check_reference({'fid': dict(mu=0, sigma=0, detector='a', resolution=512)}, ours, 'ref.pkl')
+        frechet.check_reference({'fid': dict(mu=0, sigma=0, detector='a', resolution=512)}, ours, 'ref.pkl')
     with pytest.raises(UserError, match='no "fid"'):
-        fd.check_reference({'fd_dinov2': dict(mu=0, sigma=0)}, ours, 'ref.pkl')
+        frechet.check_reference({'fd_dinov2': dict(mu=0, sigma=0)}, ours, 'ref.pkl')
 
 def test_missing_detector_weights_message(tmp_path):
     with pytest.raises(UserError, match='--inception=PATH'):
-        fd.InceptionV3Detector(str(tmp_path / 'absent.pkl'))
+        frechet.InceptionV3Detector(str(tmp_path / 'absent.pkl'))
 
 def test_dinov2_architecture_matches_the_checkpoint_layout():
-    from training.dinov2 import VisionTransformer
+    from evaluation.dinov2 import VisionTransformer
     net = VisionTransformer(dim=64, depth=2, num_heads=4)
     keys = set(net.state_dict())
     assert {'cls_token', 'pos_embed', 'mask_token', 'patch_embed.proj.weight', 'blocks.1.ls2.gamma',

@@ -85,3 +85,22 @@ def test_unknown_version_is_refused():
     meta = dict(type='class', version=5, module_src='', class_name='X', state={})
     with pytest.raises(pickle.UnpicklingError, match='version 5'):
         persistence._reconstruct_persistent_obj(meta)
+
+def test_snapshot_written_before_the_redesign_loads_and_samples_the_same():
+    """A student pickle from an earlier checkout embeds that checkout's networks_ncvsd source, which imports
+    today's training.networks_edm2 and noise_levels: the names it uses must keep meaning the same thing."""
+    check = textwrap.dedent(f'''
+        import torch
+        from training.network_io import load_network_data
+        data = load_network_data({os.path.join('tests', 'fixtures', 'snapshot-pre-redesign.pkl')!r}, verbose=False)
+        net = data['ema'].float().eval()
+        expected = torch.load({os.path.join('tests', 'fixtures', 'snapshot-pre-redesign-samples.pt')!r}, weights_only=True)
+        for key, ts in (('sample_1', (10, 39)), ('sample_2', (10, 22, 39))):
+            gen = torch.Generator().manual_seed(1)
+            sample = net.sample(expected['noise'], expected['labels'], ts=ts, randn_like=lambda x: torch.randn(x.shape, generator=gen))
+            assert torch.allclose(sample, expected[key], atol=1e-5), (key, float((sample - expected[key]).abs().max()))
+        print('ok')
+    ''')
+    result = run_python(['-c', check])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == 'ok'

@@ -10,7 +10,7 @@ from training.loss import NCVSDLoss
 from training.networks_edm2 import Precond
 from training.networks_ncvsd import ConditionalDiscriminator
 from training.speed import OPTIONS, set_speed_options
-from training.training_loop import NCVSDIteration, build_students
+from training.training_loop import NCVSDIteration, build_optimizers, build_students
 
 @pytest.fixture
 def speed_options():
@@ -27,9 +27,8 @@ def teacher_and_students():
 
 def one_iteration(teacher, nets):
     G, S, D = [copy.deepcopy(net) for net in nets]
-    optimizers = [torch.optim.Adam(net.parameters(), lr=0, betas=(0.9, 0.99)) for net in (S, D, G)]
-    step = NCVSDIteration(G, S, D, teacher, NCVSDLoss(), optimizers, 0.414, num_rounds=2, batch_gpu_total=8,
-        g_lr_scaling=0.1, d_lr_scaling=0.1, generator=torch.Generator().manual_seed(0))
+    step = NCVSDIteration(G, S, D, teacher, NCVSDLoss(), build_optimizers(G, S, D), 0.414, num_rounds=2, batch_gpu_total=8,
+        g_lr_scaling=0.1, d_lr_scaling=0.1, rng=torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(1)
     def batches():
         while True:

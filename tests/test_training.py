@@ -10,7 +10,7 @@ from helpers import make_teacher, make_dataset
 from training.dataset import ImageFolderDataset
 from training.encoders import StandardRGBEncoder
 from training.training_loop import training_loop, build_students, learning_rate_schedule
-from training.loading import load_network_data, prepare_frozen
+from training.network_io import load_network_data, prepare_frozen
 
 @pytest.fixture(scope='module')
 def assets(tmp_path_factory):
@@ -63,8 +63,8 @@ def test_resume_gives_identical_weights(assets, tmp_path, device):
     second = train_cli(assets, resumed, '--duration=24', '--checkpoint=8', '--snapshot=24', device=device)
     assert second.returncode == 0, second.stderr
     assert 'Loading' in second.stdout and 'training-state' in second.stdout
-    a = torch.load(straight / 'training-state-0000000.pt', weights_only=False)
-    b = torch.load(resumed / 'training-state-0000000.pt', weights_only=False)
+    a = torch.load(straight / 'training-state-0000000.024.pt', weights_only=False)
+    b = torch.load(resumed / 'training-state-0000000.024.pt', weights_only=False)
     assert a['state']['cur_nimg'] == b['state']['cur_nimg'] == 24
     for key in ('G', 'S', 'D'):
         for name in a[key]:
@@ -72,17 +72,36 @@ def test_resume_gives_identical_weights(assets, tmp_path, device):
     for ema_a, ema_b in zip(a['ema']['emas'], b['ema']['emas']):
         assert all(same(ema_a[k], ema_b[k]) for k in ema_a)
 
+def test_intervals_under_a_kimg_never_overwrite_files(assets, tmp_path):
+    result = train_cli(assets, tmp_path, '--duration=24', '--snapshot=8', '--checkpoint=8')
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in tmp_path.iterdir())
+    for stamp in ('0000000.008', '0000000.016', '0000000.024'):
+        assert f'training-state-{stamp}.pt' in names
+        assert f'network-snapshot-{stamp}-0.050.pkl' in names and f'network-snapshot-{stamp}-0.100.png' in names
+    resumed = train_cli(assets, tmp_path, '--duration=32', '--snapshot=8', '--checkpoint=8')
+    assert resumed.returncode == 0 and 'training-state-0000000.024.pt' in resumed.stdout, resumed.stderr
+
+def test_file_names_keep_whole_kimg_where_they_cannot_collide():
+    from dnnlib.util import nimg_stamp
+    from training.training_loop import fine_stamps_needed
+    assert not fine_stamps_needed(16384, 4096, 4096) and not fine_stamps_needed(64 << 20, 1 << 20, 4 << 20)
+    assert nimg_stamp(16384, False) == '0000016' and nimg_stamp(256, True) == '0000000.256'
+    assert fine_stamps_needed(768, 256, 0)                          # 256, 512, 768 images: all in kimg 0
+    assert fine_stamps_needed(1500, 1024, 0)                        # the end (1.5 kimg) after the snapshot at 1.024
+    assert fine_stamps_needed(2500, 2048, 0) and not fine_stamps_needed(3500, 2048, 0)
+
 def test_snapshot_loads_in_a_fresh_process_and_samples(assets, tmp_path):
     result = train_cli(assets, tmp_path, '--duration=8', '--snapshot=8')
     assert result.returncode == 0, result.stderr
     log = (tmp_path / 'log.txt').read_text()
     assert 'kimg 0.008' in log and 'Training:' in log
     for suffix in ('-0.050', '-0.100'):
-        assert (tmp_path / f'network-snapshot-0000000{suffix}.pkl').is_file()
-        assert (tmp_path / f'network-snapshot-0000000{suffix}.png').is_file()
+        assert (tmp_path / f'network-snapshot-0000000.008{suffix}.pkl').is_file()
+        assert (tmp_path / f'network-snapshot-0000000.008{suffix}.png').is_file()
     check = textwrap.dedent(f'''
         import pickle, torch
-        data = pickle.load(open({str(tmp_path / "network-snapshot-0000000-0.050.pkl")!r}, 'rb'))
+        data = pickle.load(open({str(tmp_path / "network-snapshot-0000000.008-0.050.pkl")!r}, 'rb'))
         net = data['ema']
         assert type(net).__name__ == 'GenerativeDenoiser' and set(data) >= {{'ema', 'encoder', 'dataset_kwargs', 'loss_fn'}}
         labels = torch.eye(4)[:2]
@@ -102,7 +121,7 @@ def test_two_process_torchrun_keeps_ranks_identical(assets, tmp_path):
         from torch_utils import distributed as dist
         from training.dataset import ImageFolderDataset
         from training.encoders import StandardRGBEncoder
-        from training.loading import load_network_data
+        from training.network_io import load_network_data
         from training.training_loop import training_loop
         dist.init()
         teacher = load_network_data({assets["teacher"]!r}, verbose=False)['ema']
@@ -120,7 +139,7 @@ def test_two_process_torchrun_keeps_ranks_identical(assets, tmp_path):
         for name, value in ranks[0][key].items():
             assert torch.equal(value, ranks[1][key][name]), (key, name)
     assert not torch.equal(ranks[0]['G']['enc.enc.16x16_conv.weight'], initial['unet.enc.16x16_conv.weight'])
-    checkpoint = torch.load(tmp_path / 'run' / 'training-state-0000000.pt', weights_only=False)
+    checkpoint = torch.load(tmp_path / 'run' / 'training-state-0000000.016.pt', weights_only=False)
     assert len(checkpoint['rng']['ranks']) == 2
 
 @pytest.mark.parametrize('case, message', [
@@ -133,6 +152,8 @@ def test_two_process_torchrun_keeps_ranks_identical(assets, tmp_path):
     ('other_run', 'different run'),
     ('preset', 'unknown preset'),
     ('fp16', '--fp16=True needs CUDA'),
+    ('preset_unknown_key', 'unknown key(s) learning_rate'),
+    ('preset_missing_key', 'lacks P_mean, lr'),
 ])
 def test_clear_errors(assets, tmp_path, case, message):
     extra = []
@@ -156,7 +177,18 @@ def test_clear_errors(assets, tmp_path, case, message):
     elif case == 'other_run':
         assert train_cli(assets, outdir, '--duration=8').returncode == 0
         extra = ['--duration=16', '--seed=5']
-    args = ['train_ncvsd.py', '--preset=nonsense' if case == 'preset' else '--preset=tiny', f'--net={net}', f'--data={assets["data"]}', f'--outdir={outdir}', '--device=cpu', *extra]
+    preset = {'preset': 'nonsense'}.get(case, 'tiny')
+    if case.startswith('preset_'):
+        import json
+        from training.run_config import load_preset
+        values = dict(load_preset('tiny'))
+        if case == 'preset_unknown_key':
+            values['learning_rate'] = values['lr']
+        else:
+            del values['lr'], values['P_mean']
+        preset = str(tmp_path / 'custom.json')
+        (tmp_path / 'custom.json').write_text(json.dumps(values))
+    args = ['train_ncvsd.py', f'--preset={preset}', f'--net={net}', f'--data={assets["data"]}', f'--outdir={outdir}', '--device=cpu', *extra]
     result = run_python(args)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
@@ -210,7 +242,7 @@ def test_out_of_memory_names_batch_gpu(assets, tmp_path, monkeypatch):
             checkpoint_nimg=0, grid_size=4, device='cpu')
 
 #----------------------------------------------------------------------------
-# The published training dynamics (DESIGN §3).
+# The published training dynamics.
 
 def tiny_run(assets, tmp_path, **kwargs):
     teacher = load_network_data(assets['teacher'], verbose=False)['ema']
@@ -297,3 +329,22 @@ def test_rerunning_a_finished_run_changes_nothing(assets, tmp_path):
     assert again.returncode == 0, again.stderr
     assert 'finished run' in again.stdout and 'nothing changed' in again.stdout
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir()} == before
+
+def test_dry_run_prints_the_resolved_configuration_and_writes_nothing(assets, tmp_path):
+    import json
+    result = train_cli(assets, tmp_path / 'run', '--dry-run', '--lr=0.5')
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout[:result.stdout.rindex('}') + 1])
+    assert config['lr'] == 0.5 and config['gamma'] == 0.414 and config['ts'] == [10, 22, 39] and config['seed'] == 0
+    assert not (tmp_path / 'run').exists()
+
+def test_every_option_and_preset_key_is_declared_once_with_its_part_in_the_run_identity():
+    """Each CLI option and preset key is a run_config key: part of the identity, or declared resumable."""
+    import glob, json
+    import train_ncvsd
+    from training.run_config import KEYS, load_preset
+    options = {param.name for param in train_ncvsd.main.params} - {'dry_run'}
+    assert options <= set(KEYS), options - set(KEYS)
+    for path in glob.glob(os.path.join(ROOT, 'presets', '*.json')):
+        assert set(load_preset(path)) <= set(KEYS), path
+    assert {'lr', 'seed', 'batch', 'P_mean', 'gamma', 'net', 'data', 'teacher'} <= {k for k, key in KEYS.items() if not key.resumable}

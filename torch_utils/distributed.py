@@ -8,7 +8,7 @@ import re
 
 import torch
 
-from dnnlib.util import UserError
+from dnnlib.util import UserError, STAMP_PATTERN
 from . import training_stats
 
 _device = None          # This rank's device, chosen by init().
@@ -157,11 +157,11 @@ class CheckpointIO:
             self.load(path, verbose=verbose)
         return path
 
-CHECKPOINT_NAME = re.compile(r'training-state-(\d+)\.pt')
+CHECKPOINT_NAME = re.compile(rf'training-state-({STAMP_PATTERN})\.pt')
 
 def latest_checkpoint(run_dir):
     """The training-state-<n>.pt of `run_dir` with the largest n, or None."""
     if not os.path.isdir(run_dir):
         return None
-    numbered = [(int(m.group(1)), name) for name in os.listdir(run_dir) if (m := CHECKPOINT_NAME.fullmatch(name))]
+    numbered = [(float(m.group(1)), name) for name in os.listdir(run_dir) if (m := CHECKPOINT_NAME.fullmatch(name))]
     return os.path.join(run_dir, max(numbered)[1]) if numbered else None

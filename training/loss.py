@@ -1,8 +1,8 @@
-"""NCVSD losses (DESIGN §3): fake-score DSM, discriminator BCE and the generator's VSD + GAN loss.
+"""NCVSD losses (README, Notes on the method): fake-score DSM, discriminator BCE and the generator's VSD + GAN loss.
 
-Network-agnostic: `generator` is a GenerativeDenoiser-like callable, `score` and `discriminator`
-are conditional networks `net(x, σ, condition_x, condition_sigma, class_labels)`, and `teacher`
-is any Precond-like denoiser.
+Network-agnostic: `G` is a GenerativeDenoiser-like callable, `score` and `discriminator` are conditional
+networks `net(x, σ, condition_x, condition_sigma, class_labels)`, `teacher` is any Precond-like denoiser,
+and `rng` the torch.Generator every draw comes from.
 """
 
 import torch
@@ -29,33 +29,33 @@ class NCVSDLoss:
         self.sigma_rho = sigma_rho
         self.gan_loss_scaling = gan_loss_scaling
 
-    def sample_condition(self, images, generator=None):
+    def sample_condition(self, images, rng=None):
         """y = x + σn with σ uniform over the Karras grid; returns (y, σ [N, 1, 1, 1])."""
         sampler = KarrasGridSampler(self.sigma_grid_size, self.sigma_min, self.sigma_max, self.sigma_rho)
-        sigma = sampler(images.shape[0], images.device, generator=generator)
-        return images + randn_like_from(generator)(images) * sigma, sigma
+        sigma = sampler(images.shape[0], images.device, rng=rng)
+        return images + randn_like_from(rng)(images) * sigma, sigma
 
-    def sample_t(self, images, generator=None):
-        return LogNormalSampler(self.P_mean, self.P_std)(images.shape[0], images.device, generator=generator)
+    def sample_t(self, images, rng=None):
+        return LogNormalSampler(self.P_mean, self.P_std)(images.shape[0], images.device, rng=rng)
 
-    def score_loss(self, generator_net, score, images, labels=None, generator=None):
+    def score_loss(self, G, score, images, labels=None, rng=None):
         """Fake score S by DSM on the generator's samples: λ(t)/e^u·‖S(x_t, t; y, σ) − x‖² + u."""
-        randn_like = randn_like_from(generator)
-        y, sigma = self.sample_condition(images, generator)
+        randn_like = randn_like_from(rng)
+        y, sigma = self.sample_condition(images, rng)
         with torch.no_grad():
-            x = generator_net(y, sigma, labels, randn_like=randn_like)
-        t = self.sample_t(images, generator)
+            x = G(y, sigma, labels, randn_like=randn_like)
+        t = self.sample_t(images, rng)
         x_t = x + randn_like(x) * t
         denoised, logvar = score(x_t, t, y, sigma, class_labels=labels, return_logvar=True)
         return edm_loss_weight(t, self.sigma_data) / logvar.exp() * (denoised - x).square() + logvar
 
-    def discriminator_loss(self, generator_net, discriminator, images, labels=None, generator=None):
+    def discriminator_loss(self, G, discriminator, images, labels=None, rng=None):
         """BCE of real (x_data + tn) -> 1 and fake (G(y, σ) + tn) -> 0 at the same t, × data dims; [N]."""
-        randn_like = randn_like_from(generator)
-        y, sigma = self.sample_condition(images, generator)
+        randn_like = randn_like_from(rng)
+        y, sigma = self.sample_condition(images, rng)
         with torch.no_grad():
-            fake = generator_net(y, sigma, labels, randn_like=randn_like)
-        t = self.sample_t(images, generator)
+            fake = G(y, sigma, labels, randn_like=randn_like)
+        t = self.sample_t(images, rng)
         real, fake = images + randn_like(images) * t, fake + randn_like(fake) * t
         if self.fused_discriminator:
             real_logits, fake_logits = discriminator(torch.cat([real, fake]), torch.cat([t, t]), y, sigma, class_labels=labels).chunk(2)
@@ -67,16 +67,16 @@ class NCVSDLoss:
             + bce(fake_logits, torch.zeros_like(fake_logits), reduction='none'))
         return loss.flatten() * images[0].numel()
 
-    def generator_loss(self, generator_net, score, teacher, images, labels=None, discriminator=None, use_gan=False, generator=None):
+    def generator_loss(self, G, score, teacher, images, labels=None, discriminator=None, use_gan=False, rng=None):
         """VSD: λ(t)/e^u·‖x − sg(x − (s − s0))‖² + u, s0 = teacher posterior mean, s = fake score.
 
         Its gradient in x is 2λ/e^u·(s − s0): descent moves samples from the fake towards the teacher.
         Returns (per-element loss, per-sample GAN loss or None).
         """
-        randn_like = randn_like_from(generator)
-        y, sigma = self.sample_condition(images, generator)
-        x, logvar = generator_net(y, sigma, labels, return_logvar=True, randn_like=randn_like)
-        t = self.sample_t(images, generator)
+        randn_like = randn_like_from(rng)
+        y, sigma = self.sample_condition(images, rng)
+        x, logvar = G(y, sigma, labels, return_logvar=True, randn_like=randn_like)
+        t = self.sample_t(images, rng)
         x_t = x + randn_like(x) * t
         with torch.no_grad():
             y_eff, sigma_eff = combine_conditions(y, sigma, x_t, t)

@@ -9,7 +9,7 @@ import torch
 from torch_utils import persistence
 from training.networks_edm2 import (UNet, MPConv, MPFourier, mp_sum, mp_cat, precond_coefficients,
     prepare_inputs, compute_dtype, normalize_weights_, disable_forward_normalization_)
-from training.noise_levels import as_sigma, combine_conditions, sampling_grid, parse_ts
+from training.noise_levels import as_sigma, combine_conditions, sampling_grid, parse_ts, DEFAULT_TS
 
 #----------------------------------------------------------------------------
 
@@ -155,6 +155,8 @@ class ConditionalDiscriminator(_TwoEncoderNetwork):
 
 #----------------------------------------------------------------------------
 
+DEFAULT_GAMMA = 0.414      # Noise inflation σ̂ = σ(1 + γ) of the generative denoiser (the paper's value).
+
 def is_generative_denoiser(net):
     """A GenerativeDenoiser, ours or an unpickled released one (duck-typed: released pickles name their own class)."""
     return hasattr(net, 'gamma') and hasattr(net, 'model')
@@ -166,7 +168,7 @@ class GenerativeDenoiser(torch.nn.Module):
     after the published ones need class-level defaults.
     """
 
-    def __init__(self, model, gamma=0.414, init_sigma=80.0):
+    def __init__(self, model, gamma=DEFAULT_GAMMA, init_sigma=80.0):
         super().__init__()
         self.model = model
         self.gamma = gamma
@@ -199,6 +201,6 @@ class GenerativeDenoiser(torch.nn.Module):
         return x0
 
     @torch.no_grad()
-    def sample(self, noise, labels=None, ts=(10, 22, 39), randn_like=torch.randn_like):
+    def sample(self, noise, labels=None, ts=DEFAULT_TS, randn_like=torch.randn_like):
         """Generation from pure noise: y = init_sigma·noise at σ = init_sigma, then the --ts chain."""
         return self(noise * self.init_sigma, self.init_sigma, labels=labels, ts=ts, randn_like=randn_like)

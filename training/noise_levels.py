@@ -9,6 +9,7 @@ SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
 NUM_GRID_STEPS = 40     # The grid that --ts indexes.
 PAPER_CHAINS = {1: (10, 39), 2: (10, 22, 39), 4: (0, 10, 20, 30, 39)}     # The paper's 1-, 2- and 4-step --ts.
+DEFAULT_TS = PAPER_CHAINS[2]                                               # --ts when none is given.
 
 def karras_sigmas(num, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=7.0, dtype=torch.float64):
     """[num] noise levels from sigma_max down to sigma_min, uniform in σ^(1/ρ)."""
@@ -67,8 +68,8 @@ class KarrasGridSampler:
     def __init__(self, num=1000, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=7.0):
         self.grid = karras_sigmas(num, sigma_min, sigma_max, rho, dtype=torch.float32)
 
-    def __call__(self, n, device, generator=None):
-        idx = torch.randint(len(self.grid), [n], generator=generator, device=draw_device(generator, device))
+    def __call__(self, n, device, rng=None):
+        idx = torch.randint(len(self.grid), [n], generator=rng, device=draw_device(rng, device))
         return self.grid.to(idx.device)[idx].to(device).reshape(-1, 1, 1, 1)
 
 class LogNormalSampler:
@@ -78,6 +79,6 @@ class LogNormalSampler:
         self.P_mean = P_mean
         self.P_std = P_std
 
-    def __call__(self, n, device, generator=None):
-        normal = torch.randn([n, 1, 1, 1], generator=generator, device=draw_device(generator, device)).to(device)
+    def __call__(self, n, device, rng=None):
+        normal = torch.randn([n, 1, 1, 1], generator=rng, device=draw_device(rng, device)).to(device)
         return (normal * self.P_std + self.P_mean).exp()

@@ -91,9 +91,9 @@ def list_snapshots(indir):
     """[(kimg, std, path)] of the network-snapshot-<kimg>-<std>.pkl files in `indir`."""
     found = []
     for name in sorted(os.listdir(indir)) if os.path.isdir(indir) else []:
-        m = re.fullmatch(r'network-snapshot-(\d+)-(\d+\.\d+)\.pkl', name)
+        m = re.fullmatch(rf'network-snapshot-({dnnlib.util.STAMP_PATTERN})-(\d+\.\d+)\.pkl', name)
         if m:
-            found.append((int(m.group(1)), float(m.group(2)), os.path.join(indir, name)))
+            found.append((float(m.group(1)), float(m.group(2)), os.path.join(indir, name)))
     if not found:
         raise UserError(f'no network-snapshot-<kimg>-<std>.pkl files in {indir}')
     return found
@@ -102,7 +102,7 @@ def list_snapshots(indir):
 def reconstruct(indir, outdir, out_stds, out_kimg=None, verbose=True):
     """Post-hoc EMA: write network-snapshot-<kimg>-<std>.pkl for each requested std, as least-squares
     combinations of the saved power-function EMA snapshots (Karras et al. 2024). Returns the paths."""
-    from training.loading import load_network_data
+    from training.network_io import load_network_data
     snapshots = [s for s in list_snapshots(indir) if out_kimg is None or s[0] <= out_kimg]
     if not snapshots:
         raise UserError(f'no snapshot at or before {out_kimg} kimg in {indir}')
@@ -127,7 +127,8 @@ def reconstruct(indir, outdir, out_stds, out_kimg=None, verbose=True):
         result = copy.deepcopy(data)
         for param, value in zip(result['ema'].parameters(), sums):
             param.copy_(value.to(param.dtype))
-        path = os.path.join(outdir, f'network-snapshot-{out_kimg:07d}-{std:.3f}.pkl')
+        out_nimg = round(out_kimg * 1000)
+        path = os.path.join(outdir, f'network-snapshot-{dnnlib.util.nimg_stamp(out_nimg, out_nimg % 1000 != 0)}-{std:.3f}.pkl')
         with open(path + '.tmp', 'wb') as f:
             pickle.dump(result, f)
         os.replace(path + '.tmp', path)

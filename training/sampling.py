@@ -7,7 +7,7 @@ import torch
 from dnnlib.util import UserError
 from torch_utils import misc
 from training.networks_ncvsd import is_generative_denoiser
-from training.noise_levels import parse_ts
+from training.noise_levels import parse_ts, DEFAULT_TS
 
 class StackedRandomGenerator:
     """One torch.Generator per seed, so that an image depends on its seed only (not on batching)."""
@@ -68,7 +68,7 @@ def edm_heun_sampler(net, noise, labels=None, num_steps=32, sigma_min=0.002, sig
 def check_sampling_options(net, ts, steps, class_idx):
     """Validated ts (students) and class index; a clear error for options that do not fit the network."""
     if is_generative_denoiser(net):
-        ts = parse_ts(ts if ts is not None else '10,22,39')
+        ts = parse_ts(ts if ts is not None else DEFAULT_TS)
     elif ts is not None:
         raise UserError('--ts is for NCVSD students; this network is a diffusion teacher: use --steps')
     if not is_generative_denoiser(net) and (steps is None or steps < 1):

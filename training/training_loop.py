@@ -1,4 +1,4 @@
-"""The NCVSD distillation loop (DESIGN §3): fake score, discriminator and generator phases."""
+"""The NCVSD distillation loop (README, Notes on the method): fake score, discriminator and generator phases."""
 
 import contextlib
 import copy
@@ -16,9 +16,9 @@ from dnnlib.util import UserError
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
-from training import loading
-from training.networks_ncvsd import ConditionalPrecond, ConditionalDiscriminator, GenerativeDenoiser
-from training.noise_levels import PAPER_CHAINS
+from training import network_io
+from training.networks_ncvsd import ConditionalPrecond, ConditionalDiscriminator, GenerativeDenoiser, DEFAULT_GAMMA
+from training.noise_levels import PAPER_CHAINS, DEFAULT_TS
 from training.phema import PowerFunctionEMA
 from training.sampling import StackedRandomGenerator, random_labels, save_image_grid
 
@@ -40,11 +40,11 @@ class RandomState:
 
     def __init__(self, device, seed):
         self.device = torch.device(device)
-        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.rng = torch.Generator(self.device).manual_seed(seed)
         torch.manual_seed(seed)
 
     def state_dict(self):
-        state = dict(device=self.device.type, generator=self.generator.get_state(), cpu=torch.get_rng_state())
+        state = dict(device=self.device.type, generator=self.rng.get_state(), cpu=torch.get_rng_state())
         if self.device.type == 'cuda':
             state['cuda'] = torch.cuda.get_rng_state(self.device)
         return dict(ranks=dist.all_gather_object(state))
@@ -58,7 +58,7 @@ class RandomState:
         if saved_device != self.device.type:
             raise UserError(f'the checkpoint was written by a run on {saved_device} but this run is on {self.device.type}; '
                 f'resume with --device={saved_device}, or start a new --outdir')
-        self.generator.set_state(state['generator'])
+        self.rng.set_state(state['generator'])
         torch.set_rng_state(state['cpu'])
         if 'cuda' in state:
             torch.cuda.set_rng_state(state['cuda'], self.device)
@@ -102,32 +102,43 @@ def build_students(init_net, network_kwargs, device, copy_logvar=False):
         nets.append(net.train().to(device).prepare_for_training())
     return nets
 
-class NCVSDIteration:
-    """One NCVSD iteration (DESIGN §3): fake score, discriminator and generator phases, each on its own
-    batches with gradient accumulation, a cross-rank gradient sum and one Adam step."""
+PHASES = ('score', 'discriminator', 'generator')        # The phases of an iteration, in order.
 
-    phase_names = ('score', 'discriminator', 'generator')
+def phase_networks(G, S, D):
+    """{phase: the network it trains}."""
+    return dict(score=S, discriminator=D, generator=G)
+
+def build_optimizers(G, S, D, betas=(0.9, 0.99), eps=1e-8):
+    """{phase: Adam over its network's parameters}; the learning rate is set at every step."""
+    return {phase: torch.optim.Adam(net.parameters(), lr=0, betas=betas, eps=eps) for phase, net in phase_networks(G, S, D).items()}
+
+class NCVSDIteration:
+    """One NCVSD iteration: fake score, discriminator and generator phases, each on its own
+    batches with gradient accumulation, a cross-rank gradient average and one Adam step."""
+
+    phase_names = PHASES
 
     def __init__(self, G, S, D, teacher, loss_fn, optimizers, gamma, num_rounds, batch_gpu_total, g_lr_scaling=0.01,
-        d_lr_scaling=0.01, loss_scaling=1.0, force_finite=True, generator=None):
+        d_lr_scaling=0.01, loss_scaling=1.0, force_finite=True, rng=None):
         self.G, self.S, self.D, self.teacher, self.loss_fn = G, S, D, teacher, loss_fn
-        self.generator_net = GenerativeDenoiser(G, gamma=gamma)
-        self.optimizers = dict(zip(self.phase_names, optimizers))
+        self.nets = phase_networks(G, S, D)
+        self.G_denoiser = GenerativeDenoiser(G, gamma=gamma)    # G as the loss samples it: G(y, σ) with fresh noise.
+        self.optimizers = optimizers
         self.lr_scalings = dict(score=1.0, discriminator=d_lr_scaling, generator=g_lr_scaling)
         self.num_rounds = num_rounds
         self.batch_gpu_total = batch_gpu_total
         self.loss_scaling = loss_scaling
         self.force_finite = force_finite
-        self.generator = generator
+        self.rng = rng
 
     def run(self, batches, lr, use_gan=True, timer=None):
         """Run the three phases; `timer(name)` (optional) is a context manager around each phase."""
-        for name, net in zip(self.phase_names, (self.S, self.D, self.G)):
+        for name in PHASES:
             with (timer(name) if timer is not None else contextlib.nullcontext()):
-                self.run_phase(net, self.optimizers[name], lr * self.lr_scalings[name], name, batches, use_gan)
+                self.run_phase(self.nets[name], self.optimizers[name], lr * self.lr_scalings[name], name, batches, use_gan)
 
     def run_phase(self, net, optimizer, lr, name, batches, use_gan):
-        for other in (self.G, self.S, self.D):
+        for other in self.nets.values():
             other.requires_grad_(other is net)
         optimizer.zero_grad(set_to_none=True)
         for _round in range(self.num_rounds):
@@ -142,12 +153,12 @@ class NCVSDIteration:
 
     def phase_loss(self, name, images, labels, use_gan):
         if name == 'score':
-            loss = self.loss_fn.score_loss(self.generator_net, self.S, images, labels, generator=self.generator)
+            loss = self.loss_fn.score_loss(self.G_denoiser, self.S, images, labels, rng=self.rng)
         elif name == 'discriminator':
-            loss = self.loss_fn.discriminator_loss(self.generator_net, self.D, images, labels, generator=self.generator)
+            loss = self.loss_fn.discriminator_loss(self.G_denoiser, self.D, images, labels, rng=self.rng)
         else:
-            loss, gan_loss = self.loss_fn.generator_loss(self.generator_net, self.S, self.teacher, images, labels,
-                discriminator=self.D, use_gan=use_gan, generator=self.generator)
+            loss, gan_loss = self.loss_fn.generator_loss(self.G_denoiser, self.S, self.teacher, images, labels,
+                discriminator=self.D, use_gan=use_gan, rng=self.rng)
             if gan_loss is not None:
                 training_stats.report('Loss/generator', loss)
                 training_stats.report('Loss/gan', gan_loss)
@@ -158,19 +169,35 @@ class NCVSDIteration:
 #----------------------------------------------------------------------------
 # Outputs.
 
-def save_snapshot(run_dir, cur_nimg, ema, gamma, encoder, dataset_kwargs, loss_fn, ts, teacher, grid_seeds, device):
-    """network-snapshot-<kimg>-<std>.pkl (+ .png sample grid) for every EMA length; returns the exact metrics if any."""
-    results = {}
-    for ema_net, suffix in ema.get():
-        denoiser = GenerativeDenoiser(copy.deepcopy(ema_net).eval().requires_grad_(False).cpu(), gamma=gamma)
-        data = dnnlib.EasyDict(ema=denoiser, encoder=encoder, dataset_kwargs=dataset_kwargs, loss_fn=loss_fn)
-        base = os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:07d}{suffix}')
-        if dist.get_rank() == 0:
-            with open(base + '.pkl.tmp', 'wb') as f:
-                pickle.dump(data, f)
-            os.replace(base + '.pkl.tmp', base + '.pkl')
-            results[suffix] = save_sample_grid(denoiser.to(device), encoder, ts, teacher, grid_seeds, base + '.png')
-    return results
+def fine_stamps_needed(total_nimg, *intervals):
+    """Whether two events of a run (multiples of an interval, and the end) could share a whole kimg."""
+    for interval in filter(None, intervals):
+        last_multiple = (total_nimg - 1) // interval * interval
+        if interval < 1000 or (total_nimg % interval and last_multiple // 1000 == total_nimg // 1000):
+            return True
+    return False
+
+class SnapshotWriter:
+    """network-snapshot-<kimg>-<std>.pkl (+ .png sample grid of fixed seeds) for every EMA length."""
+
+    def __init__(self, run_dir, ema, gamma, encoder, loss_fn, teacher, ts, grid_seeds, device, dataset_kwargs=None, fine_stamps=False):
+        self.run_dir, self.ema, self.gamma, self.encoder, self.loss_fn = run_dir, ema, gamma, encoder, loss_fn
+        self.teacher, self.ts, self.grid_seeds, self.device = teacher, ts, grid_seeds, device
+        self.dataset_kwargs, self.fine_stamps = dataset_kwargs, fine_stamps
+
+    def save(self, cur_nimg):
+        """Write the snapshots (rank 0); returns {ema suffix: exact metrics of the grid samples, or None}."""
+        results = {}
+        for ema_net, suffix in self.ema.get():
+            denoiser = GenerativeDenoiser(copy.deepcopy(ema_net).eval().requires_grad_(False).cpu(), gamma=self.gamma)
+            data = dnnlib.EasyDict(ema=denoiser, encoder=self.encoder, dataset_kwargs=self.dataset_kwargs, loss_fn=self.loss_fn)
+            base = os.path.join(self.run_dir, f'network-snapshot-{dnnlib.util.nimg_stamp(cur_nimg, self.fine_stamps)}{suffix}')
+            if dist.get_rank() == 0:
+                with open(base + '.pkl.tmp', 'wb') as f:
+                    pickle.dump(data, f)
+                os.replace(base + '.pkl.tmp', base + '.pkl')
+                results[suffix] = save_sample_grid(denoiser.to(self.device), self.encoder, self.ts, self.teacher, self.grid_seeds, base + '.png')
+        return results
 
 _skipped_grid_reasons = set()
 
@@ -253,36 +280,36 @@ def memory_report():
 # The loop.
 
 def training_loop(
-    run_dir,                            # Output folder (resumed if it holds checkpoints).
-    teacher,                            # Frozen teacher denoiser (Precond interface).
-    dataset,                            # Items (uint8 or latent arrays, one-hot labels).
-    encoder,                            # Dataset items -> network space.
-    dataset_kwargs      = None,         # Recorded in snapshots.
-    network_kwargs      = {},           # Overrides of the constructor arguments of init_net.
+    run_dir,                            # Output folder; resumed from its latest training-state-*.pt.
+    teacher,                            # Frozen teacher denoiser D_θ(x; σ) (Precond interface): the target of VSD.
+    dataset,                            # Training data: items (uint8 images or latent arrays, one-hot labels).
+    encoder,                            # Dataset items -> network space (pixels to [-1, 1], or VAE latents).
+    dataset_kwargs      = None,         # How the dataset was built; recorded in the snapshots.
+    network_kwargs      = {},           # Overrides of init_net's constructor arguments (e.g. use_fp16).
     init_net            = None,         # EDM2 network the students start from (default: the teacher).
-    loss_kwargs         = {},           # NCVSDLoss arguments.
-    optimizer_kwargs    = dict(betas=(0.9, 0.99), eps=1e-8),
-    lr_kwargs           = {},           # learning_rate_schedule arguments.
-    g_lr_scaling        = 0.01,
-    d_lr_scaling        = 0.01,
-    gamma               = 0.414,
-    gan_warmup_nimg     = 0,
-    ema_stds            = (0.050, 0.100),
+    loss_kwargs         = {},           # NCVSDLoss arguments: P_mean, P_std of t ~ LogNormal, gan_loss_scaling.
+    optimizer_kwargs    = dict(betas=(0.9, 0.99), eps=1e-8),    # Adam's moments and epsilon.
+    lr_kwargs           = {},           # learning_rate_schedule(): ref_lr, ref_batches (inverse-sqrt decay), rampup_Mimg.
+    g_lr_scaling        = 0.01,         # Generator learning rate relative to the fake score's.
+    d_lr_scaling        = 0.01,         # Discriminator learning rate relative to the fake score's.
+    gamma               = DEFAULT_GAMMA,    # Noise inflation σ̂ = σ(1 + γ) of the generative denoiser.
+    gan_warmup_nimg     = 0,            # Images before the generator's GAN term switches on.
+    ema_stds            = (0.050, 0.100),   # Relative standard deviations of the power-function EMAs (one snapshot each).
     copy_teacher_logvar = False,        # Students' logvar heads start as the teacher's (published: their own random init).
-    seed                = 0,
-    batch_size          = 2048,
-    batch_gpu           = None,
-    total_nimg          = 1 << 20,
-    status_nimg         = 1 << 14,
-    snapshot_nimg       = 1 << 18,
-    checkpoint_nimg     = 1 << 20,
-    loss_scaling        = 1.0,
-    force_finite        = True,
-    ts                  = (10, 22, 39),
-    num_workers         = 0,
-    grid_size           = 64,
+    seed                = 0,            # Initial weights, data order and noise; rank r draws from seed + r.
+    batch_size          = 2048,         # Images per iteration and phase, over all ranks.
+    batch_gpu           = None,         # Images per rank and accumulation round (default: batch_size / ranks).
+    total_nimg          = 1 << 20,      # Training length in images.
+    status_nimg         = 1 << 14,      # Status line and stats.jsonl record interval (0: at the end only).
+    snapshot_nimg       = 1 << 18,      # Snapshot interval (0: at the end only).
+    checkpoint_nimg     = 1 << 20,      # Training-state interval (0: at the end only).
+    loss_scaling        = 1.0,          # Loss multiplier before backward, divided out of the gradients.
+    force_finite        = True,         # Zero non-finite gradient entries before the Adam step.
+    ts                  = DEFAULT_TS,   # Grid indices of the snapshots' sample grids.
+    num_workers         = 0,            # DataLoader worker processes per rank.
+    grid_size           = 64,           # Samples in each snapshot's grid (seeds 0..grid_size-1).
     final_samples       = 2000,         # Exact teachers: samples per exact metric at the end of the run.
-    device              = None,
+    device              = None,         # Device of this rank (default: the one torch_utils.distributed chose).
 ):
     device = torch.device(device) if device is not None else dist.get_device()
     world_size = dist.get_world_size()
@@ -300,15 +327,16 @@ def training_loop(
         os.makedirs(run_dir, exist_ok=True)
 
     # Networks, loss, optimizers, EMA.
-    teacher = loading.prepare_frozen(teacher, device)
+    teacher = network_io.prepare_frozen(teacher, device)
     torch.manual_seed(seed)                                 # The same initial weights on every rank.
     G, S, D = build_students(teacher if init_net is None else init_net.to(device), network_kwargs, device, copy_teacher_logvar)
     loss_fn = dnnlib.util.construct_class_by_name(class_name='training.loss.NCVSDLoss', **loss_kwargs)
-    optimizers = [torch.optim.Adam(net.parameters(), lr=0, **optimizer_kwargs) for net in (S, D, G)]
+    optimizers = build_optimizers(G, S, D, **optimizer_kwargs)
     ema = PowerFunctionEMA(G, stds=ema_stds)
-    rng = RandomState(device, seed + dist.get_rank())
+    random_state = RandomState(device, seed + dist.get_rank())
     state = dnnlib.EasyDict(cur_nimg=0, total_elapsed_time=0.0)
-    checkpoint = dist.CheckpointIO(state=state, G=G, S=S, D=D, S_opt=optimizers[0], D_opt=optimizers[1], G_opt=optimizers[2], ema=ema, rng=rng)
+    checkpoint = dist.CheckpointIO(state=state, G=G, S=S, D=D, S_opt=optimizers['score'], D_opt=optimizers['discriminator'],
+        G_opt=optimizers['generator'], ema=ema, rng=random_state)
     checkpoint.load_latest(run_dir)
 
     # Data: each rank reads its share; the sampler resumes at the same position.
@@ -317,12 +345,14 @@ def training_loop(
     data_loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu, num_workers=num_workers,
         pin_memory=(device.type == 'cuda'), prefetch_factor=(2 if num_workers > 0 else None))
     batches = infinite_batches(data_loader, encoder, device)
-    grid_seeds = list(range(grid_size))
 
     dist.print0(f'Training: {total_nimg // 1000} kimg, batch {batch_size} = {world_size} ranks × {num_rounds} rounds × {batch_gpu}, '
         f'device {device}, starting at {state.cur_nimg // 1000} kimg')
     iteration = NCVSDIteration(G, S, D, teacher, loss_fn, optimizers, gamma, num_rounds, batch_gpu_total,
-        g_lr_scaling, d_lr_scaling, loss_scaling, force_finite, rng.generator)
+        g_lr_scaling, d_lr_scaling, loss_scaling, force_finite, random_state.rng)
+    fine_stamps = fine_stamps_needed(total_nimg, snapshot_nimg, checkpoint_nimg)
+    snapshots = SnapshotWriter(run_dir, ema, gamma, encoder, loss_fn, teacher, ts, list(range(grid_size)), device,
+        dataset_kwargs, fine_stamps)
     stats_path = os.path.join(run_dir, 'stats.jsonl')
     start_time = time.time()
     start_nimg = state.cur_nimg
@@ -332,14 +362,14 @@ def training_loop(
         done = state.cur_nimg >= total_nimg
         progressed = state.cur_nimg != start_nimg
         if (done or (snapshot_nimg and state.cur_nimg % snapshot_nimg == 0)) and (progressed or done):
-            exact = save_snapshot(run_dir, state.cur_nimg, ema, gamma, encoder, dataset_kwargs, loss_fn, ts, teacher, grid_seeds, device)
+            exact = snapshots.save(state.cur_nimg)
             report0_from_rank0({f'Exact{suffix}/{name}': value for suffix, metrics in exact.items() for name, value in (metrics or {}).items()})
         if (done or (status_nimg and state.cur_nimg % status_nimg == 0)) and (progressed or done):
             prev_status_time, prev_status_nimg = report_status(state, start_time, prev_status_time, prev_status_nimg, stats_path)
         if (done or (checkpoint_nimg and state.cur_nimg % checkpoint_nimg == 0)) and progressed:
             state.total_elapsed_time += time.time() - start_time
             start_time = time.time()
-            checkpoint.save(os.path.join(run_dir, f'training-state-{state.cur_nimg // 1000:07d}.pt'))
+            checkpoint.save(os.path.join(run_dir, f'training-state-{dnnlib.util.nimg_stamp(state.cur_nimg, fine_stamps)}.pt'))
         if done:
             break
 

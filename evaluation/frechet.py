@@ -57,7 +57,7 @@ class DINOv2Detector(Detector):
     feature_dim = 1024
 
     def __init__(self, path_or_url=None):
-        from training.dinov2 import VisionTransformer
+        from evaluation.dinov2 import VisionTransformer
         read = lambda f: torch.load(io.BytesIO(f.read()), map_location='cpu', weights_only=True)
         state = load_weights(path_or_url, 'NCVSD_DINOV2', DINOV2_URL, '--dinov2', read)
         self.model = VisionTransformer().eval().requires_grad_(False)
@@ -69,7 +69,7 @@ class DINOv2Detector(Detector):
         std = torch.tensor([0.229, 0.224, 0.225], device=x.device).reshape(1, 3, 1, 1)
         return self.model.to(x.device)((x - mean) / std).to(torch.float64)
 
-DETECTORS = dict(fid='training.metrics.InceptionV3Detector', fd_dinov2='training.metrics.DINOv2Detector')
+DETECTORS = dict(fid='evaluation.frechet.InceptionV3Detector', fd_dinov2='evaluation.frechet.DINOv2Detector')
 
 def make_detectors(metrics, weights=None, custom=None):
     """{metric: detector}; `weights` maps metric -> path/URL, `custom` maps metric -> class name."""

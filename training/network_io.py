@@ -1,0 +1,148 @@
+"""Networks from a path or URL, and back to a file.
+
+One entry point, load_network(): an EDM2 teacher pickle, an NCVSD snapshot or released checkpoint, or a
+weights-only export, made ready to sample with (role='sampling') or to distill from (role='teacher').
+Weights-only exports (state dict + constructor arguments, loadable with weights_only=True) are written by
+
+    python -m training.network_io export network-snapshot-0004096-0.050.pkl student.pt
+
+and every CLI's --net accepts them: students can be shared without executing pickled code.
+"""
+
+import os
+import pickle
+
+import click
+import torch
+
+import dnnlib
+from dnnlib.util import UserError
+from training.encoders import StandardRGBEncoder, StabilityVAEEncoder
+from training.networks_ncvsd import GenerativeDenoiser, is_generative_denoiser
+
+EXPORT_FORMAT = 'ncvsd-export-v1'
+EXPORTABLE_NETWORKS = {                          # Class name in an export -> our implementation.
+    'Precond': 'training.networks_edm2.Precond',
+    'ConditionalPrecond': 'training.networks_ncvsd.ConditionalPrecond',
+    'MixtureDenoiser': 'training.analytic.MixtureDenoiser',
+}
+EXPORTABLE_ENCODERS = {
+    'StandardRGBEncoder': 'training.encoders.StandardRGBEncoder',
+    'StabilityVAEEncoder': 'training.encoders.StabilityVAEEncoder',
+    'IdentityEncoder': 'training.encoders.IdentityEncoder',
+}
+
+#----------------------------------------------------------------------------
+# Reading.
+
+def load_network(path_or_url, device, role='sampling', vae=None, verbose=True):
+    """(network, encoder or None) from a file or URL.
+
+    role='sampling': any image network, float32, eval mode, on `device`, with its encoder initialised there
+    (`vae` replaces the VAE of a latent-space network's encoder). role='teacher': an EDM2 diffusion network as
+    stored (the training loop freezes it on its device); the encoder is the file's own, None if it has none.
+    """
+    data = load_network_data(path_or_url, verbose=verbose)
+    if role == 'teacher':
+        return check_diffusion_network(data['ema'], path_or_url), data.get('encoder', None)
+    net = data['ema']
+    if not hasattr(net, 'img_resolution'):
+        raise UserError(f'{path_or_url} holds no image network')
+    encoder = data.get('encoder', None) or StandardRGBEncoder()
+    if vae is not None:
+        if not hasattr(encoder, 'vae_name'):
+            raise UserError(f'--vae was given but {path_or_url} is not a latent-space network; drop --vae')
+        encoder = StabilityVAEEncoder(vae_name=vae)
+    encoder.init(device)
+    return prepare_frozen(net, device), encoder
+
+def load_network_data(path_or_url, verbose=True):
+    """The stored dict of a snapshot (keys ema, encoder, ...) as an EasyDict; pickles and exports alike."""
+    if verbose:
+        print(f'Loading network from {path_or_url} ...', flush=True)
+    with dnnlib.util.open_url(path_or_url, verbose=verbose) as f:
+        is_zip = f.read(2) == b'PK'                  # torch.save writes zip files: a weights-only export.
+        f.seek(0)
+        if is_zip:
+            return load_exported(f)
+        try:
+            data = pickle.load(f)
+        except (pickle.UnpicklingError, EOFError, AttributeError, ModuleNotFoundError) as err:
+            raise UserError(f'{path_or_url} is not a network pickle ({type(err).__name__}: {err})')
+    if isinstance(data, torch.nn.Module):
+        data = dict(ema=data)
+    if not isinstance(data, dict) or 'ema' not in data:
+        raise UserError(f'{path_or_url} holds no network (expected a dict with key "ema", as EDM2 and NCVSD snapshots do)')
+    return dnnlib.EasyDict(data)
+
+def check_diffusion_network(net, path_or_url):
+    """A teacher must be a Precond-like denoiser with the attributes the students copy."""
+    missing = [name for name in ('img_resolution', 'img_channels', 'label_dim') if not hasattr(net, name)]
+    if missing or not isinstance(net, torch.nn.Module):
+        raise UserError(f'{path_or_url} is not a diffusion network (missing {", ".join(missing) or "torch.nn.Module"}); '
+            'give an EDM2 teacher pickle such as edm2-img64-s-1073741-0.075.pkl')
+    if is_generative_denoiser(net):
+        raise UserError(f'{path_or_url} holds an NCVSD generative denoiser, not a diffusion teacher; give the EDM2 teacher pickle')
+    return net
+
+def prepare_frozen(net, device):
+    """float32 copy in eval mode without gradients (published checkpoints store float16)."""
+    return net.to(torch.float32).eval().requires_grad_(False).to(device)
+
+#----------------------------------------------------------------------------
+# Weights-only exports.
+
+def _class_record(obj, known, what):
+    name = type(obj).__name__
+    if name not in known or not hasattr(obj, 'init_kwargs'):
+        raise UserError(f'cannot export a {what} of class {name}; known: {", ".join(known)}')
+    return dict(class_name=name, init_args=list(obj.init_args), init_kwargs=dict(obj.init_kwargs))
+
+def _construct(record, known):
+    return dnnlib.util.construct_class_by_name(*record['init_args'], class_name=known[record['class_name']], **record['init_kwargs'])
+
+def export_network(data):
+    """The exportable dict of a loaded snapshot (keys ema, encoder)."""
+    net, wrapper = data['ema'], None
+    if is_generative_denoiser(net):
+        net, wrapper = net.model, dict(gamma=float(net.gamma), init_sigma=float(net.init_sigma))
+    export = dict(format=EXPORT_FORMAT, network=_class_record(net, EXPORTABLE_NETWORKS, 'network'), generative_denoiser=wrapper,
+        state_dict={name: value.detach().cpu() for name, value in net.state_dict().items()})
+    if data.get('encoder') is not None:
+        export['encoder'] = _class_record(data['encoder'], EXPORTABLE_ENCODERS, 'encoder')
+    return export
+
+def load_exported(f):
+    """EasyDict(ema=..., encoder=...) from an export, built from our own classes only."""
+    try:
+        export = torch.load(f, map_location='cpu', weights_only=True)
+    except Exception as err:
+        raise UserError(f'not a weights-only network file ({type(err).__name__}: {err})')
+    if not isinstance(export, dict) or export.get('format') != EXPORT_FORMAT:
+        raise UserError(f'not an NCVSD export (expected format {EXPORT_FORMAT}); make one with python -m training.network_io export')
+    net = _construct(export['network'], EXPORTABLE_NETWORKS)
+    net.load_state_dict(export['state_dict'])
+    if export.get('generative_denoiser') is not None:
+        net = GenerativeDenoiser(net, **export['generative_denoiser'])
+    encoder = _construct(export['encoder'], EXPORTABLE_ENCODERS) if export.get('encoder') is not None else None
+    return dnnlib.EasyDict(ema=net.eval(), encoder=encoder)
+
+def write_export(snapshot, out):
+    export = export_network(load_network_data(snapshot))
+    torch.save(export, out + '.tmp')
+    os.replace(out + '.tmp', out)
+    print(f'Wrote {out} ({export["network"]["class_name"]}, {len(export["state_dict"])} tensors)')
+
+@click.group()
+def main():
+    """Network files: python -m training.network_io export SNAPSHOT.pkl OUT.pt"""
+
+@main.command()
+@click.argument('snapshot', metavar='SNAPSHOT.pkl')
+@click.argument('out', metavar='OUT.pt')
+def export(snapshot, out):
+    """Write the weights-only file OUT.pt of the network in SNAPSHOT.pkl (path or URL)."""
+    dnnlib.util.run_cli(write_export, snapshot, out)
+
+if __name__ == '__main__':
+    main()
