@@ -86,13 +86,14 @@ def cmdline():
 @click.option('--seed', help='First seed', metavar='INT', type=int, default=123456789, show_default=True)
 @click.option('--class', 'class_idx', help='Class label (default: random per seed)', metavar='INT', type=int)
 @click.option('--out', help='Also write the scores as JSON here', metavar='JSON')
+@click.option('--precision', help='UNet bodies in fp32, fp16 (CUDA only) or bf16 [default: as stored]', type=click.Choice(['fp32', 'fp16', 'bf16']))
 @common_options
-def gen(net, ref_path, ts, steps, num, seed, class_idx, out, metrics, batch, inception, dinov2, custom, device):
+def gen(net, ref_path, ts, steps, num, seed, class_idx, out, precision, metrics, batch, inception, dinov2, custom, device):
     """Generate images on the fly (no files) and compare them with a reference."""
     def run():
         dev = dist.init(device)
         ref = frechet.load_reference(ref_path)
-        network, encoder = load_network(net, dev, verbose=dist.get_rank() == 0)
+        network, encoder = load_network(net, dev, verbose=dist.get_rank() == 0, precision=precision)
         checked_ts = check_sampling_options(network, ts, steps, class_idx)
         detectors = make_detectors(metrics, inception, dinov2, custom)
         progress = tqdm.tqdm(total=num, unit='img', disable=dist.get_rank() != 0)

@@ -2,20 +2,25 @@
 
 import contextlib
 import os
+import pickle
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
+import dnnlib
+from training import network_io
 from training.networks_edm2 import Precond
 from training.run_config import load_preset
 
 def random_teacher(preset, device):
-    """An EDM2 Precond with the preset's network_arch and non-zero gains (so every layer contributes)."""
+    """An EDM2 Precond with the preset's network_arch and non-zero gains (so every layer contributes), pickled and
+    loaded back the way a training run gets its teacher (network_io.load_network, then frozen on the device)."""
     config = load_preset(preset)
     arch = dict(config.network_arch)
     torch.manual_seed(0)
@@ -25,7 +30,12 @@ def random_teacher(preset, device):
         for name, param in net.named_parameters():
             if 'gain' in name:
                 param.fill_(0.3)
-    return net.to(device), config
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, 'teacher.pkl')
+        with open(path, 'wb') as f:
+            pickle.dump(dnnlib.EasyDict(ema=net), f)
+        teacher, _encoder = network_io.load_network(path, device, role='teacher', verbose=False)
+    return network_io.prepare_frozen(teacher, device), config
 
 def synchronize(device):
     if device.type == 'cuda':

@@ -53,3 +53,17 @@ def test_mpconv_forced_normalization_in_training_only():
     conv.train()(x)
     norms = conv.weight.reshape(4, -1).norm(dim=1)
     assert torch.allclose(norms, torch.full_like(norms, np.sqrt(27)), rtol=1e-3)
+
+def test_precision_sets_the_body_dtype():
+    """bf16 computes in bfloat16 on any device (outputs move, a little); fp16 falls back to float32 off CUDA."""
+    from training.networks_edm2 import set_precision
+    data = load_fixture('edm2_precond_small.pt')
+    net = Precond(**data['config']).eval()
+    net.load_state_dict(data['state_dict'])
+    args = (data['x'], data['sigma'], data['class_labels'])
+    with torch.no_grad():
+        exact = set_precision(net, 'fp32')(*args)
+        assert torch.equal(set_precision(net, 'fp16')(*args), exact)
+        bf16 = set_precision(net, 'bf16')(*args)
+    assert not torch.equal(bf16, exact) and float((bf16 - exact).norm() / exact.norm()) < 0.05
+    assert torch.allclose(exact, data['D_x'], rtol=1e-5, atol=1e-6)

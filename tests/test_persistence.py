@@ -104,3 +104,34 @@ def test_snapshot_written_before_the_redesign_loads_and_samples_the_same():
     result = run_python(['-c', check])
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == 'ok'
+
+def test_an_edm2_teacher_pickle_runs_on_our_precond(tmp_path):
+    """A teacher unpickled from its embedded source (in a fresh process, as every run loads it) is rebuilt as
+    training.networks_edm2.Precond, so that the speed options reach it, with the published network's outputs."""
+    data = load_fixture('edm2_precond_small.pt')
+    net = Precond(**data['config']).eval()
+    net.load_state_dict(data['state_dict'])
+    with open(tmp_path / 'teacher.pkl', 'wb') as f:
+        pickle.dump(dnnlib.EasyDict(ema=net.half()), f)
+    check = textwrap.dedent(f'''
+        import pickle, torch
+        from torch_utils import persistence
+        from training.network_io import load_network
+        from training.networks_edm2 import Precond
+        def as_published(meta):                 # EDM2's embedded source is not ours: load it as another module
+            meta.module_src += '\\n# the published source\\n'
+            return meta
+        persistence.import_hook(as_published)
+        with open({str(tmp_path / 'teacher.pkl')!r}, 'rb') as f:
+            assert type(pickle.load(f)['ema']).__module__.startswith('_imported_module_')
+        teacher, encoder = load_network({str(tmp_path / 'teacher.pkl')!r}, torch.device('cpu'), role='teacher', verbose=False)
+        assert type(teacher) is Precond and encoder is None and next(teacher.parameters()).dtype == torch.float16
+        data = torch.load({os.path.join('tests', 'fixtures', 'edm2_precond_small.pt')!r}, weights_only=True)
+        with torch.no_grad():
+            D = teacher.float()(data['x'], data['sigma'], data['class_labels'])
+        assert float((D - data['D_x']).norm() / data['D_x'].norm()) < 1e-3, 'stored in float16, as published'
+        print('ok')
+    ''')
+    result = run_python(['-c', check])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == 'ok'

@@ -152,6 +152,8 @@ def test_two_process_torchrun_keeps_ranks_identical(assets, tmp_path):
     ('other_run', 'different run'),
     ('preset', 'unknown preset'),
     ('fp16', '--fp16=True needs CUDA'),
+    ('precision_fp16', '--precision=fp16 needs CUDA'),
+    ('precision_contradiction', 'contradicts --precision=bf16'),
     ('preset_unknown_key', 'unknown key(s) learning_rate'),
     ('preset_missing_key', 'lacks P_mean, lr'),
 ])
@@ -174,6 +176,10 @@ def test_clear_errors(assets, tmp_path, case, message):
         net = str(tmp_path / 'nowhere.pkl')
     elif case == 'fp16':
         extra = ['--fp16=True']
+    elif case == 'precision_fp16':
+        extra = ['--precision=fp16']
+    elif case == 'precision_contradiction':
+        extra = ['--fp16=True', '--precision=bf16']
     elif case == 'other_run':
         assert train_cli(assets, outdir, '--duration=8').returncode == 0
         extra = ['--duration=16', '--seed=5']
@@ -348,3 +354,17 @@ def test_every_option_and_preset_key_is_declared_once_with_its_part_in_the_run_i
     for path in glob.glob(os.path.join(ROOT, 'presets', '*.json')):
         assert set(load_preset(path)) <= set(KEYS), path
     assert {'lr', 'seed', 'batch', 'P_mean', 'gamma', 'net', 'data', 'teacher'} <= {k for k, key in KEYS.items() if not key.resumable}
+
+def test_precision_reaches_students_and_teacher(assets, tmp_path, monkeypatch):
+    """--precision=bf16 runs on the CPU: every network of the loop computes its body in bfloat16."""
+    from training import training_loop as loop
+    seen = []
+    def recording_set_precision(net, precision):
+        seen.append((type(net).__name__, precision))
+        return set_precision(net, precision)
+    from training.networks_edm2 import set_precision
+    monkeypatch.setattr(loop, 'set_precision', recording_set_precision)
+    tiny_run(assets, tmp_path, precision='bf16')
+    assert sorted(seen) == sorted([('ConditionalPrecond', 'bf16'), ('ConditionalPrecond', 'bf16'), ('ConditionalDiscriminator', 'bf16'), ('Precond', 'bf16')])
+    snapshot = pickle.load(open(next(tmp_path.glob('network-snapshot-*-0.050.pkl')), 'rb'))['ema']
+    assert snapshot.model.use_fp16 and snapshot.model.reduced_dtype == 'bfloat16'

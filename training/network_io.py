@@ -18,6 +18,7 @@ import torch
 import dnnlib
 from dnnlib.util import UserError
 from training.encoders import StandardRGBEncoder, StabilityVAEEncoder
+from training.networks_edm2 import Precond, set_precision
 from training.networks_ncvsd import GenerativeDenoiser, is_generative_denoiser
 
 EXPORT_FORMAT = 'ncvsd-export-v1'
@@ -35,17 +36,18 @@ EXPORTABLE_ENCODERS = {
 #----------------------------------------------------------------------------
 # Reading.
 
-def load_network(path_or_url, device, role='sampling', vae=None, verbose=True):
+def load_network(path_or_url, device, role='sampling', vae=None, precision=None, verbose=True):
     """(network, encoder or None) from a file or URL.
 
     role='sampling': any image network, float32, eval mode, on `device`, with its encoder initialised there
-    (`vae` replaces the VAE of a latent-space network's encoder). role='teacher': an EDM2 diffusion network as
+    (`vae` replaces the VAE of a latent-space network's encoder; `precision` fp32/fp16/bf16 replaces the stored
+    choice of the UNet bodies' dtype, fp16 computing in float32 off CUDA). role='teacher': an EDM2 diffusion network as
     stored (the training loop freezes it on its device); the encoder is the file's own, None if it has none.
     """
     data = load_network_data(path_or_url, verbose=verbose)
+    net = as_our_precond(data['ema'], verbose)
     if role == 'teacher':
-        return check_diffusion_network(data['ema'], path_or_url), data.get('encoder', None)
-    net = data['ema']
+        return check_diffusion_network(net, path_or_url), data.get('encoder', None)
     if not hasattr(net, 'img_resolution'):
         raise UserError(f'{path_or_url} holds no image network')
     encoder = data.get('encoder', None) or StandardRGBEncoder()
@@ -54,6 +56,8 @@ def load_network(path_or_url, device, role='sampling', vae=None, verbose=True):
             raise UserError(f'--vae was given but {path_or_url} is not a latent-space network; drop --vae')
         encoder = StabilityVAEEncoder(vae_name=vae)
     encoder.init(device)
+    if precision is not None:
+        set_precision(net, precision)
     return prepare_frozen(net, device), encoder
 
 def load_network_data(path_or_url, verbose=True):
@@ -74,6 +78,20 @@ def load_network_data(path_or_url, verbose=True):
     if not isinstance(data, dict) or 'ema' not in data:
         raise UserError(f'{path_or_url} holds no network (expected a dict with key "ema", as EDM2 and NCVSD snapshots do)')
     return dnnlib.EasyDict(data)
+
+def as_our_precond(net, verbose=True):
+    """An EDM2 Precond as unpickled (running the source embedded in its pickle) rebuilt as our Precond from
+    the same constructor arguments and weights, so that our speed options reach it; other networks as they are."""
+    if type(net).__name__ != 'Precond' or type(net) is Precond or not hasattr(net, 'init_kwargs'):
+        return net
+    try:
+        ours = Precond(*net.init_args, **net.init_kwargs)
+        ours.load_state_dict(net.state_dict())
+    except (TypeError, RuntimeError) as err:
+        if verbose:
+            print(f'Note: the network runs on the code in its pickle; it does not fit our Precond ({type(err).__name__}: {err})')
+        return net
+    return ours.to(next(net.parameters()).dtype).train(net.training)
 
 def check_diffusion_network(net, path_or_url):
     """A teacher must be a Precond-like denoiser with the attributes the students copy."""

@@ -319,16 +319,36 @@ def prepare_inputs(x, sigma, class_labels, label_dim):
         class_labels = class_labels.to(torch.float32).reshape(-1, label_dim)
     return x, sigma, class_labels
 
-def compute_dtype(use_fp16, device, force_fp32):
-    """float16 for the UNet body on CUDA when enabled, float32 elsewhere."""
-    return torch.float16 if (use_fp16 and device.type == 'cuda' and not force_fp32) else torch.float32
+def compute_dtype(use_fp16, device, force_fp32, reduced='float16'):
+    """The UNet body's dtype: `reduced` (float16 on CUDA only, bfloat16 anywhere) when enabled, else float32."""
+    if not use_fp16 or force_fp32 or (reduced == 'float16' and device.type != 'cuda'):
+        return torch.float32
+    return getattr(torch, reduced)
+
+PRECISIONS = dict(fp32=None, fp16='float16', bf16='bfloat16')     # --precision -> reduced dtype of the UNet bodies.
+
+def set_precision(net, precision):
+    """Make every network inside `net` compute its UNet body in `precision` (fp32, fp16 or bf16)."""
+    for module in net.modules():
+        if hasattr(module, 'use_fp16'):
+            module.use_fp16 = PRECISIONS[precision] is not None
+            module.reduced_dtype = PRECISIONS[precision] or 'float16'
+    return net
 
 @persistence.persistent_class
 class Precond(torch.nn.Module):
     """D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise, label), plus logvar(σ) for loss weighting."""
 
-    def __init__(self, img_resolution, img_channels, label_dim, use_fp16=True, sigma_data=0.5,
-        logvar_channels=128, **unet_kwargs,
+    reduced_dtype = 'float16'                   # Body dtype when use_fp16 (set_precision() may choose bfloat16).
+
+    def __init__(self,
+        img_resolution,                         # Height = width of the images.
+        img_channels,                           # Channels per pixel (3: RGB, 4: SD-VAE latents).
+        label_dim,                              # Number of classes (one-hot labels); 0: unconditional.
+        use_fp16        = True,                 # Run the UNet body in reduced precision (CUDA; see compute_dtype).
+        sigma_data      = 0.5,                  # Expected standard deviation of the data (EDM preconditioning).
+        logvar_channels = 128,                  # Fourier features of the uncertainty head logvar(σ).
+        **unet_kwargs,                          # UNet arguments: model_channels, channel_mult, num_blocks, ...
     ):
         super().__init__()
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
@@ -339,7 +359,7 @@ class Precond(torch.nn.Module):
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, return_logvar=False, **unet_kwargs):
         x, sigma, class_labels = prepare_inputs(x, sigma, class_labels, self.label_dim)
-        dtype = compute_dtype(self.use_fp16, x.device, force_fp32)
+        dtype = compute_dtype(self.use_fp16, x.device, force_fp32, self.reduced_dtype)
         c_skip, c_out, c_in, c_noise = precond_coefficients(sigma, self.sigma_data)
         F_x = self.unet((c_in * x).to(dtype), c_noise, class_labels, **unet_kwargs)
         D_x = c_skip * x + c_out * F_x.to(torch.float32)

@@ -40,6 +40,7 @@ class _TwoEncoderNetwork(torch.nn.Module):
     """Shared part of G/S and the discriminator: `enc` sees (x, σ), `ctrl` sees the condition (y, σ_y)."""
 
     force_weight_normalization = True   # Renormalise the raw weights in place after every optimizer step.
+    reduced_dtype = 'float16'           # Body dtype when use_fp16 (set_precision() may choose bfloat16).
 
     def _init_common(self, img_resolution, img_channels, label_dim, use_fp16, sigma_data, unet_kwargs):
         self.img_resolution = img_resolution
@@ -60,7 +61,7 @@ class _TwoEncoderNetwork(torch.nn.Module):
         condition_x, condition_sigma, class_labels = prepare_inputs(condition_x, condition_sigma, class_labels, self.label_dim)
         repeats = x.shape[0] // condition_x.shape[0]
         input_labels = class_labels.repeat(repeats, 1) if class_labels is not None and class_labels.shape[0] > 1 else class_labels
-        dtype = compute_dtype(self.use_fp16, x.device, force_fp32)
+        dtype = compute_dtype(self.use_fp16, x.device, force_fp32, self.reduced_dtype)
         c_skip, c_out, c_in, c_noise = precond_coefficients(sigma, self.sigma_data)
         _, _, cond_c_in, cond_c_noise = precond_coefficients(condition_sigma, self.sigma_data)
         enc_x, enc_skips = self.enc.encode((c_in * x).to(dtype), self.enc.embed(c_noise, input_labels))
@@ -97,8 +98,14 @@ class _TwoEncoderNetwork(torch.nn.Module):
 class ConditionalPrecond(_TwoEncoderNetwork):
     """D(x; σ | y, σ_y): the generator G and the fake score S of NCVSD, with a logvar head."""
 
-    def __init__(self, img_resolution, img_channels, label_dim, use_fp16=True, sigma_data=0.5,
-        logvar_channels=128, **unet_kwargs,
+    def __init__(self,
+        img_resolution,                         # Height = width of the images.
+        img_channels,                           # Channels per pixel.
+        label_dim,                              # Number of classes (one-hot labels); 0: unconditional.
+        use_fp16        = True,                 # Run the UNet parts in reduced precision (see compute_dtype).
+        sigma_data      = 0.5,                  # Expected standard deviation of the data (EDM preconditioning).
+        logvar_channels = 128,                  # Fourier features of the uncertainty head logvar(σ).
+        **unet_kwargs,                          # UNet arguments, as the teacher's (model_channels, channel_mult, ...).
     ):
         super().__init__()
         self._init_common(img_resolution, img_channels, label_dim, use_fp16, sigma_data, unet_kwargs)
@@ -137,8 +144,14 @@ class ConditionalDiscriminator(_TwoEncoderNetwork):
 
     force_weight_normalization = False
 
-    def __init__(self, img_resolution, img_channels, label_dim, use_fp16=True, sigma_data=0.5,
-        logvar_channels=128, **unet_kwargs,         # logvar_channels: accepted so a teacher's kwargs fit; unused
+    def __init__(self,
+        img_resolution,                         # Height = width of the images.
+        img_channels,                           # Channels per pixel.
+        label_dim,                              # Number of classes (one-hot labels); 0: unconditional.
+        use_fp16        = True,                 # Run the UNet encoders in reduced precision (see compute_dtype).
+        sigma_data      = 0.5,                  # Expected standard deviation of the data (EDM preconditioning).
+        logvar_channels = 128,                  # Accepted so that a teacher's arguments fit; unused.
+        **unet_kwargs,                          # UNet arguments, as the teacher's.
     ):
         super().__init__()
         self._init_common(img_resolution, img_channels, label_dim, use_fp16, sigma_data, unet_kwargs)

@@ -8,6 +8,7 @@ import os
 import dnnlib
 from dnnlib.util import UserError
 from torch_utils import distributed as dist
+from training.networks_edm2 import PRECISIONS
 from training.networks_ncvsd import DEFAULT_GAMMA
 from training.noise_levels import DEFAULT_TS, parse_ts
 
@@ -47,7 +48,8 @@ KEYS = dict(
     d_lr_scaling        = Key(REQUIRED, False, 'Discriminator learning rate relative to lr.'),
     ema_stds            = Key(REQUIRED, False, 'Relative standard deviations of the power-function EMAs (one snapshot each).'),
     ls                  = Key(1.0, False, 'Loss scaling.'),
-    fp16                = Key(False, False, 'UNet bodies in float16 (CUDA only).'),
+    fp16                = Key(False, False, 'UNet bodies in float16 (CUDA only); the same as precision fp16.'),
+    precision           = Key(None, False, 'UNet bodies of students and teacher in fp32, fp16 (CUDA only) or bf16 (default: fp16 if fp16, else fp32).'),
     seed                = Key(0, False, 'Random seed.'),
     # Length and outputs.
     duration            = Key(REQUIRED, True, 'Training length in images (e.g. 64Mi).'),
@@ -95,7 +97,18 @@ def resolve_options(opts):
     for name in ('duration', 'status', 'snapshot', 'checkpoint'):
         config[name] = dnnlib.util.parse_nimg(config[name])
     config.ts = parse_ts(config.ts)
+    config.precision = check_precision(config.precision, config.fp16, 'fp16' in opts)
     return config
+
+def check_precision(precision, fp16, fp16_given):
+    """--precision, or the --fp16 switch it generalises; a contradiction between the two is an error."""
+    if precision is None:
+        return 'fp16' if fp16 else 'fp32'
+    if precision not in PRECISIONS:
+        raise UserError(f'--precision={precision} is not one of {", ".join(PRECISIONS)}')
+    if fp16_given and fp16 != (precision == 'fp16'):
+        raise UserError(f'--fp16={fp16} contradicts --precision={precision}; give --precision only')
+    return precision
 
 def run_identity(options):
     """The values that make a run what it is (non-resumable keys)."""

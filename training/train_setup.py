@@ -79,11 +79,14 @@ def make_init_net(config, teacher):
     return net
 
 def check_device_options(config, opts, device):
-    """float16 bodies exist on CUDA only: an explicit --fp16=True elsewhere is an error, a preset's is noted."""
-    if device.type == 'cuda' or not config.fp16:
+    """float16 bodies exist on CUDA only: an explicit --fp16=True or --precision=fp16 elsewhere is an error,
+    a preset's float16 is noted (and computed in float32)."""
+    if device.type == 'cuda' or config.precision != 'fp16':
         return
-    if opts.get('fp16'):
-        raise UserError(f'--fp16=True needs CUDA but this run is on {device.type}; drop --fp16 (on {device.type} the networks compute in float32)')
+    if opts.get('fp16') or opts.get('precision') == 'fp16':
+        given = '--fp16=True' if opts.get('fp16') else '--precision=fp16'
+        raise UserError(f'{given} needs CUDA but this run is on {device.type}; drop it, or use --precision=bf16 '
+            f'(on {device.type} the networks otherwise compute in float32)')
     dist.print0(f'Note: preset "{config.preset}" asks for float16, which runs on CUDA only; computing in float32 on {device.type}')
 
 def launch(opts, dry_run=False):
@@ -113,7 +116,7 @@ def run_training(config, teacher, dataset, encoder, dataset_kwargs):
     dist.print0(json.dumps(config, indent=2))
     training_loop(
         run_dir=config.outdir, teacher=teacher, dataset=dataset, encoder=encoder, dataset_kwargs=dataset_kwargs,
-        network_kwargs=dict(use_fp16=bool(config.fp16)), init_net=make_init_net(config, teacher),
+        network_kwargs=dict(use_fp16=config.precision != 'fp32'), precision=config.precision, init_net=make_init_net(config, teacher),
         loss_kwargs=dict(P_mean=config.P_mean, P_std=config.P_std, gan_loss_scaling=config.gan_loss_scaling),
         lr_kwargs=dict(ref_lr=config.lr, ref_batches=config.ref_batches, rampup_Mimg=config.rampup_Mimg),
         g_lr_scaling=config.g_lr_scaling, d_lr_scaling=config.d_lr_scaling, gamma=config.gamma,

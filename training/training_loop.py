@@ -17,6 +17,7 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
 from training import network_io
+from training.networks_edm2 import set_precision
 from training.networks_ncvsd import ConditionalPrecond, ConditionalDiscriminator, GenerativeDenoiser, DEFAULT_GAMMA
 from training.noise_levels import PAPER_CHAINS, DEFAULT_TS
 from training.phema import PowerFunctionEMA
@@ -286,6 +287,7 @@ def training_loop(
     encoder,                            # Dataset items -> network space (pixels to [-1, 1], or VAE latents).
     dataset_kwargs      = None,         # How the dataset was built; recorded in the snapshots.
     network_kwargs      = {},           # Overrides of init_net's constructor arguments (e.g. use_fp16).
+    precision           = None,         # UNet bodies of students and teacher: 'fp32', 'fp16' or 'bf16' (None: as built).
     init_net            = None,         # EDM2 network the students start from (default: the teacher).
     loss_kwargs         = {},           # NCVSDLoss arguments: P_mean, P_std of t ~ LogNormal, gan_loss_scaling.
     optimizer_kwargs    = dict(betas=(0.9, 0.99), eps=1e-8),    # Adam's moments and epsilon.
@@ -330,6 +332,8 @@ def training_loop(
     teacher = network_io.prepare_frozen(teacher, device)
     torch.manual_seed(seed)                                 # The same initial weights on every rank.
     G, S, D = build_students(teacher if init_net is None else init_net.to(device), network_kwargs, device, copy_teacher_logvar)
+    for net in ((G, S, D, teacher) if precision is not None else ()):
+        set_precision(net, precision)
     loss_fn = dnnlib.util.construct_class_by_name(class_name='training.loss.NCVSDLoss', **loss_kwargs)
     optimizers = build_optimizers(G, S, D, **optimizer_kwargs)
     ema = PowerFunctionEMA(G, stds=ema_stds)
