@@ -20,10 +20,11 @@ from training.network_io import load_network
 from training.noise_levels import DEFAULT_TS
 from training.sampling import check_sampling_options, generate_images, save_image_grid
 
-def run(net, outdir, seeds, ts=None, steps=32, class_idx=None, subdirs=False, batch=32, device=None, grid=None, vae=None, precision=None):
+def run(net, outdir, seeds, ts=None, steps=32, class_idx=None, subdirs=False, batch=32, device=None, grid=None, vae=None, precision=None, compile=False):
     device = dist.init(device)
     seeds = parse_int_list(seeds)
-    net, encoder = load_network(net, device, verbose=dist.get_rank() == 0, vae=vae, precision=precision)
+    net, encoder = load_network(net, device, verbose=dist.get_rank() == 0, vae=vae, precision=precision,
+        compile_backend='inductor' if compile else None)
     ts = check_sampling_options(net, ts, steps, class_idx)
     sampler = f'--ts={",".join(map(str, ts))}' if ts else f'Heun, {2 * steps - 1} NFE'
     dist.print0(f'Generating {len(seeds)} images ({sampler}) to "{outdir}" on {dist.get_world_size()} rank(s) ...')
@@ -60,6 +61,7 @@ def run(net, outdir, seeds, ts=None, steps=32, class_idx=None, subdirs=False, ba
 @click.option('--vae', help='VAE for latent-space networks (hub name or folder) [default: the pickle\'s]', metavar='NAME|DIR')
 @click.option('--grid', help='Also save all images as one PNG grid here', metavar='PNG')
 @click.option('--precision', help='UNet bodies in fp32, fp16 (CUDA only) or bf16 [default: as stored]', type=click.Choice(['fp32', 'fp16', 'bf16']))
+@click.option('--compile', help='torch.compile the network (worth it for many images)', is_flag=True)
 def main(**opts):
     run_cli(run, **opts)
 

@@ -33,6 +33,7 @@ from training import train_setup
 @click.option('--workers', help='Data loader worker processes', metavar='INT', type=click.IntRange(min=0))
 @click.option('--vae', help='VAE for latent datasets (hub name or folder) [default: the one dataset_tool.py encode used]', metavar='NAME|DIR')
 @click.option('--device', help='Device (default: CUDA if available, else CPU)', metavar='STR')
+@click.option('--compile', help='torch.compile the networks of the iteration [default: False]', metavar='BOOL', type=bool)
 @click.option('--dry-run', help='Print the resolved configuration and exit', is_flag=True)
 def main(dry_run, **opts):
     run_cli(train_setup.launch, {k: v for k, v in opts.items() if v is not None}, dry_run=dry_run)

@@ -12,6 +12,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import dnnlib
 from training import network_io
@@ -36,6 +37,32 @@ def random_teacher(preset, device):
             pickle.dump(dnnlib.EasyDict(ema=net), f)
         teacher, _encoder = network_io.load_network(path, device, role='teacher', verbose=False)
     return network_io.prepare_frozen(teacher, device), config
+
+# Vendor datasheet figures, dense tensor-core FP16/BF16 (no sparsity), TFLOP/s; matched against the device name.
+DENSE_FP16_TFLOPS = {'H200': 989.4, 'H100 PCIe': 756.0, 'H100': 989.4, 'A100': 312.0, 'L40S': 362.1, 'A10G': 125.0}
+
+def peak_tflops(device, given=None):
+    """The device's dense FP16 peak (TFLOP/s): `given`, else the table for CUDA devices, else None (unknown)."""
+    if given:
+        return given
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+        return next((rate for key, rate in DENSE_FP16_TFLOPS.items() if key in name), None)
+    return None
+
+def count_flops(fn):
+    """FLOPs of running fn() once (a multiply-add counts 2), forward and backward, by torch's FlopCounterMode."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+def flops_report(flops, seconds, peak):
+    """'N TFLOP/s (x% of the dense FP16 peak)' for `flops` done in `seconds`."""
+    rate = flops / seconds / 1e12
+    return f'{rate:.2f} TFLOP/s' + (f' ({100 * rate / peak:.1f}% of the {peak:g} TFLOP/s dense FP16 peak)' if peak else ' (peak unknown: pass --peak-tflops)')
+
+def device_name(device):
+    return f'{device} ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda})' if device.type == 'cuda' else str(device)
 
 def synchronize(device):
     if device.type == 'cuda':

@@ -7,19 +7,13 @@ Counts multiply-adds as 2 FLOPs (convolutions, matmuls, attention) at batch 1.
 
 import click
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from common import random_teacher
+from common import random_teacher, count_flops as count
 from training.networks_edm2 import Precond
 from training.networks_ncvsd import ConditionalPrecond, ConditionalDiscriminator
 
 EDM2_IMG64_S = dict(img_resolution=64, img_channels=3, label_dim=1000, model_channels=192, channel_mult=[1, 2, 3, 4],
     num_blocks=3, attn_resolutions=[16, 8], use_fp16=False)
-
-def count(fn):
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 @click.command()
 def main():

@@ -3,7 +3,8 @@
     python bench/sample.py --preset=bench-a [--batch=64 --repeats=3 --device=cpu]
 
 Both networks have the preset's architecture (random weights: speed does not depend on them);
-the student is the conditional network (two encoders + one decoder) built from that teacher.
+the student is the conditional network (two encoders + one decoder) built from that teacher. The 1-step
+row also gives the achieved FLOP rate (FlopCounterMode's count) as a share of the device's dense FP16 peak.
 """
 
 import time
@@ -11,8 +12,10 @@ import time
 import click
 import torch
 
-from common import random_teacher, synchronize
+from common import random_teacher, synchronize, peak_tflops, count_flops, flops_report, device_name
+from training.networks_edm2 import set_precision
 from training.networks_ncvsd import ConditionalPrecond, GenerativeDenoiser
+from training.noise_levels import PAPER_CHAINS
 from training.sampling import edm_heun_sampler, StackedRandomGenerator
 from training.speed import OPTIONS, set_speed_options
 
@@ -34,23 +37,34 @@ def images_per_second(fn, batch, repeats, device):
 @click.option('--heun-steps', type=int, default=32, show_default=True)
 @click.option('--device', default='cuda' if torch.cuda.is_available() else 'cpu', show_default=True)
 @click.option('--off', help=f'Speed options to turn off: all, or a comma list of {", ".join(OPTIONS)}', default='', metavar='LIST')
-def main(preset, batch, repeats, heun_steps, device, off):
+@click.option('--precision', type=click.Choice(['fp32', 'fp16', 'bf16']), help='UNet bodies [default: the preset\'s fp16 flag]')
+@click.option('--compile', 'compile_nets', type=bool, default=False, show_default=True, help='torch.compile the networks (inductor)')
+@click.option('--peak-tflops', 'given_peak', type=float, default=None, help='Dense FP16 peak of the device (default: known GPUs)')
+def main(preset, batch, repeats, heun_steps, device, off, precision, compile_nets, given_peak):
     torch.set_grad_enabled(False)
     set_speed_options(**{name: False for name in (list(OPTIONS) if off == 'all' else [n for n in off.split(',') if n])})
     device = torch.device(device)
-    teacher, _config = random_teacher(preset, device)
-    teacher.eval()
+    teacher, config = random_teacher(preset, device)
+    precision = precision or ('fp16' if config.get('fp16', False) else 'fp32')
     student = GenerativeDenoiser(ConditionalPrecond(**teacher.init_kwargs).init_from_pretrained(teacher).eval().to(device))
+    for net in (teacher, student):
+        set_precision(net, precision)
     shape = [batch, teacher.img_channels, teacher.img_resolution, teacher.img_resolution]
     labels = torch.eye(teacher.label_dim, device=device)[torch.arange(batch, device=device) % teacher.label_dim] if teacher.label_dim else None
     rnd = StackedRandomGenerator(device, range(batch))
     noise = rnd.randn(shape, device=device)
-    print(f'{preset}: batch {batch}, {shape[2]}x{shape[3]}x{shape[1]}, device {device}, {torch.get_num_threads()} threads')
+    one_step_flops = count_flops(lambda: student.sample(noise, labels, ts=[10, 39], randn_like=rnd.randn_like))
+    if compile_nets:
+        teacher, student.model = (torch.compile(net, dynamic=False) for net in (teacher, student.model))
+    peak = peak_tflops(device, given_peak)
+    print(f'{preset}: batch {batch}, {shape[2]}x{shape[3]}x{shape[1]}, device {device_name(device)}, torch {torch.__version__}, '
+        f'{torch.get_num_threads()} threads, precision {precision}, compile {compile_nets}')
     heun = images_per_second(lambda: edm_heun_sampler(teacher, noise, labels, heun_steps), batch, repeats, device)
     print(f'teacher Heun {heun_steps} steps ({2 * heun_steps - 1} NFE): {heun:8.2f} img/s')
-    for nfe, ts in ((1, [10, 39]), (2, [10, 22, 39]), (4, [0, 10, 20, 30, 39])):
+    for nfe, ts in PAPER_CHAINS.items():
         speed = images_per_second(lambda: student.sample(noise, labels, ts=ts, randn_like=rnd.randn_like), batch, repeats, device)
-        print(f'student {nfe} step(s) --ts={",".join(map(str, ts))}: {speed:8.2f} img/s   speed-up x{speed / heun:.1f}')
+        rate = f'   {flops_report(one_step_flops, batch / speed, peak)}' if nfe == 1 else ''
+        print(f'student {nfe} step(s) --ts={",".join(map(str, ts))}: {speed:8.2f} img/s   speed-up x{speed / heun:.1f}{rate}')
 
 if __name__ == '__main__':
     main()

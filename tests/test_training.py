@@ -310,14 +310,17 @@ def test_gradients_are_averaged_across_ranks(tmp_path):
         import sys, torch
         sys.path.insert(0, {ROOT!r})
         from torch_utils import distributed as dist
-        from training.training_loop import reduce_gradients_
+        from training.training_loop import gradient_averaging, finish_gradients_
         dist.init('cpu')
         torch.manual_seed(0)
         net = torch.nn.Linear(4, 3)
+        net.img_resolution = net.img_channels = net.label_dim = 0
         x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
         (net(x).square().sum() * 8.0).backward()                       # Loss scaling 8.
         own = [p.grad.clone() / 8.0 for p in net.parameters()]
-        reduce_gradients_(net, loss_scaling=8.0)
+        net.zero_grad(set_to_none=True)
+        (gradient_averaging(net, torch.device('cpu'))(x).square().sum() * 8.0).backward()
+        finish_gradients_(net, loss_scaling=8.0)
         torch.save(dict(own=own, reduced=[p.grad for p in net.parameters()]), {str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.pt')
         dist.shutdown()
     '''))

@@ -8,9 +8,12 @@ _constants = {}         # (value bytes, dtype, shape, ...) -> tensor
 def constant(value, shape=None, dtype=None, device=None, memory_format=None):
     """A tensor of `value` (broadcast to `shape`), built once per distinct request and then reused,
     so that e.g. resampling filters are not rebuilt at every call."""
-    array = np.asarray(value)
     dtype = dtype if dtype is not None else torch.get_default_dtype()
     device = torch.device(device if device is not None else 'cpu')
+    if torch.compiler.is_compiling():              # A traced graph holds its constants: no cache to consult.
+        made = torch.as_tensor(value, dtype=dtype, device=device)
+        return made.expand(shape) if shape is not None else made
+    array = np.asarray(value)
     memory_format = memory_format if memory_format is not None else torch.contiguous_format
     shape = None if shape is None else tuple(shape)
     key = (array.tobytes(), array.shape, array.dtype, shape, dtype, device, memory_format)

@@ -36,12 +36,13 @@ EXPORTABLE_ENCODERS = {
 #----------------------------------------------------------------------------
 # Reading.
 
-def load_network(path_or_url, device, role='sampling', vae=None, precision=None, verbose=True):
+def load_network(path_or_url, device, role='sampling', vae=None, precision=None, compile_backend=None, verbose=True):
     """(network, encoder or None) from a file or URL.
 
     role='sampling': any image network, float32, eval mode, on `device`, with its encoder initialised there
     (`vae` replaces the VAE of a latent-space network's encoder; `precision` fp32/fp16/bf16 replaces the stored
-    choice of the UNet bodies' dtype, fp16 computing in float32 off CUDA). role='teacher': an EDM2 diffusion network as
+    choice of the UNet bodies' dtype, fp16 computing in float32 off CUDA; `compile_backend` wraps the network
+    in torch.compile, compiled at its first call). role='teacher': an EDM2 diffusion network as
     stored (the training loop freezes it on its device); the encoder is the file's own, None if it has none.
     """
     data = load_network_data(path_or_url, verbose=verbose)
@@ -58,7 +59,12 @@ def load_network(path_or_url, device, role='sampling', vae=None, precision=None,
     encoder.init(device)
     if precision is not None:
         set_precision(net, precision)
-    return prepare_frozen(net, device), encoder
+    net = prepare_frozen(net, device)
+    if compile_backend is not None and is_generative_denoiser(net):
+        net.model = torch.compile(net.model, backend=compile_backend, dynamic=False)
+    elif compile_backend is not None:
+        net = torch.compile(net, backend=compile_backend, dynamic=False)
+    return net, encoder
 
 def load_network_data(path_or_url, verbose=True):
     """The stored dict of a snapshot (keys ema, encoder, ...) as an EasyDict; pickles and exports alike."""

@@ -98,7 +98,8 @@ class MPConv(torch.nn.Module):
 
     def normalized_weight(self):
         """normalize(weight) in float32, cached for frozen weights (teacher, and students outside their phase)."""
-        if not (CACHE_FROZEN_WEIGHTS and not self.weight.requires_grad and not torch.is_inference_mode_enabled()):
+        if torch.compiler.is_compiling() or not (CACHE_FROZEN_WEIGHTS and not self.weight.requires_grad
+                and not torch.is_inference_mode_enabled()):            # Compiled graphs fuse the normalisation instead.
             return normalize(self.weight.to(torch.float32))
         key = (self.weight._version, self.weight.data_ptr())
         cached = _normalized_weights.get(self, None)

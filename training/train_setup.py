@@ -125,5 +125,6 @@ def run_training(config, teacher, dataset, encoder, dataset_kwargs):
         batch_gpu=config.batch_gpu, total_nimg=config.duration, status_nimg=config.status, snapshot_nimg=config.snapshot,
         checkpoint_nimg=config.checkpoint, loss_scaling=config.ls, ts=config.ts,
         num_workers=config.workers if config.workers is not None else (2 if dist.get_device().type == 'cuda' else 0),
-        grid_size=config.grid_size, final_samples=config.final_samples, device=dist.get_device(),
+        grid_size=config.grid_size, final_samples=config.final_samples, compile_backend='inductor' if config.compile else None,
+        device=dist.get_device(),
     )

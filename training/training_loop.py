@@ -64,21 +64,25 @@ class RandomState:
         if 'cuda' in state:
             torch.cuda.set_rng_state(state['cuda'], self.device)
 
+def gradient_averaging(net, device):
+    """`net` in DistributedDataParallel when there are several ranks: gradients averaged across ranks in buckets
+    that are all-reduced while the backward pass goes on; `net` itself on one rank."""
+    if dist.get_world_size() == 1:
+        return net
+    wrapper = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None,
+        broadcast_buffers=False, gradient_as_bucket_view=True)
+    for name in ('img_resolution', 'img_channels', 'label_dim'):            # What GenerativeDenoiser reads.
+        setattr(wrapper, name, getattr(net, name))
+    return wrapper
+
 @torch.no_grad()
-def reduce_gradients_(module, loss_scaling, force_finite=True):
-    """Average gradients over ranks (DDP semantics) in one flat all-reduce, undo loss scaling, zero non-finite values."""
-    params = [p for p in module.parameters() if p.grad is not None]
-    if not params:
-        return
-    flat = torch.cat([p.grad.flatten() for p in params])
-    dist.all_reduce_sum(flat)
-    flat.div_(loss_scaling * dist.get_world_size())
-    if force_finite:
-        torch.nan_to_num(flat, nan=0, posinf=0, neginf=0, out=flat)
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset:offset + p.numel()].reshape(p.shape))
-        offset += p.numel()
+def finish_gradients_(module, loss_scaling, force_finite=True):
+    """Undo loss scaling and zero non-finite values of the (averaged) gradients."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if grads:
+        torch._foreach_div_(grads, loss_scaling)
+        for grad in grads if force_finite else ():
+            torch.nan_to_num(grad, nan=0, posinf=0, neginf=0, out=grad)
 
 def infinite_batches(data_loader, encoder, device):
     """Endless (images in network space [N, C, H, W], labels [N, L]) on `device`."""
@@ -120,10 +124,19 @@ class NCVSDIteration:
     phase_names = PHASES
 
     def __init__(self, G, S, D, teacher, loss_fn, optimizers, gamma, num_rounds, batch_gpu_total, g_lr_scaling=0.01,
-        d_lr_scaling=0.01, loss_scaling=1.0, force_finite=True, rng=None):
-        self.G, self.S, self.D, self.teacher, self.loss_fn = G, S, D, teacher, loss_fn
+        d_lr_scaling=0.01, loss_scaling=1.0, force_finite=True, rng=None, compile_backend=None):
         self.nets = phase_networks(G, S, D)
-        self.G_denoiser = GenerativeDenoiser(G, gamma=gamma)    # G as the loss samples it: G(y, σ) with fresh noise.
+        device = next(G.parameters()).device
+        self.averaging = {phase: gradient_averaging(net, device) for phase, net in self.nets.items()}
+        run = (lambda net: torch.compile(net, backend=compile_backend, dynamic=False)) if compile_backend else (lambda net: net)
+        # What the losses call (compiled or not): each network as it trains in its own phase (through its gradient
+        # averaging) and as a frozen participant in the others.
+        self.G, self.S, self.D, self.teacher = run(G), run(S), run(D), run(teacher)
+        frozen = phase_networks(self.G, self.S, self.D)
+        self.training = {phase: frozen[phase] if wrapper is self.nets[phase] else run(wrapper) for phase, wrapper in self.averaging.items()}
+        self.loss_fn = loss_fn
+        self.G_denoiser = GenerativeDenoiser(self.G, gamma=gamma)    # G as the loss samples it: G(y, σ) with fresh noise.
+        self.G_denoiser_training = GenerativeDenoiser(self.training['generator'], gamma=gamma)
         self.optimizers = optimizers
         self.lr_scalings = dict(score=1.0, discriminator=d_lr_scaling, generator=g_lr_scaling)
         self.num_rounds = num_rounds
@@ -142,11 +155,13 @@ class NCVSDIteration:
         for other in self.nets.values():
             other.requires_grad_(other is net)
         optimizer.zero_grad(set_to_none=True)
-        for _round in range(self.num_rounds):
-            images, labels = next(batches)
-            loss = self.phase_loss(name, images, labels if self.teacher.label_dim else None, use_gan)
-            loss.sum().mul(self.loss_scaling / self.batch_gpu_total).backward()
-        reduce_gradients_(net, self.loss_scaling, self.force_finite)
+        for round_idx in range(self.num_rounds):
+            synchronize = round_idx == self.num_rounds - 1 or not hasattr(self.averaging[name], 'no_sync')
+            with (contextlib.nullcontext() if synchronize else self.averaging[name].no_sync()):    # Exchange once, at the end.
+                images, labels = next(batches)
+                loss = self.phase_loss(name, images, labels if self.teacher.label_dim else None, use_gan)
+                loss.sum().mul(self.loss_scaling / self.batch_gpu_total).backward()
+        finish_gradients_(net, self.loss_scaling, self.force_finite)
         for group in optimizer.param_groups:
             group['lr'] = lr
         optimizer.step()
@@ -154,11 +169,11 @@ class NCVSDIteration:
 
     def phase_loss(self, name, images, labels, use_gan):
         if name == 'score':
-            loss = self.loss_fn.score_loss(self.G_denoiser, self.S, images, labels, rng=self.rng)
+            loss = self.loss_fn.score_loss(self.G_denoiser, self.training['score'], images, labels, rng=self.rng)
         elif name == 'discriminator':
-            loss = self.loss_fn.discriminator_loss(self.G_denoiser, self.D, images, labels, rng=self.rng)
+            loss = self.loss_fn.discriminator_loss(self.G_denoiser, self.training['discriminator'], images, labels, rng=self.rng)
         else:
-            loss, gan_loss = self.loss_fn.generator_loss(self.G_denoiser, self.S, self.teacher, images, labels,
+            loss, gan_loss = self.loss_fn.generator_loss(self.G_denoiser_training, self.S, self.teacher, images, labels,
                 discriminator=self.D, use_gan=use_gan, rng=self.rng)
             if gan_loss is not None:
                 training_stats.report('Loss/generator', loss)
@@ -311,6 +326,7 @@ def training_loop(
     num_workers         = 0,            # DataLoader worker processes per rank.
     grid_size           = 64,           # Samples in each snapshot's grid (seeds 0..grid_size-1).
     final_samples       = 2000,         # Exact teachers: samples per exact metric at the end of the run.
+    compile_backend     = None,         # torch.compile backend for the networks of the iteration ('inductor'); None: eager.
     device              = None,         # Device of this rank (default: the one torch_utils.distributed chose).
 ):
     device = torch.device(device) if device is not None else dist.get_device()
@@ -353,7 +369,7 @@ def training_loop(
     dist.print0(f'Training: {total_nimg // 1000} kimg, batch {batch_size} = {world_size} ranks × {num_rounds} rounds × {batch_gpu}, '
         f'device {device}, starting at {state.cur_nimg // 1000} kimg')
     iteration = NCVSDIteration(G, S, D, teacher, loss_fn, optimizers, gamma, num_rounds, batch_gpu_total,
-        g_lr_scaling, d_lr_scaling, loss_scaling, force_finite, random_state.rng)
+        g_lr_scaling, d_lr_scaling, loss_scaling, force_finite, random_state.rng, compile_backend)
     fine_stamps = fine_stamps_needed(total_nimg, snapshot_nimg, checkpoint_nimg)
     snapshots = SnapshotWriter(run_dir, ema, gamma, encoder, loss_fn, teacher, ts, list(range(grid_size)), device,
         dataset_kwargs, fine_stamps)
@@ -378,11 +394,14 @@ def training_loop(
             break
 
         lr = learning_rate_schedule(state.cur_nimg, batch_size, **lr_kwargs)     # At the images seen before this iteration.
+        iteration_start = time.time()
         try:
             iteration.run(batches, lr, use_gan=state.cur_nimg >= gan_warmup_nimg)
         except torch.cuda.OutOfMemoryError:
             raise UserError(f'{device} ran out of memory at --batch-gpu={batch_gpu}; use a smaller --batch-gpu '
                 '(gradient accumulation keeps the results the same)') from None
+        if compile_backend and state.cur_nimg == start_nimg:
+            dist.print0(f'torch.compile ({compile_backend}): first iteration {time.time() - iteration_start:.1f} s, compilation included')
         state.cur_nimg += batch_size
         ema.update(cur_nimg=state.cur_nimg, batch_size=batch_size)
 
