@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The GPU path, proven on one CUDA GPU in about 5 minutes:
+# The GPU path, proven on one CUDA GPU in about 8 minutes (a guess: never run yet):
 #   1. the test suite's CUDA cases (core tests parametrized over devices);
 #   2. the toy preset under torchrun on CUDA to completion: its 2,000-sample exact metrics (2 steps) must
 #      match the CPU run's (class accuracy >= 0.95, TV <= 0.15);
 #   3. a 2 kimg float16 run of a random teacher of the EDM2 img64-s architecture from a zip with 4 data
 #      workers, killed after its first checkpoint and resumed to the end;
 #   4. bench/exact.py with the toy student, generate_images.py from the img64-s run's snapshot;
-#   5. bench/train_step.py and bench/sample.py at bench-s64 (ms/iter, img/s, peak memory).
+#   5. bench/train_step.py (fp16, bf16, compiled) and bench/sample.py at bench-s64 (ms/iter, img/s, peak memory,
+#      share of the dense FP16 peak).
 # Usage: bash bench/gpu_check.sh   (WORK=DIR keeps the artifacts there; default: a temporary folder)
 # The last line is "GPU check: PASS" or "GPU check: FAIL (<what failed>)".
 set -u
@@ -60,6 +61,8 @@ step "bench/exact.py on CUDA" python bench/exact.py --student="$WORK/toy/network
 step "generate_images.py" python generate_images.py --net="$WORK/s64/network-snapshot-0000002-0.100.pkl" --ts=10,22,39 \
     --outdir="$WORK/generated" --seeds=0-15 --grid="$WORK/generated.png"
 step "bench/train_step.py" python bench/train_step.py --preset=bench-s64 --batch=64 --iters=6 --warmup=2
+step "bench/train_step.py bf16" python bench/train_step.py --preset=bench-s64 --batch=64 --iters=6 --warmup=2 --precision=bf16
+step "bench/train_step.py compiled" timeout 300 python bench/train_step.py --preset=bench-s64 --batch=64 --iters=6 --warmup=2 --compile=True
 step "bench/sample.py" python bench/sample.py --preset=bench-s64 --batch=64 --repeats=3
 
 echo

@@ -17,7 +17,7 @@ import torch
 from common import random_teacher, PhaseTimer, peak_memory_mb, peak_tflops, count_flops, flops_report, device_name
 from training.loss import NCVSDLoss
 from training.networks_edm2 import set_precision
-from training.speed import OPTIONS, set_speed_options, get_speed_options
+from training.speed import OPTIONS, set_speed_options, get_speed_options, use_device_defaults
 from training.training_loop import NCVSDIteration, build_optimizers, build_students
 
 def random_batches(shape, label_dim, device, generator):
@@ -41,8 +41,9 @@ def random_batches(shape, label_dim, device, generator):
 def main(preset, batch, iters, warmup, device, threads, off, precision, compile_nets, given_peak):
     if threads:
         torch.set_num_threads(threads)
-    set_speed_options(**{name: False for name in (list(OPTIONS) if off == 'all' else [name for name in off.split(',') if name])})
     device = torch.device(device)
+    use_device_defaults(device)
+    set_speed_options(**{name: False for name in (list(OPTIONS) if off == 'all' else [name for name in off.split(',') if name])})
     teacher, config = random_teacher(preset, device)
     precision = precision or ('fp16' if config.get('fp16', False) else 'fp32')
     G, S, D = build_students(teacher, dict(use_fp16=precision != 'fp32'), device)

@@ -103,3 +103,10 @@ def test_a_compiled_iteration_equals_an_eager_one():
 def explain_inputs(net):
     x, sigma, labels = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 5.0]), torch.eye(10)[:2]
     return (x, sigma, labels) if isinstance(net, Precond) else (x, sigma, x, sigma, labels)
+
+def test_speed_options_follow_the_device(speed_options):
+    from training.speed import use_device_defaults, get_speed_options
+    use_device_defaults(torch.device('cuda'))                       # A device object needs no GPU.
+    assert get_speed_options() == dict(cache_frozen_weights=False, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True)
+    use_device_defaults(torch.device('cpu'))
+    assert all(get_speed_options().values())

@@ -12,6 +12,14 @@ OPTIONS = dict(
     fused_discriminator=(NCVSDLoss, 'fused_discriminator'),
 )
 
+# Off on CUDA: caching the frozen networks' normalised weights cost 4.7 GiB at EDM2-S size on an H100 for no
+# measurable gain (1360 vs 1276-1378 ms/iter); on the CPU it is neutral to 4% faster.
+CUDA_OFF = ('cache_frozen_weights',)
+
+def use_device_defaults(device):
+    """The speed options as they measure best on `device`'s type; returns the previous settings."""
+    return set_speed_options(**{name: not (device.type == 'cuda' and name in CUDA_OFF) for name in OPTIONS})
+
 def get_speed_options():
     return {name: getattr(owner, attr) for name, (owner, attr) in OPTIONS.items()}
 

@@ -9,7 +9,7 @@ import torch
 import dnnlib
 from dnnlib.util import UserError
 from torch_utils import distributed as dist
-from training import network_io, run_config
+from training import network_io, run_config, speed
 from training.encoders import StandardRGBEncoder, StabilityVAEEncoder
 from training.toy import fit_denoiser_network
 from training.training_loop import training_loop
@@ -97,6 +97,7 @@ def launch(opts, dry_run=False):
         return
     device = dist.init(config.device)
     check_device_options(config, opts, device)
+    speed.use_device_defaults(device)
     teacher, encoder = load_teacher(config)
     dataset, encoder, dataset_kwargs = make_data(config, teacher, encoder)
     check_data_matches(dataset, encoder, teacher, bool(config.cond))
