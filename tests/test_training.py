@@ -371,3 +371,14 @@ def test_precision_reaches_students_and_teacher(assets, tmp_path, monkeypatch):
     assert sorted(seen) == sorted([('ConditionalPrecond', 'bf16'), ('ConditionalPrecond', 'bf16'), ('ConditionalDiscriminator', 'bf16'), ('Precond', 'bf16')])
     snapshot = pickle.load(open(next(tmp_path.glob('network-snapshot-*-0.050.pkl')), 'rb'))['ema']
     assert snapshot.model.use_fp16 and snapshot.model.reduced_dtype == 'bfloat16'
+
+def test_sec_per_kimg_after_a_resume_is_measured_from_the_resume(assets, tmp_path):
+    import re, time
+    first = train_cli(assets, tmp_path, '--duration=16', '--status=8', '--checkpoint=8', '--snapshot=16')
+    assert first.returncode == 0, first.stderr
+    os.remove(tmp_path / 'training-state-0000000.016.pt')                     # Resume from 8 images...
+    time.sleep(8)                                                             # ...after a pause that is not training.
+    resumed = train_cli(assets, tmp_path, '--duration=16', '--status=8', '--checkpoint=8', '--snapshot=16')
+    assert resumed.returncode == 0, resumed.stderr
+    rate = lambda out: [float(v) for v in re.findall(r'sec/kimg (\S+)', out)]
+    assert len(rate(resumed.stdout)) == 1 and rate(resumed.stdout)[0] < 3 * max(rate(first.stdout)) + 200, (first.stdout, resumed.stdout)
