@@ -42,7 +42,17 @@ class _TwoEncoderNetwork(torch.nn.Module):
     force_weight_normalization = True   # Renormalise the raw weights in place after every optimizer step.
     reduced_dtype = 'float16'           # Body dtype when use_fp16 (set_precision() may choose bfloat16).
 
-    def _init_common(self, img_resolution, img_channels, label_dim, use_fp16, sigma_data, unet_kwargs):
+    def __init__(self,
+        img_resolution,                         # Height = width of the images.
+        img_channels,                           # Channels per pixel.
+        label_dim,                              # Number of classes (one-hot labels); 0: unconditional.
+        use_fp16        = True,                 # Run the UNet parts in reduced precision (see compute_dtype).
+        sigma_data      = 0.5,                  # Expected standard deviation of the data (EDM preconditioning).
+        logvar_channels = 128,                  # Fourier features of G's and S's uncertainty head (the discriminator has none).
+        **unet_kwargs,                          # UNet arguments, as the teacher's (model_channels, channel_mult, ...).
+    ):
+        super().__init__()
+        self.logvar_channels = logvar_channels
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim
@@ -98,20 +108,11 @@ class _TwoEncoderNetwork(torch.nn.Module):
 class ConditionalPrecond(_TwoEncoderNetwork):
     """D(x; σ | y, σ_y): the generator G and the fake score S of NCVSD, with a logvar head."""
 
-    def __init__(self,
-        img_resolution,                         # Height = width of the images.
-        img_channels,                           # Channels per pixel.
-        label_dim,                              # Number of classes (one-hot labels); 0: unconditional.
-        use_fp16        = True,                 # Run the UNet parts in reduced precision (see compute_dtype).
-        sigma_data      = 0.5,                  # Expected standard deviation of the data (EDM preconditioning).
-        logvar_channels = 128,                  # Fourier features of the uncertainty head logvar(σ).
-        **unet_kwargs,                          # UNet arguments, as the teacher's (model_channels, channel_mult, ...).
-    ):
-        super().__init__()
-        self._init_common(img_resolution, img_channels, label_dim, use_fp16, sigma_data, unet_kwargs)
+    def __init__(self, *args, **kwargs):                # The arguments of _TwoEncoderNetwork.
+        super().__init__(*args, **kwargs)
         self.dec = ControlledDecoder(**self.unet_kwargs)
-        self.logvar_fourier = MPFourier(logvar_channels)
-        self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
+        self.logvar_fourier = MPFourier(self.logvar_channels)
+        self.logvar_linear = MPConv(self.logvar_channels, 1, kernel=[])
 
     def _pretrained_parts(self):
         return [self.ctrl, self.enc, self.dec]
@@ -144,17 +145,8 @@ class ConditionalDiscriminator(_TwoEncoderNetwork):
 
     force_weight_normalization = False
 
-    def __init__(self,
-        img_resolution,                         # Height = width of the images.
-        img_channels,                           # Channels per pixel.
-        label_dim,                              # Number of classes (one-hot labels); 0: unconditional.
-        use_fp16        = True,                 # Run the UNet encoders in reduced precision (see compute_dtype).
-        sigma_data      = 0.5,                  # Expected standard deviation of the data (EDM preconditioning).
-        logvar_channels = 128,                  # Accepted so that a teacher's arguments fit; unused.
-        **unet_kwargs,                          # UNet arguments, as the teacher's.
-    ):
-        super().__init__()
-        self._init_common(img_resolution, img_channels, label_dim, use_fp16, sigma_data, unet_kwargs)
+    def __init__(self, *args, **kwargs):                # The arguments of _TwoEncoderNetwork.
+        super().__init__(*args, **kwargs)
         features = [spec for spec in self.enc.enc.values()][-1].out_channels
         self.out_conv = MPConv(2 * features, 1, kernel=[])
 

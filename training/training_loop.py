@@ -79,7 +79,7 @@ def gradient_averaging(net, device):
 def finish_gradients_(module, loss_scaling, force_finite=True):
     """Undo loss scaling and zero non-finite values of the (averaged) gradients."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if grads:
+    if grads and loss_scaling != 1:
         torch._foreach_div_(grads, loss_scaling)
         for grad in grads if force_finite else ():
             torch.nan_to_num(grad, nan=0, posinf=0, neginf=0, out=grad)
