@@ -6,8 +6,9 @@
 #   3. a 2 kimg float16 run of a random teacher of the EDM2 img64-s architecture from a zip with 4 data
 #      workers, killed after its first checkpoint and resumed to the end;
 #   4. bench/exact.py with the toy student, generate_images.py from the img64-s run's snapshot;
-#   5. bench/train_step.py (fp16, bf16, compiled) and bench/sample.py at bench-s64 (ms/iter, img/s, peak memory,
-#      share of the dense FP16 peak).
+#   5. bench/train_step.py and bench/sample.py at bench-s64 (ms/iter, img/s, peak memory, share of the dense FP16
+#      peak): the default alone (its peak memory), then off=all / default / channels-last / bf16 alternating in one
+#      process (ratios not moved by drift), then compiled.
 # Usage: bash bench/gpu_check.sh   (WORK=DIR keeps the artifacts there; default: a temporary folder)
 # The last line is "GPU check: PASS" or "GPU check: FAIL (<what failed>)".
 set -u
@@ -61,7 +62,8 @@ step "bench/exact.py on CUDA" python bench/exact.py --student="$WORK/toy/network
 step "generate_images.py" python generate_images.py --net="$WORK/s64/network-snapshot-0000002-0.100.pkl" --ts=10,22,39 \
     --outdir="$WORK/generated" --seeds=0-15 --grid="$WORK/generated.png"
 step "bench/train_step.py" python bench/train_step.py --preset=bench-s64 --batch=64 --iters=6 --warmup=2
-step "bench/train_step.py bf16" python bench/train_step.py --preset=bench-s64 --batch=64 --iters=6 --warmup=2 --precision=bf16
+step "bench/train_step.py variants" python bench/train_step.py --preset=bench-s64 --batch=64 --iters=6 --warmup=2 \
+    --variant=off=all --variant=default --variant=on=channels_last --variant=precision=bf16 --variant='precision=bf16 on=channels_last'
 step "bench/train_step.py compiled" timeout 300 python bench/train_step.py --preset=bench-s64 --batch=64 --iters=6 --warmup=2 --compile=True
 step "bench/sample.py" python bench/sample.py --preset=bench-s64 --batch=64 --repeats=3
 

@@ -12,6 +12,7 @@ from training.sampling import edm_heun_sampler, generate_images, rank_batches
 from training.encoders import StandardRGBEncoder
 from training.sampling import check_sampling_options
 from training.networks_ncvsd import GenerativeDenoiser
+from training.networks_edm2 import set_precision, network_precision
 
 def test_heun_with_exact_teacher_reproduces_the_mixture():
     mixture = toy_teacher(resolution=8, std=0.1)
@@ -76,7 +77,7 @@ def test_export_round_trip(tmp_path):
     from training.networks_ncvsd import ConditionalPrecond
     from conftest import load_fixture
     data = load_fixture('ncvsd_networks_small.pt')
-    net = ConditionalPrecond(**data['config']).eval()
+    net = set_precision(ConditionalPrecond(**data['config']).eval(), 'bf16')
     net.load_state_dict(data['generator_state_dict'])
     snapshot = tmp_path / 'snap.pkl'
     with open(snapshot, 'wb') as f:
@@ -87,8 +88,9 @@ def test_export_round_trip(tmp_path):
     assert raw['format'] == 'ncvsd-export-v1'
     loaded = load_exported(str(tmp_path / 'student.pt'))
     assert loaded['ema'].gamma == 0.3 and type(loaded['encoder']).__name__ == 'StandardRGBEncoder'
+    assert raw['precision'] == network_precision(loaded['ema'].model) == 'bf16'     # not a constructor argument
     with torch.no_grad():
-        out = loaded['ema'].model(data['x'], data['sigma'], data['cond_x'], data['cond_sigma'], data['class_labels'])
+        out = loaded['ema'].model(data['x'], data['sigma'], data['cond_x'], data['cond_sigma'], data['class_labels'], force_fp32=True)
     assert torch.allclose(out, data['generator_D_x'], rtol=1e-5, atol=1e-6)
 
 def test_released_style_pickle_loads_and_samples(tmp_path, monkeypatch):

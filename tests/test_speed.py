@@ -8,7 +8,7 @@ import torch
 from conftest import load_fixture
 from training.loss import NCVSDLoss
 from training.networks_edm2 import Precond
-from training.networks_ncvsd import ConditionalDiscriminator
+from training.networks_ncvsd import ConditionalDiscriminator, GenerativeDenoiser
 from training.speed import OPTIONS, set_speed_options
 from training.training_loop import NCVSDIteration, build_optimizers, build_students
 
@@ -107,6 +107,53 @@ def explain_inputs(net):
 def test_speed_options_follow_the_device(speed_options):
     from training.speed import use_device_defaults, get_speed_options
     use_device_defaults(torch.device('cuda'))                       # A device object needs no GPU.
-    assert get_speed_options() == dict(cache_frozen_weights=False, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True)
+    assert get_speed_options() == dict(cache_frozen_weights=False, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
+        channels_last=False)
     use_device_defaults(torch.device('cpu'))
-    assert all(get_speed_options().values())
+    assert get_speed_options() == dict(cache_frozen_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
+        channels_last=False)
+
+@pytest.mark.parametrize('fused_attention', [True, False])
+def test_channels_last_reaches_every_convolution(speed_options, monkeypatch, fused_attention):
+    """With channels_last, every convolution of the UNet (resampling and attention included) gets NHWC activations,
+    so oneDNN/cuDNN never reorder them; the output is the fixture's, in the usual NCHW memory."""
+    layouts = []
+    for name in ('conv2d', 'conv_transpose2d'):
+        original = getattr(torch.nn.functional, name)
+        def recording(x, *args, original=original, **kwargs):
+            layouts.append(x.is_contiguous(memory_format=torch.channels_last))
+            return original(x, *args, **kwargs)
+        monkeypatch.setattr(torch.nn.functional, name, recording)
+    set_speed_options(channels_last=True, fused_attention=fused_attention)
+    edm2 = load_fixture('edm2_precond_small.pt')
+    net = Precond(**edm2['config']).eval().requires_grad_(False)
+    net.load_state_dict(edm2['state_dict'])
+    D_x = net(edm2['x'], edm2['sigma'], edm2['class_labels'])
+    assert len(layouts) > 20 and all(layouts)
+    assert D_x.is_contiguous() and float((D_x - edm2['D_x']).norm() / edm2['D_x'].norm()) < 1e-5
+
+def test_compiled_networks_compile_once(tmp_path):
+    """Compiled graphs are reused: after one iteration (every phase, GAN term on), a second compiles nothing new;
+    a compiled student's four sampling steps share one graph, which a second batch of the same size reuses."""
+    from torch._dynamo.utils import counters
+    teacher, nets = teacher_and_students()
+    G, S, D = [copy.deepcopy(net) for net in nets]
+    step = NCVSDIteration(G, S, D, teacher, NCVSDLoss(), build_optimizers(G, S, D), 0.414, num_rounds=2, batch_gpu_total=8,
+        rng=torch.Generator().manual_seed(0), compile_backend='aot_eager')
+    gen = torch.Generator().manual_seed(1)
+    def batches():
+        while True:
+            yield torch.randn(4, 3, 16, 16, generator=gen) * 0.5, torch.eye(10)[torch.randint(10, [4], generator=gen)]
+    batch_source = batches()
+    graphs = lambda: counters['stats']['unique_graphs']
+    step.run(batch_source, lr=1e-3)
+    after_first = graphs()
+    step.run(batch_source, lr=1e-3)
+    assert graphs() == after_first
+    denoiser = GenerativeDenoiser(torch.compile(copy.deepcopy(G).eval().requires_grad_(False), backend='aot_eager', dynamic=False))
+    labels = torch.eye(10)[:4]
+    denoiser.sample(torch.randn(4, 3, 16, 16), labels, ts=[0, 10, 20, 30, 39])
+    after_sampling = graphs()
+    assert after_sampling == after_first + 1
+    denoiser.sample(torch.randn(4, 3, 16, 16), labels, ts=[0, 10, 20, 30, 39])
+    assert graphs() == after_sampling

@@ -18,7 +18,7 @@ import torch
 import dnnlib
 from dnnlib.util import UserError
 from training.encoders import StandardRGBEncoder, StabilityVAEEncoder
-from training.networks_edm2 import Precond, set_precision
+from training.networks_edm2 import Precond, set_precision, network_precision
 from training.networks_ncvsd import GenerativeDenoiser, is_generative_denoiser
 
 EXPORT_FORMAT = 'ncvsd-export-v1'
@@ -132,6 +132,8 @@ def export_network(data):
         net, wrapper = net.model, dict(gamma=float(net.gamma), init_sigma=float(net.init_sigma))
     export = dict(format=EXPORT_FORMAT, network=_class_record(net, EXPORTABLE_NETWORKS, 'network'), generative_denoiser=wrapper,
         state_dict={name: value.detach().cpu() for name, value in net.state_dict().items()})
+    if hasattr(net, 'use_fp16'):
+        export['precision'] = network_precision(net)           # bf16 is not a constructor argument.
     if data.get('encoder') is not None:
         export['encoder'] = _class_record(data['encoder'], EXPORTABLE_ENCODERS, 'encoder')
     return export
@@ -146,6 +148,8 @@ def load_exported(f):
         raise UserError(f'not an NCVSD export (expected format {EXPORT_FORMAT}); make one with python -m training.network_io export')
     net = _construct(export['network'], EXPORTABLE_NETWORKS)
     net.load_state_dict(export['state_dict'])
+    if 'precision' in export:
+        set_precision(net, export['precision'])
     if export.get('generative_denoiser') is not None:
         net = GenerativeDenoiser(net, **export['generative_denoiser'])
     encoder = _construct(export['encoder'], EXPORTABLE_ENCODERS) if export.get('encoder') is not None else None

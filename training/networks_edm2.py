@@ -17,6 +17,7 @@ from torch_utils import persistence
 CACHE_FROZEN_WEIGHTS = True     # Reuse normalised weights of parameters that do not require grad until they change.
 FUSED_ATTENTION = True          # torch's scaled_dot_product_attention instead of two einsums and a softmax.
 FAST_PIXEL_NORM = True          # Channel norms as sqrt(sum of squares): torch's strided vector_norm is ~18x slower on CPU.
+CHANNELS_LAST = False           # UNet activations in channels-last memory (NHWC): faster convolutions, no layout reorders.
 _normalized_weights = weakref.WeakKeyDictionary()       # MPConv -> ((version, pointer), normalised weight)
 
 #----------------------------------------------------------------------------
@@ -178,16 +179,25 @@ class Block(torch.nn.Module):
         return x
 
     def attention(self, x):
-        """Self-attention over pixels with pixel-normalised q, k, v."""
-        qkv = self.attn_qkv(x)
-        qkv = qkv.reshape(qkv.shape[0], self.num_heads, -1, 3, qkv.shape[2] * qkv.shape[3])
-        q, k, v = normalize(qkv, dim=2).unbind(3)                     # [N, heads, C/heads, HW] each
-        if FUSED_ATTENTION:
-            out = torch.nn.functional.scaled_dot_product_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3)).transpose(2, 3)
+        """Self-attention over pixels with pixel-normalised q, k, v; channel c of qkv is (head, channel within
+        the head, q/k/v) = c split over (C/heads·3, 3)."""
+        batch, channels, height, width = x.shape
+        if CHANNELS_LAST:                                           # Stay in NHWC memory: views, no copies.
+            qkv = self.attn_qkv(x).permute(0, 2, 3, 1).reshape(batch, height * width, self.num_heads, -1, 3)
+            q, k, v = (t.transpose(1, 2) for t in normalize(qkv, dim=3).unbind(4))
+            out = attend(q, k, v).transpose(1, 2).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
         else:
-            weights = torch.einsum('nhcq,nhck->nhqk', q, k / np.sqrt(q.shape[2])).softmax(dim=3)
-            out = torch.einsum('nhqk,nhck->nhcq', weights, v)
-        return self.attn_proj(out.reshape(*x.shape))
+            qkv = self.attn_qkv(x).reshape(batch, self.num_heads, -1, 3, height * width)
+            q, k, v = (t.transpose(2, 3) for t in normalize(qkv, dim=2).unbind(3))
+            out = attend(q, k, v).transpose(2, 3).reshape(*x.shape)
+        return self.attn_proj(out)
+
+def attend(q, k, v):
+    """softmax(q·kᵀ/sqrt(c))·v over [N, heads, HW, c] queries, keys and values."""
+    if FUSED_ATTENTION:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    weights = torch.einsum('nhqc,nhkc->nhqk', q, k / np.sqrt(q.shape[3])).softmax(dim=3)
+    return torch.einsum('nhqk,nhkc->nhqc', weights, v)
 
 #----------------------------------------------------------------------------
 # UNet.
@@ -277,6 +287,8 @@ class UNet(torch.nn.Module):
     def encode(self, x, emb):
         """[N, C, H, W] input -> (deepest feature map, list of every encoder output for the skips)."""
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        if CHANNELS_LAST:
+            x = x.contiguous(memory_format=torch.channels_last)
         skips = []
         for name, layer in self.enc.items():
             x = layer(x) if 'conv' in name else layer(x, emb)
@@ -290,7 +302,7 @@ class UNet(torch.nn.Module):
             if 'block' in name:
                 x = mp_cat(x, skips.pop(), t=self.concat_balance)
             x = block(x, emb)
-        return self.out_conv(x, gain=self.out_gain)
+        return self.out_conv(x, gain=self.out_gain).contiguous()
 
     def forward(self, x, noise_labels, class_labels):
         emb = self.embed(noise_labels, class_labels)
@@ -335,6 +347,12 @@ def set_precision(net, precision):
             module.use_fp16 = PRECISIONS[precision] is not None
             module.reduced_dtype = PRECISIONS[precision] or 'float16'
     return net
+
+def network_precision(net):
+    """'fp32', 'fp16' or 'bf16': the UNet bodies' precision as set_precision() (or the constructor) left it."""
+    if not net.use_fp16:
+        return 'fp32'
+    return next(name for name, dtype in PRECISIONS.items() if dtype == net.reduced_dtype)
 
 @persistence.persistent_class
 class Precond(torch.nn.Module):

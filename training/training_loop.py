@@ -124,8 +124,6 @@ class NCVSDIteration:
     """One NCVSD iteration: fake score, discriminator and generator phases, each on its own
     batches with gradient accumulation, a cross-rank gradient average and one Adam step."""
 
-    phase_names = PHASES
-
     def __init__(self, G, S, D, teacher, loss_fn, optimizers, gamma, num_rounds, batch_gpu_total, g_lr_scaling=0.01,
         d_lr_scaling=0.01, loss_scaling=1.0, force_finite=True, rng=None, compile_backend=None):
         self.nets = phase_networks(G, S, D)
