@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU path, proven on one CUDA GPU in about 8 minutes (a guess: never run yet):
+# The GPU path, proven on one CUDA GPU within 10 minutes (each step has a time limit; never run on a GPU yet):
 #   1. the test suite's CUDA cases (core tests parametrized over devices);
 #   2. the toy preset under torchrun on CUDA to completion: its 2,000-sample exact metrics (2 steps) must
 #      match the CPU run's (class accuracy >= 0.95, TV <= 0.15);
@@ -8,19 +8,20 @@
 #   4. bench/exact.py with the toy student, generate_images.py from the img64-s run's snapshot;
 #   5. bench/train_step.py and bench/sample.py at bench-s64 (ms/iter, img/s, peak memory, share of the dense FP16
 #      peak): the default alone (its peak memory), then off=all / default / channels-last / bf16 alternating in one
-#      process (ratios not moved by drift), then compiled.
-# Usage: bash bench/gpu_check.sh   (WORK=DIR keeps the artifacts there; default: a temporary folder)
+#      process (ratios not moved by drift).
+# Usage: bash bench/gpu_check.sh            (WORK=DIR keeps the artifacts there; default: a temporary folder)
+#        bash bench/gpu_check.sh compile    (a second call: the compiled step and sampler, minutes of compilation)
 # The last line is "GPU check: PASS" or "GPU check: FAIL (<what failed>)".
 set -u
 cd "$(dirname "$0")/.."
 WORK=${WORK:-$(mktemp -d)}
 FAILED=()
 
-step() {
-    local name=$1; shift
-    echo; echo "=== $name"
+step() {                    # step NAME SECONDS COMMAND...: run COMMAND (a function too) for at most SECONDS
+    local name=$1 limit=$2; shift 2
+    echo; echo "=== $name (limit $limit s)"
     local start=$SECONDS
-    if "$@"; then echo "--- $name: ok ($((SECONDS - start)) s)"; else echo "--- $name: FAILED ($((SECONDS - start)) s)"; FAILED+=("$name"); fi
+    if timeout --kill-after=10 "$limit" bash -c '"$@"' _ "$@"; then echo "--- $name: ok ($((SECONDS - start)) s)"; else echo "--- $name: FAILED ($((SECONDS - start)) s)"; FAILED+=("$name"); fi
 }
 
 toy_on_cuda() {
@@ -51,21 +52,28 @@ killed_and_resumed() {
     grep -q 'training-state-0000001.pt' "$WORK/s64-resumed.log" && [ -f "$WORK/s64/training-state-0000002.pt" ] && ls "$WORK/s64"/network-snapshot-0000002-0.100.pkl
 }
 
+export -f toy_on_cuda killed_and_resumed
+export WORK
 python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' || { echo "GPU check: FAIL (CUDA not available)"; exit 1; }
 python -c 'import torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}")'
 echo "artifacts in $WORK"
 
-step "CUDA tests" python -m pytest -q tests -k cuda -p no:cacheprovider
-step "toy on CUDA" toy_on_cuda
-step "img64-s fp16 run, killed and resumed" killed_and_resumed
-step "bench/exact.py on CUDA" python bench/exact.py --student="$WORK/toy/network-snapshot-0000016-0.100.pkl" --n=500 --pnp-images=1 --chains=50 --device=cuda
-step "generate_images.py" python generate_images.py --net="$WORK/s64/network-snapshot-0000002-0.100.pkl" --ts=10,22,39 \
-    --outdir="$WORK/generated" --seeds=0-15 --grid="$WORK/generated.png"
-step "bench/train_step.py" python bench/train_step.py --preset=bench-s64 --batch=64 --iters=6 --warmup=2
-step "bench/train_step.py variants" python bench/train_step.py --preset=bench-s64 --batch=64 --iters=6 --warmup=2 \
-    --variant=off=all --variant=default --variant=on=channels_last --variant=precision=bf16 --variant='precision=bf16 on=channels_last'
-step "bench/train_step.py compiled" timeout 300 python bench/train_step.py --preset=bench-s64 --batch=64 --iters=6 --warmup=2 --compile=True
-step "bench/sample.py" python bench/sample.py --preset=bench-s64 --batch=64 --repeats=3
+S64=(--preset=bench-s64 --batch=64)
+if [ "${1:-}" = compile ]; then
+    step "bench/train_step.py compiled" 420 python bench/train_step.py "${S64[@]}" --iters=6 --warmup=2 --compile=True
+    step "bench/sample.py compiled" 150 python bench/sample.py "${S64[@]}" --repeats=3 --compile=True
+else
+    step "CUDA tests" 90 python -m pytest -q tests -k cuda -p no:cacheprovider
+    step "toy on CUDA" 170 toy_on_cuda
+    step "img64-s fp16 run, killed and resumed" 100 killed_and_resumed
+    step "bench/exact.py on CUDA" 35 python bench/exact.py --student="$WORK/toy/network-snapshot-0000016-0.100.pkl" --n=500 --pnp-images=1 --chains=50 --device=cuda
+    step "generate_images.py" 30 python generate_images.py --net="$WORK/s64/network-snapshot-0000002-0.100.pkl" --ts=10,22,39 \
+        --outdir="$WORK/generated" --seeds=0-15 --grid="$WORK/generated.png"
+    step "bench/train_step.py" 35 python bench/train_step.py "${S64[@]}" --iters=6 --warmup=2
+    step "bench/train_step.py variants" 70 python bench/train_step.py "${S64[@]}" --iters=6 --warmup=2 --variant=off=all \
+        --variant=default --variant=on=channels_last --variant=precision=bf16
+    step "bench/sample.py" 30 python bench/sample.py "${S64[@]}" --repeats=3
+fi
 
 echo
 if [ ${#FAILED[@]} -eq 0 ]; then
