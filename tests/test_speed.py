@@ -7,8 +7,8 @@ import torch
 
 from conftest import load_fixture
 from training.loss import NCVSDLoss
-from training.networks_edm2 import Precond
-from training.networks_ncvsd import ConditionalDiscriminator, GenerativeDenoiser
+from training.networks_edm2 import Precond, set_precision
+from training.networks_ncvsd import ConditionalDiscriminator, ConditionalPrecond, GenerativeDenoiser
 from training.speed import OPTIONS, set_speed_options
 from training.training_loop import NCVSDIteration, build_optimizers, build_students
 
@@ -62,6 +62,30 @@ def test_each_option_keeps_the_fixture_outputs(speed_options, name):
     net.load_state_dict(edm2['state_dict'])
     D_x = net(edm2['x'], edm2['sigma'], edm2['class_labels'])
     assert float((D_x - edm2['D_x']).norm() / edm2['D_x'].norm()) < 1e-5
+
+def test_fast_pixel_norm_gradient_and_memory(speed_options):
+    """The fast channel norm has the gradient of sqrt(sum x²) (autograd in float64 as reference) and, in bf16, keeps
+    no more for the backward pass than torch's vector_norm: no float32 copies of the activations (they cost GiBs
+    at EDM2-S size in fp16)."""
+    from training.networks_edm2 import ChannelNorm
+    x = torch.randn(2, 5, 3, 3, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    weights = torch.randn(2, 1, 3, 3)
+    (ChannelNorm.apply(x, 1) * weights).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    (x64.square().sum(dim=1, keepdim=True).sqrt() * weights).sum().backward()
+    assert torch.allclose(x.grad.double(), x64.grad, rtol=1e-6, atol=1e-7)
+    data = load_fixture('ncvsd_networks_small.pt')
+    net = set_precision(ConditionalPrecond(**data['config']), 'bf16')
+    def saved_mib(fast):
+        set_speed_options(fast_pixel_norm=fast)
+        storages = {}
+        def keep(tensor):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            net(data['x'], data['sigma'], data['cond_x'], data['cond_sigma'], data['class_labels'])
+        return sum(storages.values()) / 2**20
+    assert saved_mib(True) <= saved_mib(False)
 
 def test_weight_cache_follows_weight_updates(speed_options):
     set_speed_options(cache_frozen_weights=True)

@@ -29,11 +29,26 @@ def normalize(x, dim=None, eps=1e-4):
         dim = list(range(1, x.ndim))
         norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
     elif FAST_PIXEL_NORM:
-        norm = (x.to(torch.float32).square().sum(dim=dim, keepdim=True) + 1e-30).sqrt()     # +1e-30: finite gradient at 0
+        norm = ChannelNorm.apply(x, dim)
     else:
         norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
     norm = torch.add(eps, norm, alpha=np.sqrt(norm.numel() / x.numel()))
     return x / norm.to(x.dtype)
+
+class ChannelNorm(torch.autograd.Function):
+    """sqrt(sum of squares over `dim`) in float32, keeping only x for the backward pass (the division by the norm
+    keeps it anyway): autograd would keep the float32 copy of an fp16/bf16 x, 2x its memory, for every normalize."""
+
+    @staticmethod
+    def forward(ctx, x, dim):
+        norm = (x.to(torch.float32).square().sum(dim=dim, keepdim=True) + 1e-30).sqrt()     # +1e-30: finite gradient at 0
+        ctx.save_for_backward(x, norm)
+        return norm
+
+    @staticmethod
+    def backward(ctx, grad_norm):
+        x, norm = ctx.saved_tensors
+        return (grad_norm / norm * x.to(torch.float32)).to(x.dtype), None              # d norm / dx = x / norm
 
 def resample(x, f=(1, 1), mode='keep'):
     """Down- or upsample by 2 with the separable filter `f` (depthwise conv)."""
