@@ -19,6 +19,7 @@ from common import random_teacher, PhaseTimer, peak_memory_mb, peak_tflops, coun
 import dnnlib
 from training.loss import NCVSDLoss
 from training.networks_edm2 import set_precision
+from training.run_config import load_preset
 from training.speed import OPTIONS, set_speed_options, use_device_defaults
 from training.training_loop import NCVSDIteration, PHASES, build_optimizers, build_students
 
@@ -70,11 +71,11 @@ def main(preset, batch, iters, warmup, device, threads, off, on, precision, comp
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device)
-    teacher, config = random_teacher(preset, device)
-    default_precision = 'fp16' if config.get('fp16', False) else 'fp32'
+    default_precision = 'fp16' if load_preset(preset).get('fp16', False) else 'fp32'
     if not variants:
         variants = [' '.join(f'{key}={value}' for key, value in dict(off=off, on=on, precision=precision, compile=compile_nets).items() if value)]
     variants = [parse_variant(spec, device, default_precision) for spec in variants]
+    teacher, config = random_teacher(preset, device)
     if any(variant.compile for variant in variants):
         torch._dynamo.config.recompile_limit = 64          # Variants share the networks: each adds its own graphs.
 
