@@ -17,7 +17,7 @@ from training.networks_edm2 import set_precision
 from training.networks_ncvsd import ConditionalPrecond, GenerativeDenoiser
 from training.noise_levels import PAPER_CHAINS
 from training.sampling import edm_heun_sampler, StackedRandomGenerator
-from training.speed import OPTIONS, set_speed_options, use_device_defaults
+from training.speed import OPTIONS, set_speed_options, device_defaults, option_names
 
 def images_per_second(fn, batch, repeats, device):
     fn()                                                     # warm-up
@@ -43,8 +43,10 @@ def images_per_second(fn, batch, repeats, device):
 def main(preset, batch, repeats, heun_steps, device, off, precision, compile_nets, given_peak):
     torch.set_grad_enabled(False)
     device = torch.device(device)
-    use_device_defaults(device)
-    set_speed_options(**{name: False for name in (list(OPTIONS) if off == 'all' else [n for n in off.split(',') if n])})
+    try:
+        set_speed_options(**{**device_defaults(device), **{name: False for name in option_names(off)}})
+    except ValueError as err:
+        raise click.BadParameter(str(err))
     teacher, config = random_teacher(preset, device)
     precision = precision or ('fp16' if config.get('fp16', False) else 'fp32')
     student = GenerativeDenoiser(ConditionalPrecond(**teacher.init_kwargs).init_from_pretrained(teacher).eval().to(device))

@@ -20,7 +20,7 @@ import dnnlib
 from training.loss import NCVSDLoss
 from training.networks_edm2 import set_precision
 from training.run_config import load_preset
-from training.speed import OPTIONS, set_speed_options, use_device_defaults
+from training.speed import OPTIONS, set_speed_options, device_defaults, option_names
 from training.training_loop import NCVSDIteration, PHASES, build_optimizers, build_students
 
 def random_batches(shape, label_dim, device, generator):
@@ -29,14 +29,6 @@ def random_batches(shape, label_dim, device, generator):
         images = torch.randn(shape, generator=generator, device=device) * 0.5
         labels = torch.eye(label_dim, device=device)[torch.randint(label_dim, shape[:1], generator=generator, device=device)] if label_dim else torch.zeros(shape[0], 0, device=device)
         yield images, labels
-
-def option_list(names):
-    """'all' or 'a,b' -> list of speed option names (an unknown name is an error)."""
-    names = list(OPTIONS) if names == 'all' else [name for name in names.split(',') if name]
-    unknown = [name for name in names if name not in OPTIONS]
-    if unknown:
-        raise click.BadParameter(f'unknown speed option {", ".join(unknown)}; choose from all, {", ".join(OPTIONS)}')
-    return names
 
 def parse_variant(spec, device, default_precision):
     """'off=all precision=bf16 compile=True' -> EasyDict(label, speed={option: bool}, precision, compile)."""
@@ -48,9 +40,12 @@ def parse_variant(spec, device, default_precision):
         variant[key] = value
     if variant.precision not in ('fp32', 'fp16', 'bf16') or variant.compile not in ('True', 'False'):
         raise click.BadParameter(f'variant "{spec}": precision is fp32, fp16 or bf16 and compile True or False')
-    previous = use_device_defaults(device)
-    set_speed_options(**{name: False for name in option_list(variant.off)}, **{name: True for name in option_list(variant.on)})
-    variant.speed = set_speed_options(**previous)
+    variant.speed = device_defaults(device)
+    try:
+        variant.speed.update({name: False for name in option_names(variant.off)})
+        variant.speed.update({name: True for name in option_names(variant.on)})
+    except ValueError as err:
+        raise click.BadParameter(str(err))
     variant.compile = variant.compile == 'True'
     return variant
 

@@ -17,13 +17,25 @@ OPTIONS = dict(
 # measurable gain (1360 vs 1276-1378 ms/iter); on the CPU it is neutral to 4% faster.
 CUDA_OFF = ('cache_frozen_weights',)
 
-# Off everywhere until a device measures a win: channels-last activations made the CPU step 0-5% slower at bench-a
-# (faster convolutions, slower broadcasting divisions and attention); not yet measured on a GPU.
+# Off everywhere until a device measures a win: channels-last activations gave no clear change of the CPU step at
+# bench-a (faster convolutions, slower broadcasting divisions and attention); not yet measured on a GPU.
 OFF = ('channels_last',)
 
+def device_defaults(device):
+    """{option: on} as the options measure best on `device`'s type."""
+    return {name: name not in OFF and not (device.type == 'cuda' and name in CUDA_OFF) for name in OPTIONS}
+
 def use_device_defaults(device):
-    """The speed options as they measure best on `device`'s type; returns the previous settings."""
-    return set_speed_options(**{name: name not in OFF and not (device.type == 'cuda' and name in CUDA_OFF) for name in OPTIONS})
+    """Set the device's defaults; returns the previous settings."""
+    return set_speed_options(**device_defaults(device))
+
+def option_names(names):
+    """'all' or 'a,b' (a command-line list) -> option names; an unknown name is a ValueError naming the choices."""
+    names = list(OPTIONS) if names == 'all' else [name for name in names.split(',') if name]
+    unknown = [name for name in names if name not in OPTIONS]
+    if unknown:
+        raise ValueError(f'unknown speed option {", ".join(unknown)}; choose from all, {", ".join(OPTIONS)}')
+    return names
 
 def get_speed_options():
     return {name: getattr(owner, attr) for name, (owner, attr) in OPTIONS.items()}
