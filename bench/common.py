@@ -19,6 +19,8 @@ from training import network_io
 from training.networks_edm2 import Precond
 from training.run_config import load_preset
 
+torch.backends.cudnn.benchmark = True                  # As the training loop sets it: cuDNN picks its fastest kernels.
+
 def random_teacher(preset, device):
     """An EDM2 Precond with the preset's network_arch and non-zero gains (so every layer contributes), pickled and
     loaded back the way a training run gets its teacher (network_io.load_network, then frozen on the device)."""
@@ -85,6 +87,12 @@ class PhaseTimer:
 
     def median(self, name):
         return statistics.median(self.times[name])
+
+def reset_peak_memory(device):
+    """Start a new peak-memory measurement where the device allows it (CUDA); returns whether it did."""
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    return device.type == 'cuda'
 
 def peak_memory_mb(device):
     if device.type == 'cuda':

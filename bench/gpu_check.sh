@@ -1,33 +1,46 @@
 #!/usr/bin/env bash
-# The GPU path, proven on one CUDA GPU within 10 minutes (each step has a time limit; never run on a GPU yet):
-#   1. the test suite's CUDA cases (core tests parametrized over devices);
-#   2. the toy preset under torchrun on CUDA to completion: its 2,000-sample exact metrics (2 steps) must
-#      match the CPU run's (class accuracy >= 0.95, TV <= 0.15);
-#   3. a 2 kimg float16 run of a random teacher of the EDM2 img64-s architecture from a zip with 4 data
-#      workers, killed after its first checkpoint and resumed to the end;
-#   4. bench/exact.py with the toy student, generate_images.py from the img64-s run's snapshot;
+# The GPU path, proven and timed on one CUDA GPU in one call of at most BUDGET seconds (default 570). Steps in
+# order of priority, each with a time limit; the last ones get what time is left:
+#   1. the toy preset under torchrun on CUDA, in the background while 2-4 run: its 2,000-sample exact metrics
+#      (2 steps) must match the CPU run's (class accuracy >= 0.95, TV <= 0.15);
+#   2. the test suite's CUDA cases (core tests parametrized over devices);
+#   3. a 2 kimg float16 run of a random teacher of the EDM2 img64-s architecture from a zip with 4 data workers,
+#      killed after its first checkpoint and resumed to the end; generate_images.py from its snapshot;
+#   4. bench/exact.py with the toy student (once the toy has finished);
 #   5. bench/train_step.py and bench/sample.py at bench-s64 (ms/iter, img/s, peak memory, share of the dense FP16
 #      peak): the default alone (its peak memory), then off=all / default / channels-last / bf16 alternating in one
-#      process (ratios not moved by drift).
-# Usage: bash bench/gpu_check.sh            (WORK=DIR keeps the artifacts there; default: a temporary folder)
-#        bash bench/gpu_check.sh compile    (a second call: the compiled step and sampler, minutes of compilation)
+#      process (ratios not moved by drift);
+#   6. the compiled step alternating with the eager one (minutes of compilation), then the compiled sampler.
+# Usage: bash bench/gpu_check.sh      (WORK=DIR keeps the artifacts there, default a temporary folder; BUDGET=SECONDS)
 # The last line is "GPU check: PASS" or "GPU check: FAIL (<what failed>)".
 set -u
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
 WORK=${WORK:-$(mktemp -d)}
+BUDGET=${BUDGET:-570}
 FAILED=()
 
+record() {                  # record NAME RC START: print the step's outcome, remember a failure
+    if [ "$2" -eq 0 ]; then echo "--- $1: ok ($((SECONDS - $3)) s)"; else echo "--- $1: FAILED, exit $2 ($((SECONDS - $3)) s)"; FAILED+=("$1"); fi
+}
+
 step() {                    # step NAME SECONDS COMMAND...: run COMMAND (a function too) for at most SECONDS
-    local name=$1 limit=$2; shift 2
-    echo; echo "=== $name (limit $limit s)"
-    local start=$SECONDS
-    if timeout --kill-after=10 "$limit" bash -c '"$@"' _ "$@"; then echo "--- $name: ok ($((SECONDS - start)) s)"; else echo "--- $name: FAILED ($((SECONDS - start)) s)"; FAILED+=("$name"); fi
+    local name=$1 limit=$2 start=$SECONDS; shift 2
+    echo; echo "=== $name (limit $limit s, $((BUDGET - SECONDS)) s of the budget left)"
+    if [ "$limit" -lt 20 ]; then echo "--- $name: skipped, the budget is spent"; FAILED+=("$name (no time)"); return; fi
+    timeout --kill-after=10 "$limit" bash -c '"$@"' _ "$@"
+    record "$name" $? $start
+}
+
+left() {                    # left CAP: seconds of the budget left, at most CAP
+    local remaining=$((BUDGET - SECONDS))
+    echo $((remaining < $1 ? remaining : $1))
 }
 
 toy_on_cuda() {
     torchrun --standalone --nproc_per_node=1 train_ncvsd.py --preset=toy --outdir="$WORK/toy" --device=cuda > "$WORK/toy.log" 2>&1
     local rc=$?
-    grep -E '^(Training|Exact metrics|kimg)' "$WORK/toy.log" | tail -9
+    grep -E '^(Training|Exact metrics|kimg|torch.compile)' "$WORK/toy.log" | tail -9
     [ $rc -eq 0 ] || { tail -20 "$WORK/toy.log"; return 1; }
     python - "$WORK/toy/stats.jsonl" <<'EOF'
 import json, sys
@@ -56,24 +69,32 @@ export -f toy_on_cuda killed_and_resumed
 export WORK
 python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' || { echo "GPU check: FAIL (CUDA not available)"; exit 1; }
 python -c 'import torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}")'
-echo "artifacts in $WORK"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null
+echo "artifacts in $WORK; budget $BUDGET s"
+
+# The toy is a small network bound by kernel launches: it runs beside the correctness steps (their timings are not reported).
+TOY_START=$SECONDS
+timeout --kill-after=10 240 bash -c toy_on_cuda > "$WORK/toy-step.out" 2>&1 &
+TOY_PID=$!
+step "CUDA tests" 90 python -m pytest -q tests -k cuda -p no:cacheprovider
+step "img64-s fp16 run, killed and resumed" 120 killed_and_resumed
+step "generate_images.py" 30 python generate_images.py --net="$WORK/s64/network-snapshot-0000002-0.100.pkl" --ts=10,22,39 \
+    --outdir="$WORK/generated" --seeds=0-15 --grid="$WORK/generated.png"
+echo; echo "=== toy on CUDA (limit 240 s from the start, in the background)"
+wait $TOY_PID
+TOY_RC=$?
+cat "$WORK/toy-step.out"
+record "toy on CUDA" $TOY_RC $TOY_START
+step "bench/exact.py on CUDA" 35 python bench/exact.py --student="$WORK/toy/network-snapshot-0000016-0.100.pkl" --n=500 --pnp-images=1 --chains=50 --device=cuda
 
 S64=(--preset=bench-s64 --batch=64)
-if [ "${1:-}" = compile ]; then
-    step "bench/train_step.py compiled" 420 python bench/train_step.py "${S64[@]}" --iters=6 --warmup=2 --compile=True
-    step "bench/sample.py compiled" 150 python bench/sample.py "${S64[@]}" --repeats=3 --compile=True
-else
-    step "CUDA tests" 90 python -m pytest -q tests -k cuda -p no:cacheprovider
-    step "toy on CUDA" 170 toy_on_cuda
-    step "img64-s fp16 run, killed and resumed" 100 killed_and_resumed
-    step "bench/exact.py on CUDA" 35 python bench/exact.py --student="$WORK/toy/network-snapshot-0000016-0.100.pkl" --n=500 --pnp-images=1 --chains=50 --device=cuda
-    step "generate_images.py" 30 python generate_images.py --net="$WORK/s64/network-snapshot-0000002-0.100.pkl" --ts=10,22,39 \
-        --outdir="$WORK/generated" --seeds=0-15 --grid="$WORK/generated.png"
-    step "bench/train_step.py" 35 python bench/train_step.py "${S64[@]}" --iters=6 --warmup=2
-    step "bench/train_step.py variants" 70 python bench/train_step.py "${S64[@]}" --iters=6 --warmup=2 --variant=off=all \
-        --variant=default --variant=on=channels_last --variant=precision=bf16
-    step "bench/sample.py" 30 python bench/sample.py "${S64[@]}" --repeats=3
-fi
+step "bench/train_step.py" 40 python bench/train_step.py "${S64[@]}" --iters=6 --warmup=2
+step "bench/train_step.py variants" 80 python bench/train_step.py "${S64[@]}" --iters=6 --warmup=2 --variant=off=all \
+    --variant=default --variant=on=channels_last --variant=precision=bf16
+step "bench/sample.py" 30 python bench/sample.py "${S64[@]}" --repeats=3
+step "bench/train_step.py compiled" "$(left 420)" python bench/train_step.py "${S64[@]}" --iters=6 --warmup=2 \
+    --variant=default --variant=compile=True
+step "bench/sample.py compiled" "$(left 150)" python bench/sample.py "${S64[@]}" --repeats=3 --compile=True
 
 echo
 if [ ${#FAILED[@]} -eq 0 ]; then

@@ -15,7 +15,7 @@ precision=fp32|fp16|bf16, compile=True|False.
 import click
 import torch
 
-from common import random_teacher, PhaseTimer, peak_memory_mb, peak_tflops, count_flops, flops_report, device_name
+from common import random_teacher, PhaseTimer, peak_memory_mb, reset_peak_memory, peak_tflops, count_flops, flops_report, device_name
 import dnnlib
 from training.loss import NCVSDLoss
 from training.networks_edm2 import set_precision
@@ -100,8 +100,11 @@ def main(preset, batch, iters, warmup, device, threads, off, on, precision, comp
         for variant in variants:                            # Alternating: drift of the machine's speed hits every variant.
             activate(variant)
             timer = variant.timer if it >= warmup else PhaseTimer(device)
+            own_peak = reset_peak_memory(device)
             with timer('iteration'):
                 variant.step.run(batches, lr=1e-4, use_gan=True, timer=timer)
+            if own_peak:
+                variant.peak_mb = max(variant.get('peak_mb', 0), peak_memory_mb(device))
 
     print(f'{preset}: batch {batch}, {teacher.img_resolution}x{teacher.img_resolution}x{teacher.img_channels}, device {device_name(device)}, '
         f'torch {torch.__version__}, {torch.get_num_threads()} threads; {flops / batch / 1e9:.1f} GFLOP per image per iteration; '
@@ -114,9 +117,11 @@ def main(preset, batch, iters, warmup, device, threads, off, on, precision, comp
             f'first iteration {variant.timer.median("first") / 1000:.1f} s{" (compilation included)" if variant.compile else ""}')
         phases = '  '.join(f'{name} {variant.timer.median(name):.0f}' for name in PHASES)
         ratio = f'  {total / first:.2f}x [{variants[0].label}]' if len(variants) > 1 else ''
+        own_peak = f'  peak memory in its iterations {variant.peak_mb:.0f} MiB' if 'peak_mb' in variant else ''
         print(f'    median ms/iter {total:.0f}  ({phases})  img/s {batch / total * 1000:.1f}{ratio}  '
-            f'{flops_report(flops, total / 1000, peak_tflops(device, given_peak))}')
-    print(f'peak memory {peak_memory_mb(device):.0f} MiB' + (' (all variants together: run one alone for its own)' if len(variants) > 1 else ''))
+            f'{flops_report(flops, total / 1000, peak_tflops(device, given_peak))}{own_peak}')
+    if len(variants) == 1 or device.type != 'cuda':
+        print(f'peak memory {peak_memory_mb(device):.0f} MiB' + (' (all variants together: run one alone for its own)' if len(variants) > 1 else ''))
 
 if __name__ == '__main__':
     main()
