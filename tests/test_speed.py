@@ -131,8 +131,8 @@ def explain_inputs(net):
 def test_speed_options_follow_the_device(speed_options):
     from training.speed import use_device_defaults, get_speed_options
     use_device_defaults(torch.device('cuda'))                       # A device object needs no GPU.
-    assert get_speed_options() == dict(cache_frozen_weights=False, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
-        channels_last=False)
+    assert get_speed_options() == dict(cache_frozen_weights=False, fused_attention=False, fast_pixel_norm=False, fused_discriminator=True,
+        channels_last=True)
     use_device_defaults(torch.device('cpu'))
     assert get_speed_options() == dict(cache_frozen_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
         channels_last=False)

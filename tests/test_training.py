@@ -52,10 +52,18 @@ def test_learning_rate_schedule():
     assert learning_rate_schedule(5e6, 2048, ref_lr=0.01, ref_batches=35000, rampup_Mimg=10) == pytest.approx(0.005)
     assert learning_rate_schedule(35000 * 2048 * 4, 2048, ref_lr=0.01, ref_batches=35000, rampup_Mimg=10) == pytest.approx(0.005)
 
+def assert_same_weights(a, b, device, what):
+    """Bit-identical on the CPU. On CUDA, whose kernels need not be deterministic, all but 1% of the weights within
+    float tolerance: Adam's first steps move a weight by about lr whatever its gradient's size, so a gradient near
+    zero that rounds to the other sign moves it the other way (seen on an H200); a broken resume moves most weights."""
+    if device == 'cpu':
+        assert all(torch.equal(a[name], b[name]) for name in a), what
+        return
+    close = torch.cat([torch.isclose(a[name], b[name], rtol=1e-3, atol=1e-4).flatten() for name in a])
+    assert close.float().mean() >= 0.99, (what, f'{(~close).sum()} of {close.numel()} weights differ')
+
 @pytest.mark.parametrize('device', DEVICES)
 def test_resume_gives_identical_weights(assets, tmp_path, device):
-    """Bit-identical on the CPU; within float tolerance on CUDA (its kernels need not be deterministic)."""
-    same = torch.equal if device == 'cpu' else (lambda a, b: torch.allclose(a, b, rtol=1e-3, atol=1e-4))
     straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
     assert train_cli(assets, straight, '--duration=24', '--checkpoint=8', '--snapshot=24', device=device).returncode == 0
     first = train_cli(assets, resumed, '--duration=8', '--checkpoint=8', '--snapshot=24', device=device)
@@ -67,10 +75,9 @@ def test_resume_gives_identical_weights(assets, tmp_path, device):
     b = torch.load(resumed / 'training-state-0000000.024.pt', weights_only=False)
     assert a['state']['cur_nimg'] == b['state']['cur_nimg'] == 24
     for key in ('G', 'S', 'D'):
-        for name in a[key]:
-            assert same(a[key][name], b[key][name]), (key, name)
-    for ema_a, ema_b in zip(a['ema']['emas'], b['ema']['emas']):
-        assert all(same(ema_a[k], ema_b[k]) for k in ema_a)
+        assert_same_weights(a[key], b[key], device, key)
+    for index, (ema_a, ema_b) in enumerate(zip(a['ema']['emas'], b['ema']['emas'])):
+        assert_same_weights(ema_a, ema_b, device, f'ema {index}')
 
 def test_intervals_under_a_kimg_never_overwrite_files(assets, tmp_path):
     result = train_cli(assets, tmp_path, '--duration=24', '--snapshot=8', '--checkpoint=8')

@@ -20,6 +20,7 @@ from dnnlib.util import UserError
 from training.encoders import StandardRGBEncoder, StabilityVAEEncoder
 from training.networks_edm2 import Precond, set_precision, network_precision
 from training.networks_ncvsd import GenerativeDenoiser, is_generative_denoiser
+from training import speed
 
 EXPORT_FORMAT = 'ncvsd-export-v1'
 EXPORTABLE_NETWORKS = {                          # Class name in an export -> our implementation.
@@ -42,7 +43,8 @@ def load_network(path_or_url, device, role='sampling', vae=None, precision=None,
     role='sampling': any image network, float32, eval mode, on `device`, with its encoder initialised there
     (`vae` replaces the VAE of a latent-space network's encoder; `precision` fp32/fp16/bf16 replaces the stored
     choice of the UNet bodies' dtype, fp16 computing in float32 off CUDA; `compile_backend` wraps the network
-    in torch.compile, compiled at its first call). role='teacher': an EDM2 diffusion network as
+    in torch.compile, compiled at its first call; the speed options are set as `device` measures best, as
+    for training). role='teacher': an EDM2 diffusion network as
     stored (the training loop freezes it on its device); the encoder is the file's own, None if it has none.
     """
     data = load_network_data(path_or_url, verbose=verbose)
@@ -57,6 +59,7 @@ def load_network(path_or_url, device, role='sampling', vae=None, precision=None,
             raise UserError(f'--vae was given but {path_or_url} is not a latent-space network; drop --vae')
         encoder = StabilityVAEEncoder(vae_name=vae)
     encoder.init(device)
+    speed.use_device_defaults(device)
     if precision is not None:
         set_precision(net, precision)
     net = prepare_frozen(net, device)

@@ -13,17 +13,19 @@ OPTIONS = dict(
     channels_last=(networks_edm2, 'CHANNELS_LAST'),
 )
 
-# Off on CUDA: caching the frozen networks' normalised weights cost 4.7 GiB at EDM2-S size on an H100 for no
-# measurable gain (1360 vs 1276-1378 ms/iter); on the CPU it is neutral to 4% faster.
-CUDA_OFF = ('cache_frozen_weights',)
-
-# Off everywhere until a device measures a win: channels-last activations gave no clear change of the CPU step at
-# bench-a (faster convolutions, slower broadcasting divisions and attention); not yet measured on a GPU.
-OFF = ('channels_last',)
+# Off on CUDA, measured at bench-s64 (EDM2 img64-s, batch 64, fp16) on an H200, alternating in one process: the
+# cached frozen weights cost 4.7 GiB on an H100 for no gain; the fast pixel norm and fused attention together cost
+# 1.9 GiB and 10% (1169 vs 1058 ms/iter; not yet told apart). Channels-last activations are 11% faster there
+# (1041 vs 1169 ms/iter), so they are on, while on the CPU at bench-a they made no clear change.
+DEVICE_OFF = dict(
+    cuda=('cache_frozen_weights', 'fast_pixel_norm', 'fused_attention'),
+    cpu=('channels_last',),
+)
 
 def device_defaults(device):
-    """{option: on} as the options measure best on `device`'s type."""
-    return {name: name not in OFF and not (device.type == 'cuda' and name in CUDA_OFF) for name in OPTIONS}
+    """{option: on} as the options measure best on `device`'s type (devices not measured: as on the CPU)."""
+    off = DEVICE_OFF.get(device.type, DEVICE_OFF['cpu'])
+    return {name: name not in off for name in OPTIONS}
 
 def use_device_defaults(device):
     """Set the device's defaults; returns the previous settings."""
