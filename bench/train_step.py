@@ -120,7 +120,7 @@ def main(preset, batch, iters, warmup, device, threads, off, on, precision, comp
         own_peak = f'  peak memory in its iterations {variant.peak_mb:.0f} MiB' if 'peak_mb' in variant else ''
         print(f'    median ms/iter {total:.0f}  ({phases})  img/s {batch / total * 1000:.1f}{ratio}  '
             f'{flops_report(flops, total / 1000, peak_tflops(device, given_peak))}{own_peak}')
-    if len(variants) == 1 or device.type != 'cuda':
+    if device.type != 'cuda':                               # CUDA: each variant's own peak, above.
         print(f'peak memory {peak_memory_mb(device):.0f} MiB' + (' (all variants together: run one alone for its own)' if len(variants) > 1 else ''))
 
 if __name__ == '__main__':

@@ -137,6 +137,21 @@ def test_speed_options_follow_the_device(speed_options):
     assert get_speed_options() == dict(cache_frozen_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
         channels_last=False)
 
+def test_sampling_loads_use_the_device_defaults(speed_options, tmp_path):
+    """generate_images and the other sampling CLIs load through network_io.load_network, which sets the options as
+    the device measures best (as training does), whatever was set before."""
+    import pickle
+    import dnnlib
+    from training.network_io import load_network
+    from training.speed import device_defaults, get_speed_options
+    teacher, _students = teacher_and_students()
+    with open(tmp_path / 'net.pkl', 'wb') as f:
+        pickle.dump(dnnlib.EasyDict(ema=teacher), f)
+    cpu_defaults = device_defaults(torch.device('cpu'))
+    set_speed_options(**{name: not on for name, on in cpu_defaults.items()})
+    load_network(str(tmp_path / 'net.pkl'), torch.device('cpu'), verbose=False)
+    assert get_speed_options() == cpu_defaults
+
 @pytest.mark.parametrize('fused_attention', [True, False])
 def test_channels_last_reaches_every_convolution(speed_options, monkeypatch, fused_attention):
     """With channels_last, every convolution of the UNet (resampling and attention included) gets NHWC activations,
