@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU path, proven and timed on one CUDA GPU in one call of at most BUDGET seconds (default 570); each step has
-# a time limit (first run on an H200: the limits below are its times with room to spare):
+# a time limit (the CUDA tests' and benchmarks' from a first H200 run with room to spare; the toy's and the
+# img64-s run's are still estimates: they have not run on a GPU yet):
 #   1. the toy preset under torchrun on CUDA, in the background while 2-3 run: its 2,000-sample exact metrics
 #      (2 steps) must match the CPU run's (class accuracy >= 0.95, TV <= 0.15);
 #   2. the test suite's CUDA cases (core tests parametrized over devices; 84 s on the H200);
