@@ -310,6 +310,17 @@ def test_first_update_of_a_rampup_runs_at_learning_rate_zero(assets, tmp_path, m
     tiny_run(assets, tmp_path, lr_kwargs=dict(ref_lr=0.01, ref_batches=0, rampup_Mimg=1))
     assert rates == [0.0, pytest.approx(0.01 * 4 / 1e6)]
 
+@pytest.mark.parametrize('loss_scaling', [1.0, 8.0])
+def test_non_finite_gradients_are_zeroed(loss_scaling):
+    from training.training_loop import finish_gradients_
+    net = torch.nn.Linear(3, 2)
+    for param in net.parameters():
+        param.grad = torch.full_like(param, 2.0 * loss_scaling)
+    net.weight.grad[0, 0], net.weight.grad[1, 2], net.bias.grad[0] = float('nan'), float('inf'), float('-inf')
+    finish_gradients_(net, loss_scaling)
+    assert net.weight.grad[0, 0] == 0 and net.weight.grad[1, 2] == 0 and net.bias.grad[0] == 0
+    assert net.weight.grad[0, 1] == 2.0 and net.bias.grad[1] == 2.0
+
 def test_gradients_are_averaged_across_ranks(tmp_path):
     """Two gloo ranks with identical batches: the reduced gradient is each rank's own (the mean, not the sum)."""
     script = tmp_path / 'average.py'

@@ -81,8 +81,8 @@ def finish_gradients_(module, loss_scaling, force_finite=True):
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if grads and loss_scaling != 1:
         torch._foreach_div_(grads, loss_scaling)
-        for grad in grads if force_finite else ():
-            torch.nan_to_num(grad, nan=0, posinf=0, neginf=0, out=grad)
+    for grad in grads if force_finite else ():
+        torch.nan_to_num(grad, nan=0, posinf=0, neginf=0, out=grad)
 
 def infinite_batches(data_loader, encoder, device):
     """Endless (images in network space [N, C, H, W], labels [N, L]) on `device`."""
