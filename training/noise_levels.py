@@ -1,5 +1,7 @@
 """Noise-level grids, multi-step timesteps (--ts) and the posterior identity of NCVSD."""
 
+import functools
+
 import torch
 
 from dnnlib.util import UserError
@@ -62,15 +64,21 @@ def edm_loss_weight(sigma, sigma_data=0.5):
 #----------------------------------------------------------------------------
 # Samplers of noise levels for training.
 
+@functools.lru_cache(maxsize=None)
+def karras_grid_on(device, num, sigma_min, sigma_max, rho):
+    """The float32 Karras grid on `device`, made there once: a copy from the host at every draw would make the
+    host wait for the device."""
+    return karras_sigmas(num, sigma_min, sigma_max, rho, dtype=torch.float32).to(device)
+
 class KarrasGridSampler:
     """σ drawn uniformly from a `num`-point Karras grid (ρ = 7) over [sigma_min, sigma_max]."""
 
     def __init__(self, num=1000, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=7.0):
-        self.grid = karras_sigmas(num, sigma_min, sigma_max, rho, dtype=torch.float32)
+        self.grid_args = (num, sigma_min, sigma_max, rho)
 
     def __call__(self, n, device, rng=None):
-        idx = torch.randint(len(self.grid), [n], generator=rng, device=draw_device(rng, device))
-        return self.grid.to(idx.device)[idx].to(device).reshape(-1, 1, 1, 1)
+        idx = torch.randint(self.grid_args[0], [n], generator=rng, device=draw_device(rng, device))
+        return karras_grid_on(idx.device, *self.grid_args)[idx].to(device).reshape(-1, 1, 1, 1)
 
 class LogNormalSampler:
     """t = exp(P_mean + P_std·n)."""

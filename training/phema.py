@@ -49,8 +49,8 @@ class PowerFunctionEMA:
     def update(self, cur_nimg, batch_size):
         for std, ema in zip(self.stds, self.emas):
             weight = 1 - float(ema_decay(std, cur_nimg, batch_size))
-            for live, average in self._pairs(ema):
-                average.lerp_(live.detach(), weight)
+            lives, averages = zip(*self._pairs(ema))
+            torch._foreach_lerp_(list(averages), [live.detach() for live in lives], weight)
 
     @torch.no_grad()
     def get(self):

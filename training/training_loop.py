@@ -85,10 +85,11 @@ def finish_gradients_(module, loss_scaling, force_finite=True):
         torch.nan_to_num(grad, nan=0, posinf=0, neginf=0, out=grad)
 
 def infinite_batches(data_loader, encoder, device):
-    """Endless (images in network space [N, C, H, W], labels [N, L]) on `device`."""
+    """Endless (images in network space [N, C, H, W], labels [N, L]) on `device`; copied from pinned memory without
+    making the host wait for the device."""
     for images, labels in data_loader:
-        images = encoder.encode_latents(torch.as_tensor(images).to(device))
-        yield images, torch.as_tensor(labels).to(device, torch.float32)
+        images = encoder.encode_latents(torch.as_tensor(images).to(device, non_blocking=True))
+        yield images, torch.as_tensor(labels).to(device, torch.float32, non_blocking=True)
 
 #----------------------------------------------------------------------------
 # Set-up.

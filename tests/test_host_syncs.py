@@ -1,0 +1,89 @@
+"""The training iteration never makes the host wait for the device (no .item() outside the status lines)."""
+
+import itertools
+import traceback
+import warnings
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from conftest import DEVICES
+from test_speed import teacher_and_students
+from training.encoders import StabilityVAEEncoder, StandardRGBEncoder
+from training.loss import NCVSDLoss
+from training.phema import PowerFunctionEMA
+from training.training_loop import NCVSDIteration, infinite_batches, phase_networks
+
+TENSOR = torch.Tensor
+VALUE_READS = {TENSOR.item, TENSOR.__bool__, TENSOR.__float__, TENSOR.__int__, TENSOR.__index__, TENSOR.tolist,
+    TENSOR.numpy, TENSOR.cpu, TENSOR.nonzero, torch.nonzero}
+FACTORIES = {torch.arange, torch.zeros, torch.ones, torch.empty, torch.full, torch.linspace, torch.eye, torch.randn,
+    torch.rand, torch.randint}
+
+class HostSyncs(TorchFunctionMode):
+    """Records the calls that make the host wait on CUDA, whatever the device: values read back to Python, and
+    tensors made from host data or without a device (copied to the device afterwards)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        from_host = func in (torch.tensor, torch.as_tensor) and not isinstance(args[0], torch.Tensor)
+        if func in VALUE_READS or from_host or (func in FACTORIES and kwargs.get('device') is None):
+            caller = traceback.extract_stack(limit=2)[0]
+            self.sites.append(f'{func.__name__} at {caller.filename}:{caller.lineno}')
+        return func(*args, **kwargs)
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_an_iteration_never_waits_for_the_device(device):
+    """After a warm-up, one iteration (data copied to the device, three phases with their losses reported and fused
+    Adam steps, the EMA update) reads nothing back and copies nothing from the host but its pinned batches. On
+    CUDA torch's sync debug mode sees every synchronising call as well."""
+    device = torch.device(device)
+    teacher, nets = teacher_and_students()
+    teacher, (G, S, D) = teacher.to(device), [net.to(device) for net in nets]
+    optimizers = {phase: torch.optim.Adam(net.parameters(), lr=0, fused=True) for phase, net in phase_networks(G, S, D).items()}
+    step = NCVSDIteration(G, S, D, teacher, NCVSDLoss(), optimizers, 0.414, num_rounds=2, batch_gpu_total=8,
+        rng=torch.Generator(device).manual_seed(0))
+    ema = PowerFunctionEMA(G)
+    gen = torch.Generator().manual_seed(1)
+    pixels = [torch.randint(256, [4, 3, 16, 16], generator=gen, dtype=torch.uint8) for _ in range(6)]
+    labels = [torch.eye(10)[torch.randint(10, [4], generator=gen)] for _ in range(6)]
+    if device.type == 'cuda':
+        pixels, labels = [x.pin_memory() for x in pixels], [x.pin_memory() for x in labels]
+    batches = infinite_batches(itertools.cycle(list(zip(pixels, labels))), StandardRGBEncoder(), device)
+
+    def iteration(cur_nimg):
+        step.run(batches, lr=1e-3)
+        ema.update(cur_nimg=cur_nimg, batch_size=8)
+
+    iteration(8)
+    syncs = HostSyncs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        if device.type == 'cuda':
+            torch.cuda.set_sync_debug_mode('warn')
+        try:
+            with syncs:
+                iteration(16)
+        finally:
+            if device.type == 'cuda':
+                torch.cuda.set_sync_debug_mode('default')
+    synchronizing = [str(warning.message) for warning in caught if 'synchroniz' in str(warning.message)]
+    assert not syncs.sites, sorted(set(syncs.sites))
+    assert not synchronizing, synchronizing
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_vae_latents_are_scaled_without_host_copies(device):
+    """A latent dataset's batches are scaled by per-channel constants made on the device once, not at every batch."""
+    encoder = StabilityVAEEncoder()
+    moments = torch.rand([2, 8, 4, 4], device=device)
+    expected = encoder.encode_latents(moments)
+    syncs = HostSyncs()
+    with syncs:
+        again = encoder.encode_latents(moments)
+    assert not syncs.sites, syncs.sites
+    assert again.shape == expected.shape == (2, 4, 4, 4) and again.device == moments.device
