@@ -9,7 +9,8 @@ dense FP16 peak. It compares against the straightforward implementation (`off=al
 was measured at about 0.8x of that. Give several `--variant`s to compare them in one process: their iterations
 alternate (A B C A B C ...), so a machine whose speed drifts slows them alike, and each gets its ratio to the
 first. A variant is `default` or space-separated settings: off=LIST, on=LIST (speed options, or all),
-precision=fp32|fp16|bf16, compile=True|False.
+precision=fp32|fp16|bf16, compile=True|False, cuda_graphs=True|False (CUDA graphs over compiled networks; implies
+compile; the first iteration and one warm-up compile and record them).
 """
 
 import click
@@ -21,6 +22,7 @@ from training.loss import NCVSDLoss
 from training.networks_edm2 import set_precision
 from training.run_config import load_preset
 from training.speed import OPTIONS, set_speed_options, device_defaults, option_names
+from training.train_setup import compile_options
 from training.training_loop import NCVSDIteration, PHASES, build_optimizers, build_students
 
 def random_batches(shape, label_dim, device, generator):
@@ -31,22 +33,25 @@ def random_batches(shape, label_dim, device, generator):
         yield images, labels
 
 def parse_variant(spec, device, default_precision):
-    """'off=all precision=bf16 compile=True' -> EasyDict(label, speed={option: bool}, precision, compile)."""
-    variant = dnnlib.EasyDict(label=spec or 'default', off='', on='', precision=default_precision, compile='False')
+    """'off=all precision=bf16 compile=True' -> EasyDict(label, speed={option: bool}, precision, compile_options)."""
+    variant = dnnlib.EasyDict(label=spec or 'default', off='', on='', precision=default_precision, compile='False', cuda_graphs='False')
     for setting in spec.split() if spec != 'default' else []:
         key, _, value = setting.partition('=')
-        if key not in ('off', 'on', 'precision', 'compile') or not value:
-            raise click.BadParameter(f'"{setting}" in variant "{spec}": expected off=LIST, on=LIST, precision=fp32|fp16|bf16 or compile=True|False')
+        if key not in ('off', 'on', 'precision', 'compile', 'cuda_graphs') or not value:
+            raise click.BadParameter(f'"{setting}" in variant "{spec}": expected off=LIST, on=LIST, precision=fp32|fp16|bf16, '
+                'compile=True|False or cuda_graphs=True|False')
         variant[key] = value
-    if variant.precision not in ('fp32', 'fp16', 'bf16') or variant.compile not in ('True', 'False'):
-        raise click.BadParameter(f'variant "{spec}": precision is fp32, fp16 or bf16 and compile True or False')
+    if variant.precision not in ('fp32', 'fp16', 'bf16') or {variant.compile, variant.cuda_graphs} - {'True', 'False'}:
+        raise click.BadParameter(f'variant "{spec}": precision is fp32, fp16 or bf16, compile and cuda_graphs True or False')
+    if variant.cuda_graphs == 'True' and device.type != 'cuda':
+        raise click.BadParameter(f'variant "{spec}": cuda_graphs=True needs a CUDA device')
     variant.speed = device_defaults(device)
     try:
         variant.speed.update({name: False for name in option_names(variant.off)})
         variant.speed.update({name: True for name in option_names(variant.on)})
     except ValueError as err:
         raise click.BadParameter(str(err))
-    variant.compile = variant.compile == 'True'
+    variant.compile_options = compile_options(dnnlib.EasyDict(compile=variant.compile == 'True', cuda_graphs=variant.cuda_graphs == 'True'))
     return variant
 
 @click.command()
@@ -60,27 +65,28 @@ def parse_variant(spec, device, default_precision):
 @click.option('--on', help='Speed options to turn on (where the device defaults leave them off)', default='', metavar='LIST')
 @click.option('--precision', type=click.Choice(['fp32', 'fp16', 'bf16']), help='UNet bodies [default: the preset\'s fp16 flag]')
 @click.option('--compile', 'compile_nets', type=bool, default=False, show_default=True, help='torch.compile the networks (inductor)')
-@click.option('--variant', 'variants', multiple=True, metavar='SPEC', help='A configuration to compare (repeatable; replaces --off/--on/--precision/--compile)')
+@click.option('--cuda-graphs', type=bool, default=False, show_default=True, help='CUDA graphs over the compiled networks (implies --compile)')
+@click.option('--variant', 'variants', multiple=True, metavar='SPEC', help='A configuration to compare (repeatable; replaces --off/--on/--precision/--compile/--cuda-graphs)')
 @click.option('--peak-tflops', 'given_peak', type=float, default=None, help='Dense FP16 peak of the device (default: known GPUs)')
-def main(preset, batch, iters, warmup, device, threads, off, on, precision, compile_nets, variants, given_peak):
+def main(preset, batch, iters, warmup, device, threads, off, on, precision, compile_nets, cuda_graphs, variants, given_peak):
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device)
     default_precision = 'fp16' if load_preset(preset).get('fp16', False) else 'fp32'
     if not variants:
-        variants = [' '.join(f'{key}={value}' for key, value in dict(off=off, on=on, precision=precision, compile=compile_nets).items() if value)]
+        variants = [' '.join(f'{key}={value}' for key, value in dict(off=off, on=on, precision=precision, compile=compile_nets, cuda_graphs=cuda_graphs).items() if value)]
     variants = [parse_variant(spec, device, default_precision) for spec in variants]
     teacher, config = random_teacher(preset, device)
-    if any(variant.compile for variant in variants):
+    if any(variant.compile_options for variant in variants):
         torch._dynamo.config.recompile_limit = 64          # Variants share the networks: each adds its own graphs.
 
     # One set of networks for all variants (the timing does not depend on the weights), each with its own iteration.
     G, S, D = build_students(teacher, dict(use_fp16=default_precision != 'fp32'), device)
     optimizers = build_optimizers(G, S, D)
-    def make_step(compile_backend):
+    def make_step(options):
         return NCVSDIteration(G, S, D, teacher, NCVSDLoss(P_mean=config.P_mean, P_std=config.P_std), optimizers, config.gamma,
             num_rounds=1, batch_gpu_total=batch, g_lr_scaling=config.g_lr_scaling, d_lr_scaling=config.d_lr_scaling,
-            rng=torch.Generator(device).manual_seed(0), compile_backend=compile_backend)
+            rng=torch.Generator(device).manual_seed(0), compile_options=options)
     def activate(variant):
         set_speed_options(**variant.speed)
         for net in (G, S, D, teacher):
@@ -91,7 +97,7 @@ def main(preset, batch, iters, warmup, device, threads, off, on, precision, comp
     flops = count_flops(lambda: make_step(None).run(batches, lr=1e-4, use_gan=True))     # Eager: the counter would recompile.
 
     for variant in variants:
-        variant.step = make_step('inductor' if variant.compile else None)
+        variant.step = make_step(variant.compile_options)
         variant.timer = PhaseTimer(device)
         activate(variant)
         with variant.timer('first'):
@@ -113,8 +119,9 @@ def main(preset, batch, iters, warmup, device, threads, off, on, precision, comp
     for variant in variants:
         total = variant.timer.median('iteration')
         off_options = [name for name, value in variant.speed.items() if not value]
-        print(f'[{variant.label}] precision {variant.precision}, compile {variant.compile}, speed options off: {", ".join(off_options) or "none"}; '
-            f'first iteration {variant.timer.median("first") / 1000:.1f} s{" (compilation included)" if variant.compile else ""}')
+        compiled = ', '.join(map(str, variant.compile_options.values())) if variant.compile_options else 'no'
+        print(f'[{variant.label}] precision {variant.precision}, compile {compiled}, speed options off: {", ".join(off_options) or "none"}; '
+            f'first iteration {variant.timer.median("first") / 1000:.1f} s{" (compilation included)" if variant.compile_options else ""}')
         phases = '  '.join(f'{name} {variant.timer.median(name):.0f}' for name in PHASES)
         ratio = f'  {total / first:.2f}x [{variants[0].label}]' if len(variants) > 1 else ''
         own_peak = f'  peak memory in its iterations {variant.peak_mb:.0f} MiB' if 'peak_mb' in variant else ''

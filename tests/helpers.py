@@ -33,3 +33,13 @@ def make_dataset(folder, dest, num=12, resolution=16, num_classes=4):
     (folder / 'dataset.json').write_text(json.dumps({'labels': [[f'{i}.png', i % num_classes] for i in range(num)]}))
     convert_dataset(str(folder), str(dest))
     return dest
+
+def assert_same_weights(a, b, device, what):
+    """Bit-identical on the CPU. On CUDA, whose kernels need not be deterministic, all but 1% of the weights within
+    float tolerance: Adam's first steps move a weight by about lr whatever its gradient's size, so a gradient near
+    zero that rounds to the other sign moves it the other way (seen on an H200); a broken resume or replay moves most weights."""
+    if device == 'cpu':
+        assert all(torch.equal(a[name], b[name]) for name in a), what
+        return
+    close = torch.cat([torch.isclose(a[name], b[name], rtol=1e-3, atol=1e-4).flatten() for name in a])
+    assert close.float().mean() >= 0.99, (what, f'{(~close).sum()} of {close.numel()} weights differ')

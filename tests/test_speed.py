@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import load_fixture
+from helpers import assert_same_weights
 from training.loss import NCVSDLoss
 from training.networks_edm2 import Precond, set_precision
 from training.networks_ncvsd import ConditionalDiscriminator, ConditionalPrecond, GenerativeDenoiser
@@ -25,16 +26,21 @@ def teacher_and_students():
     torch.manual_seed(0)
     return teacher, build_students(teacher, {'use_fp16': False}, 'cpu')
 
-def one_iteration(teacher, nets, compile_backend=None):
-    G, S, D = [copy.deepcopy(net) for net in nets]
-    step = NCVSDIteration(G, S, D, teacher, NCVSDLoss(), build_optimizers(G, S, D), 0.414, num_rounds=2, batch_gpu_total=8,
-        g_lr_scaling=0.1, d_lr_scaling=0.1, rng=torch.Generator().manual_seed(0), compile_backend=compile_backend)
+def one_iteration(teacher, nets, compile_options=None, iterations=1, device='cpu'):
+    """(G, S, D) after `iterations` iterations of two accumulation rounds from copies of `nets`."""
+    G, S, D = [copy.deepcopy(net).to(device) for net in nets]
+    step = NCVSDIteration(G, S, D, teacher.to(device), NCVSDLoss(), build_optimizers(G, S, D), 0.414, num_rounds=2,
+        batch_gpu_total=8, g_lr_scaling=0.1, d_lr_scaling=0.1, rng=torch.Generator(device).manual_seed(0),
+        compile_options=compile_options)
     gen = torch.Generator().manual_seed(1)
     def batches():
         while True:
-            yield torch.randn(4, 3, 16, 16, generator=gen) * 0.5, torch.eye(10)[torch.randint(10, [4], generator=gen)]
+            images, labels = torch.randn(4, 3, 16, 16, generator=gen) * 0.5, torch.eye(10)[torch.randint(10, [4], generator=gen)]
+            yield images.to(device), labels.to(device)
     torch.manual_seed(2)
-    step.run(batches(), lr=1e-3)
+    source = batches()
+    for _ in range(iterations):
+        step.run(source, lr=1e-3)
     return G, S, D
 
 def test_one_iteration_is_the_same_with_and_without_speed_options(speed_options):
@@ -118,11 +124,23 @@ def test_a_compiled_iteration_equals_an_eager_one():
     for net in (*nets, teacher):
         assert torch._dynamo.explain(net.forward)(*explain_inputs(net)).graph_break_count == 0, type(net).__name__
     eager = one_iteration(teacher, nets)
-    compiled = one_iteration(teacher, nets, compile_backend='aot_eager')
+    compiled = one_iteration(teacher, nets, compile_options=dict(backend='aot_eager'))
     for eager_net, compiled_net, initial in zip(eager, compiled, nets):
         flat = lambda net: torch.cat([value.flatten() for value in net.state_dict().values()])
         update = flat(eager_net) - flat(initial)
         assert float((flat(compiled_net) - flat(eager_net)).norm()) <= 1e-3 * float(update.norm()), type(initial).__name__
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs need CUDA')
+def test_cuda_graphed_iterations_equal_eager_ones():
+    """--cuda-graphs replays recorded graphs (from the third call on) whose outputs, gradients accumulated over
+    two rounds included, live in memory the next replay reuses: after three iterations (warm-up, recording,
+    replay) the weights are those of eager iterations (fp32; CUDA's tolerance, see assert_same_weights). The
+    cudagraphs backend records the same way as inductor's reduce-overhead mode, without the code generation."""
+    teacher, nets = teacher_and_students()
+    eager = one_iteration(teacher, nets, iterations=3, device='cuda')
+    graphed = one_iteration(teacher, nets, compile_options=dict(backend='cudagraphs'), iterations=3, device='cuda')
+    for eager_net, graphed_net in zip(eager, graphed):
+        assert_same_weights(eager_net.state_dict(), graphed_net.state_dict(), 'cuda', type(eager_net).__name__)
 
 def explain_inputs(net):
     x, sigma, labels = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 5.0]), torch.eye(10)[:2]
@@ -178,7 +196,7 @@ def test_compiled_networks_compile_once(tmp_path):
     teacher, nets = teacher_and_students()
     G, S, D = [copy.deepcopy(net) for net in nets]
     step = NCVSDIteration(G, S, D, teacher, NCVSDLoss(), build_optimizers(G, S, D), 0.414, num_rounds=2, batch_gpu_total=8,
-        rng=torch.Generator().manual_seed(0), compile_backend='aot_eager')
+        rng=torch.Generator().manual_seed(0), compile_options=dict(backend='aot_eager'))
     gen = torch.Generator().manual_seed(1)
     def batches():
         while True:

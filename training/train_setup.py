@@ -79,8 +79,10 @@ def make_init_net(config, teacher):
     return net
 
 def check_device_options(config, opts, device):
-    """float16 bodies exist on CUDA only: an explicit --fp16=True or --precision=fp16 elsewhere is an error,
-    a preset's float16 is noted (and computed in float32)."""
+    """float16 bodies and CUDA graphs exist on CUDA only: an explicit --fp16=True, --precision=fp16 or
+    --cuda-graphs=True elsewhere is an error, a preset's float16 is noted (and computed in float32)."""
+    if config.cuda_graphs and device.type != 'cuda':
+        raise UserError(f'--cuda-graphs=True needs CUDA but this run is on {device.type}; drop it (--compile=True works everywhere)')
     if device.type == 'cuda' or config.precision != 'fp16':
         return
     if opts.get('fp16') or opts.get('precision') == 'fp16':
@@ -113,6 +115,12 @@ def launch(opts, dry_run=False):
             logger.close()
     dist.shutdown()
 
+def compile_options(config):
+    """torch.compile's arguments for the networks of the iteration, or None for eager."""
+    if config.cuda_graphs:
+        return dict(backend='inductor', mode='reduce-overhead')
+    return dict(backend='inductor') if config.compile else None
+
 def run_training(config, teacher, dataset, encoder, dataset_kwargs):
     dist.print0(json.dumps(config, indent=2))
     training_loop(
@@ -126,6 +134,6 @@ def run_training(config, teacher, dataset, encoder, dataset_kwargs):
         batch_gpu=config.batch_gpu, total_nimg=config.duration, status_nimg=config.status, snapshot_nimg=config.snapshot,
         checkpoint_nimg=config.checkpoint, loss_scaling=config.ls, ts=config.ts,
         num_workers=config.workers if config.workers is not None else (2 if dist.get_device().type == 'cuda' else 0),
-        grid_size=config.grid_size, final_samples=config.final_samples, compile_backend='inductor' if config.compile else None,
+        grid_size=config.grid_size, final_samples=config.final_samples, compile_options=compile_options(config),
         device=dist.get_device(),
     )

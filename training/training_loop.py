@@ -126,11 +126,12 @@ class NCVSDIteration:
     batches with gradient accumulation, a cross-rank gradient average and one Adam step."""
 
     def __init__(self, G, S, D, teacher, loss_fn, optimizers, gamma, num_rounds, batch_gpu_total, g_lr_scaling=0.01,
-        d_lr_scaling=0.01, loss_scaling=1.0, force_finite=True, rng=None, compile_backend=None):
+        d_lr_scaling=0.01, loss_scaling=1.0, force_finite=True, rng=None, compile_options=None):
         self.nets = phase_networks(G, S, D)
         device = next(G.parameters()).device
         self.averaging = {phase: gradient_averaging(net, device) for phase, net in self.nets.items()}
-        run = (lambda net: torch.compile(net, backend=compile_backend, dynamic=False)) if compile_backend else (lambda net: net)
+        self.compiled = compile_options is not None
+        run = (lambda net: torch.compile(net, dynamic=False, **compile_options)) if self.compiled else (lambda net: net)
         # What the losses call (compiled or not): each network as it trains in its own phase (through its gradient
         # averaging) and as a frozen participant in the others.
         self.G, self.S, self.D, self.teacher = run(G), run(S), run(D), run(teacher)
@@ -149,6 +150,8 @@ class NCVSDIteration:
 
     def run(self, batches, lr, use_gan=True, timer=None):
         """Run the three phases; `timer(name)` (optional) is a context manager around each phase."""
+        if self.compiled:       # CUDA graphs (if any) may reuse the memory of the last iteration's outputs.
+            torch.compiler.cudagraph_mark_step_begin()
         for name in PHASES:
             with (timer(name) if timer is not None else contextlib.nullcontext()):
                 self.run_phase(self.nets[name], self.optimizers[name], lr * self.lr_scalings[name], name, batches, use_gan)
@@ -328,7 +331,7 @@ def training_loop(
     num_workers         = 0,            # DataLoader worker processes per rank.
     grid_size           = 64,           # Samples in each snapshot's grid (seeds 0..grid_size-1).
     final_samples       = 2000,         # Exact teachers: samples per exact metric at the end of the run.
-    compile_backend     = None,         # torch.compile backend for the networks of the iteration ('inductor'); None: eager.
+    compile_options     = None,         # torch.compile arguments for the networks of the iteration (dict(backend='inductor')); None: eager.
     device              = None,         # Device of this rank (default: the one torch_utils.distributed chose).
 ):
     device = torch.device(device) if device is not None else dist.get_device()
@@ -371,7 +374,7 @@ def training_loop(
     dist.print0(f'Training: {total_nimg // 1000} kimg, batch {batch_size} = {world_size} ranks × {num_rounds} rounds × {batch_gpu}, '
         f'device {device}, starting at {state.cur_nimg // 1000} kimg')
     iteration = NCVSDIteration(G, S, D, teacher, loss_fn, optimizers, gamma, num_rounds, batch_gpu_total,
-        g_lr_scaling, d_lr_scaling, loss_scaling, force_finite, random_state.rng, compile_backend)
+        g_lr_scaling, d_lr_scaling, loss_scaling, force_finite, random_state.rng, compile_options)
     fine_stamps = fine_stamps_needed(total_nimg, snapshot_nimg, checkpoint_nimg)
     snapshots = SnapshotWriter(run_dir, ema, gamma, encoder, loss_fn, teacher, ts, list(range(grid_size)), device,
         dataset_kwargs, fine_stamps)
@@ -402,8 +405,9 @@ def training_loop(
         except torch.cuda.OutOfMemoryError:
             raise UserError(f'{device} ran out of memory at --batch-gpu={batch_gpu}; use a smaller --batch-gpu '
                 '(gradient accumulation keeps the results the same)') from None
-        if compile_backend and state.cur_nimg == start_nimg:
-            dist.print0(f'torch.compile ({compile_backend}): first iteration {time.time() - iteration_start:.1f} s, compilation included')
+        if compile_options and state.cur_nimg == start_nimg:
+            dist.print0(f'torch.compile ({", ".join(map(str, compile_options.values()))}): first iteration '
+                f'{time.time() - iteration_start:.1f} s, compilation included')
         state.cur_nimg += batch_size
         ema.update(cur_nimg=state.cur_nimg, batch_size=batch_size)
 
