@@ -34,7 +34,7 @@ from training import train_setup
 @click.option('--vae', help='VAE for latent datasets (hub name or folder) [default: the one dataset_tool.py encode used]', metavar='NAME|DIR')
 @click.option('--device', help='Device (default: CUDA if available, else CPU)', metavar='STR')
 @click.option('--compile', help='torch.compile the networks of the iteration [default: False]', metavar='BOOL', type=bool)
-@click.option('--cuda-graphs', help='Replay the compiled networks as CUDA graphs (small per-GPU batches; implies --compile) [default: False]', metavar='BOOL', type=bool)
+@click.option('--cuda-graphs', help='Replay the networks of the iteration as CUDA graphs (small per-GPU batches) [default: False]', metavar='BOOL', type=bool)
 @click.option('--dry-run', help='Print the resolved configuration and exit', is_flag=True)
 def main(dry_run, **opts):
     run_cli(train_setup.launch, {k: v for k, v in opts.items() if v is not None}, dry_run=dry_run)

@@ -4,16 +4,18 @@
 # img64-s run's are still estimates: they have not run on a GPU yet):
 #   1. the toy preset under torchrun on CUDA, in the background while 2-3 run: its 2,000-sample exact metrics
 #      (2 steps) must match the CPU run's (class accuracy >= 0.95, TV <= 0.15);
-#   2. the test suite's CUDA cases (core tests parametrized over devices; 84 s on the H200);
+#   2. the test suite's CUDA cases (core tests parametrized over devices, no host syncs in an iteration, CUDA-graphed
+#      iterations equal eager ones; 84 s on the H200 before the last two were added);
 #   3. a 2 kimg float16 run of a random teacher of the EDM2 img64-s architecture from a zip with 4 data workers,
 #      killed after its first checkpoint and resumed to the end; generate_images.py from its snapshot;
 #   4. bench/exact.py with the toy student (once the toy has finished);
 #   5. bench/train_step.py at bench-s64 (ms/iter, img/s, each variant's peak memory, share of the dense FP16 peak):
-#      off=all / default / the fast pixel norm and fused attention each on / bf16, alternating in one process
-#      (ratios not moved by drift); bench/sample.py (student 1/2/4 steps vs 63-NFE Heun).
-# A second call, `bash bench/gpu_check.sh compile`, times the compiled step alternating with the eager one: its
-# compilation took over 4.5 minutes on the H200 (the 305 s it had were not enough), then the compiled sampler.
-# Usage: bash bench/gpu_check.sh [compile]    (WORK=DIR keeps the artifacts there, default a temporary folder)
+#      off=all / default / default with CUDA graphs, alternating in one process (ratios not moved by drift);
+#      bench/sample.py (student 1/2/4 steps vs 63-NFE Heun).
+# Second calls (each its own): `bash bench/gpu_check.sh compile` times the compiled step alternating with the eager
+# one (its compilation took over 4.5 minutes on the H200), then the compiled sampler; `bash bench/gpu_check.sh
+# options` times the fast pixel norm and fused attention each on, and bf16, against the default.
+# Usage: bash bench/gpu_check.sh [compile|options]    (WORK=DIR keeps the artifacts there, default a temporary folder)
 # The last line is "GPU check: PASS" or "GPU check: FAIL (<what failed>)".
 set -u
 cd "$(dirname "$0")/.."
@@ -80,12 +82,15 @@ if [ "${1:-}" = compile ]; then
     step "bench/train_step.py compiled" "$(left 540)" python bench/train_step.py "${S64[@]}" --iters=4 --warmup=1 \
         --variant=default --variant=compile=True
     step "bench/sample.py compiled" "$(left 150)" python bench/sample.py "${S64[@]}" --repeats=3 --compile=True
+elif [ "${1:-}" = options ]; then
+    step "bench/train_step.py options" "$(left 300)" python bench/train_step.py "${S64[@]}" --iters=4 --warmup=1 --variant=default \
+        --variant=on=fast_pixel_norm --variant=on=fused_attention --variant=precision=bf16
 else
     # The toy is a small network bound by kernel launches: it runs beside the correctness steps (not timed).
     TOY_START=$SECONDS
     timeout --kill-after=10 240 bash -c toy_on_cuda > "$WORK/toy-step.out" 2>&1 &
     TOY_PID=$!
-    step "CUDA tests" 150 python -m pytest -q tests -k cuda -p no:cacheprovider
+    step "CUDA tests" 180 python -m pytest -q tests -k cuda -p no:cacheprovider
     step "img64-s fp16 run, killed and resumed" 120 killed_and_resumed
     step "generate_images.py" 40 python generate_images.py --net="$WORK/s64/network-snapshot-0000002-0.100.pkl" --ts=10,22,39 \
         --outdir="$WORK/generated" --seeds=0-15 --grid="$WORK/generated.png"
@@ -96,7 +101,7 @@ else
     record "toy on CUDA" $TOY_RC $TOY_START
     step "bench/exact.py on CUDA" 35 python bench/exact.py --student="$WORK/toy/network-snapshot-0000016-0.100.pkl" --n=500 --pnp-images=1 --chains=50 --device=cuda
     step "bench/train_step.py variants" "$(left 130)" python bench/train_step.py "${S64[@]}" --iters=4 --warmup=1 --variant=off=all \
-        --variant=default --variant=on=fast_pixel_norm --variant=on=fused_attention --variant=precision=bf16
+        --variant=default --variant=cuda_graphs=True
     step "bench/sample.py" "$(left 60)" python bench/sample.py "${S64[@]}" --repeats=3
 fi
 

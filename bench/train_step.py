@@ -9,8 +9,8 @@ dense FP16 peak. It compares against the straightforward implementation (`off=al
 was measured at about 0.8x of that. Give several `--variant`s to compare them in one process: their iterations
 alternate (A B C A B C ...), so a machine whose speed drifts slows them alike, and each gets its ratio to the
 first. A variant is `default` or space-separated settings: off=LIST, on=LIST (speed options, or all),
-precision=fp32|fp16|bf16, compile=True|False, cuda_graphs=True|False (CUDA graphs over compiled networks; implies
-compile; the first iteration and one warm-up compile and record them).
+precision=fp32|fp16|bf16, compile=True|False, cuda_graphs=True|False (CUDA graphs: alone of torch's kernels, with
+compile=True of inductor's; the first iteration and one warm-up record them).
 """
 
 import click
@@ -65,7 +65,7 @@ def parse_variant(spec, device, default_precision):
 @click.option('--on', help='Speed options to turn on (where the device defaults leave them off)', default='', metavar='LIST')
 @click.option('--precision', type=click.Choice(['fp32', 'fp16', 'bf16']), help='UNet bodies [default: the preset\'s fp16 flag]')
 @click.option('--compile', 'compile_nets', type=bool, default=False, show_default=True, help='torch.compile the networks (inductor)')
-@click.option('--cuda-graphs', type=bool, default=False, show_default=True, help='CUDA graphs over the compiled networks (implies --compile)')
+@click.option('--cuda-graphs', type=bool, default=False, show_default=True, help='Replay the networks as CUDA graphs (with --compile: of inductor\'s kernels)')
 @click.option('--variant', 'variants', multiple=True, metavar='SPEC', help='A configuration to compare (repeatable; replaces --off/--on/--precision/--compile/--cuda-graphs)')
 @click.option('--peak-tflops', 'given_peak', type=float, default=None, help='Dense FP16 peak of the device (default: known GPUs)')
 def main(preset, batch, iters, warmup, device, threads, off, on, precision, compile_nets, cuda_graphs, variants, given_peak):

@@ -135,7 +135,7 @@ def test_cuda_graphed_iterations_equal_eager_ones():
     """--cuda-graphs replays recorded graphs (from the third call on) whose outputs, gradients accumulated over
     two rounds included, live in memory the next replay reuses: after three iterations (warm-up, recording,
     replay) the weights are those of eager iterations (fp32; CUDA's tolerance, see assert_same_weights). The
-    cudagraphs backend records the same way as inductor's reduce-overhead mode, without the code generation."""
+    cudagraphs backend is what --cuda-graphs runs without --compile."""
     teacher, nets = teacher_and_students()
     eager = one_iteration(teacher, nets, iterations=3, device='cuda')
     graphed = one_iteration(teacher, nets, compile_options=dict(backend='cudagraphs'), iterations=3, device='cuda')

@@ -61,7 +61,7 @@ KEYS = dict(
     final_samples       = Key(2000, True, 'Exact teachers: samples per end-of-run exact metric.'),
     # Where and how (never part of the results).
     compile             = Key(False, True, 'torch.compile the networks of the training iteration (inductor).'),
-    cuda_graphs         = Key(False, True, 'Replay the compiled networks as CUDA graphs (mode "reduce-overhead"; CUDA only, implies compile).'),
+    cuda_graphs         = Key(False, True, 'Replay the networks of the iteration as CUDA graphs (CUDA only; with compile: of inductor\'s kernels).'),
     preset              = Key(None, True, 'The preset the values came from (its values are the identity, not its name).'),
     outdir              = Key(None, True, 'Run folder.'),
     workers             = Key(None, True, 'DataLoader workers per rank (default: 2 on CUDA, 0 on the CPU).'),

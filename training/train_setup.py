@@ -116,9 +116,11 @@ def launch(opts, dry_run=False):
     dist.shutdown()
 
 def compile_options(config):
-    """torch.compile's arguments for the networks of the iteration, or None for eager."""
+    """torch.compile's arguments for the networks of the iteration, or None for eager. CUDA graphs alone record
+    torch's own kernels (the cudagraphs backend: no code generation, a short start-up); with --compile,
+    inductor's fused kernels (mode reduce-overhead)."""
     if config.cuda_graphs:
-        return dict(backend='inductor', mode='reduce-overhead')
+        return dict(backend='inductor', mode='reduce-overhead') if config.compile else dict(backend='cudagraphs')
     return dict(backend='inductor') if config.compile else None
 
 def run_training(config, teacher, dataset, encoder, dataset_kwargs):
