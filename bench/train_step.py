@@ -13,6 +13,8 @@ precision=fp32|fp16|bf16, compile=True|False, cuda_graphs=True|False (CUDA graph
 compile=True of inductor's; the first iteration and one warm-up record them).
 """
 
+import signal
+
 import click
 import torch
 
@@ -96,37 +98,55 @@ def main(preset, batch, iters, warmup, device, threads, off, on, precision, comp
     activate(variants[0])
     flops = count_flops(lambda: make_step(None).run(batches, lr=1e-4, use_gan=True))     # Eager: the counter would recompile.
 
-    for variant in variants:
-        variant.step = make_step(variant.compile_options)
-        variant.timer = PhaseTimer(device)
-        activate(variant)
-        with variant.timer('first'):
-            variant.step.run(batches, lr=1e-4, use_gan=True)
-    for it in range(warmup + iters):
-        for variant in variants:                            # Alternating: drift of the machine's speed hits every variant.
-            activate(variant)
-            timer = variant.timer if it >= warmup else PhaseTimer(device)
-            own_peak = reset_peak_memory(device)
-            with timer('iteration'):
-                variant.step.run(batches, lr=1e-4, use_gan=True, timer=timer)
-            if own_peak:
-                variant.peak_mb = max(variant.get('peak_mb', 0), peak_memory_mb(device))
-
     print(f'{preset}: batch {batch}, {teacher.img_resolution}x{teacher.img_resolution}x{teacher.img_channels}, device {device_name(device)}, '
         f'torch {torch.__version__}, {torch.get_num_threads()} threads; {flops / batch / 1e9:.1f} GFLOP per image per iteration; '
-        f'median of {iters} iterations after {warmup} warm-up{" per variant, alternating" if len(variants) > 1 else ""}')
-    first = variants[0].timer.median('iteration')
+        f'median of {iters} iterations after {warmup} warm-up{" per variant, alternating" if len(variants) > 1 else ""}', flush=True)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for variant in variants:
+            variant.step = make_step(variant.compile_options)
+            variant.timer = PhaseTimer(device)
+            activate(variant)
+            with variant.timer('first'):
+                variant.step.run(batches, lr=1e-4, use_gan=True)
+            print(f'[{variant.label}] first iteration {variant.timer.median("first") / 1000:.1f} s', flush=True)
+        for it in range(warmup + iters):
+            for variant in variants:                        # Alternating: drift of the machine's speed hits every variant.
+                activate(variant)
+                timer = variant.timer if it >= warmup else PhaseTimer(device)
+                own_peak = reset_peak_memory(device)
+                with timer('iteration'):
+                    variant.step.run(batches, lr=1e-4, use_gan=True, timer=timer)
+                variant.step_ms = timer.times['iteration'][-1]
+                if own_peak:
+                    variant.peak_mb = max(variant.get('peak_mb', 0), peak_memory_mb(device))
+            print(f'{"warm-up" if it < warmup else "timed"} iteration {it + 1}/{warmup + iters}: ' + ', '.join(
+                f'[{variant.label}] {variant.step_ms:.0f} ms' for variant in variants), flush=True)
+    except Stopped:
+        print('Stopped by SIGTERM: the figures below are medians of the iterations finished so far', flush=True)
+    report([variant for variant in variants if 'iteration' in variant.get('timer', PhaseTimer(device)).times], batch, flops,
+        peak_tflops(device, given_peak), device)
+
+class Stopped(Exception):
+    """SIGTERM (e.g. a time limit ran out): report what was measured so far."""
+
+def stop(_signum, _frame):
+    raise Stopped()
+
+def report(variants, batch, flops, peak, device):
+    """Each variant's medians, its ratio to the first, FLOP rate and peak memory."""
     for variant in variants:
         total = variant.timer.median('iteration')
         off_options = [name for name, value in variant.speed.items() if not value]
         compiled = ', '.join(map(str, variant.compile_options.values())) if variant.compile_options else 'no'
         print(f'[{variant.label}] precision {variant.precision}, compile {compiled}, speed options off: {", ".join(off_options) or "none"}; '
-            f'first iteration {variant.timer.median("first") / 1000:.1f} s{" (compilation included)" if variant.compile_options else ""}')
+            f'first iteration {variant.timer.median("first") / 1000:.1f} s{" (compilation included)" if variant.compile_options else ""}; '
+            f'{len(variant.timer.times["iteration"])} timed iterations')
         phases = '  '.join(f'{name} {variant.timer.median(name):.0f}' for name in PHASES)
-        ratio = f'  {total / first:.2f}x [{variants[0].label}]' if len(variants) > 1 else ''
+        ratio = f'  {total / variants[0].timer.median("iteration"):.2f}x [{variants[0].label}]' if len(variants) > 1 else ''
         own_peak = f'  peak memory in its iterations {variant.peak_mb:.0f} MiB' if 'peak_mb' in variant else ''
         print(f'    median ms/iter {total:.0f}  ({phases})  img/s {batch / total * 1000:.1f}{ratio}  '
-            f'{flops_report(flops, total / 1000, peak_tflops(device, given_peak))}{own_peak}')
+            f'{flops_report(flops, total / 1000, peak)}{own_peak}')
     if device.type != 'cuda':                               # CUDA: each variant's own peak, above.
         print(f'peak memory {peak_memory_mb(device):.0f} MiB' + (' (all variants together: run one alone for its own)' if len(variants) > 1 else ''))
 

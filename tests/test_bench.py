@@ -1,0 +1,34 @@
+"""The benchmark scripts run and report (their figures are not asserted: wall-clock time is not a test)."""
+
+import os
+import signal
+import subprocess
+import sys
+
+from conftest import ROOT, run_python
+
+def test_train_step_rejects_a_bad_variant():
+    result = run_python(['bench/train_step.py', '--device=cpu', '--variant=cuda_graphs=True'])
+    assert result.returncode != 0 and 'cuda_graphs=True needs a CUDA device' in result.stderr
+
+def test_train_step_reports_what_it_measured_when_stopped():
+    """Alternating variants, each reported with its ratio to the first; a time limit (SIGTERM, as `timeout` sends)
+    cuts the run short but not its report."""
+    process = subprocess.Popen([sys.executable, 'bench/train_step.py', '--preset=bench-a', '--batch=2', '--iters=100000',
+        '--warmup=0', '--device=cpu', '--variant=off=all', '--variant=default'], cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED='1'))
+    try:
+        for line in process.stdout:
+            if line.startswith('timed iteration 1/'):
+                break
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr[-2000:]
+    assert 'Stopped by SIGTERM' in stdout and stdout.count('median ms/iter') == 2 and '1.00x [off=all]' in stdout
+
+def test_sample_compares_students_with_heun():
+    result = run_python(['bench/sample.py', '--preset=bench-a', '--batch=2', '--repeats=1', '--heun-steps=2', '--device=cpu'])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'teacher Heun 2 steps (3 NFE)' in result.stdout and result.stdout.count('speed-up x') == 3
