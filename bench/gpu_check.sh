@@ -10,7 +10,8 @@
 #      killed after its first checkpoint and resumed to the end; generate_images.py from its snapshot;
 #   4. bench/exact.py with the toy student (once the toy has finished);
 #   5. bench/train_step.py at bench-s64 (ms/iter, img/s, each variant's peak memory, share of the dense FP16 peak):
-#      off=all / default / default with CUDA graphs, alternating in one process (ratios not moved by drift);
+#      off=all / default / default with fused attention (its fused kernels run since session 6) / default with CUDA
+#      graphs, alternating in one process (ratios not moved by drift);
 #      bench/sample.py (student 1/2/4 steps vs 63-NFE Heun).
 # Second calls (each its own): `bash bench/gpu_check.sh compile` times the compiled step alternating with the eager
 # one (its compilation took over 4.5 minutes on the H200), then the compiled sampler; `bash bench/gpu_check.sh
@@ -84,7 +85,7 @@ if [ "${1:-}" = compile ]; then
     step "bench/sample.py compiled" "$(left 150)" python bench/sample.py "${S64[@]}" --repeats=3 --compile=True
 elif [ "${1:-}" = options ]; then
     step "bench/train_step.py options" "$(left 300)" python bench/train_step.py "${S64[@]}" --iters=4 --warmup=1 --variant=default \
-        --variant=on=fast_pixel_norm --variant=on=fused_attention --variant=precision=bf16
+        --variant=on=fast_pixel_norm --variant=on=fused_attention --variant='on=fast_pixel_norm,fused_attention' --variant=precision=bf16
 else
     # The toy is a small network bound by kernel launches: it runs beside the correctness steps (not timed).
     TOY_START=$SECONDS
@@ -101,7 +102,7 @@ else
     record "toy on CUDA" $TOY_RC $TOY_START
     step "bench/exact.py on CUDA" 35 python bench/exact.py --student="$WORK/toy/network-snapshot-0000016-0.100.pkl" --n=500 --pnp-images=1 --chains=50 --device=cuda
     step "bench/train_step.py variants" "$(left 130)" python bench/train_step.py "${S64[@]}" --iters=4 --warmup=1 --variant=off=all \
-        --variant=default --variant=cuda_graphs=True
+        --variant=default --variant=on=fused_attention --variant=cuda_graphs=True
     step "bench/sample.py" "$(left 60)" python bench/sample.py "${S64[@]}" --repeats=3
 fi
 

@@ -4,8 +4,9 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import load_fixture
+from conftest import load_fixture, DEVICES
 from helpers import assert_same_weights
 from training.loss import NCVSDLoss
 from training.networks_edm2 import Precond, set_precision
@@ -214,3 +215,28 @@ def test_compiled_networks_compile_once(tmp_path):
     assert after_sampling == after_first + 1
     denoiser.sample(torch.randn(4, 3, 16, 16), labels, ts=[0, 10, 20, 30, 39])
     assert graphs() == after_sampling
+
+class OpNames(TorchDispatchMode):
+    """The names of the aten operators run (below autograd: decompositions show as their parts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('device', DEVICES)
+def test_fused_attention_runs_a_fused_kernel(speed_options, device, channels_last):
+    """torch's fused attention kernels need unit-stride channels: strided q, k, v silently fall back to the unfused
+    math (a softmax over the materialised attention matrix), slower and larger than the einsums it replaces."""
+    set_speed_options(fused_attention=True, channels_last=channels_last)
+    edm2 = load_fixture('edm2_precond_small.pt')
+    net = Precond(**edm2['config']).to(device)
+    ops = OpNames()
+    with ops:
+        net(edm2['x'].to(device), edm2['sigma'].to(device), edm2['class_labels'].to(device)).sum().backward()
+    attention = sorted(name for name in ops.names if 'attention' in name or 'softmax' in name)
+    assert attention and all('flash' in name or 'efficient' in name or 'cudnn' in name for name in attention), attention

@@ -199,18 +199,18 @@ class Block(torch.nn.Module):
         batch, channels, height, width = x.shape
         if CHANNELS_LAST:                                           # Stay in NHWC memory: views, no copies.
             qkv = self.attn_qkv(x).permute(0, 2, 3, 1).reshape(batch, height * width, self.num_heads, -1, 3)
-            q, k, v = (t.transpose(1, 2) for t in normalize(qkv, dim=3).unbind(4))
-            out = attend(q, k, v).transpose(1, 2).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+            out = attend(normalize(qkv, dim=3).permute(0, 2, 4, 1, 3))
+            out = out.transpose(1, 2).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
         else:
             qkv = self.attn_qkv(x).reshape(batch, self.num_heads, -1, 3, height * width)
-            q, k, v = (t.transpose(2, 3) for t in normalize(qkv, dim=2).unbind(3))
-            out = attend(q, k, v).transpose(2, 3).reshape(*x.shape)
+            out = attend(normalize(qkv, dim=2).permute(0, 1, 3, 4, 2)).transpose(2, 3).reshape(*x.shape)
         return self.attn_proj(out)
 
-def attend(q, k, v):
-    """softmax(q·kᵀ/sqrt(c))·v over [N, heads, HW, c] queries, keys and values."""
-    if FUSED_ATTENTION:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+def attend(qkv):
+    """softmax(q·kᵀ/sqrt(c))·v for queries, keys and values qkv [N, heads, 3, HW, c] -> [N, heads, HW, c]."""
+    if FUSED_ATTENTION:     # torch's fused kernels need unit-stride channels; strided ones fall back to unfused math.
+        return torch.nn.functional.scaled_dot_product_attention(*qkv.contiguous().unbind(2))
+    q, k, v = qkv.unbind(2)
     weights = torch.einsum('nhqc,nhkc->nhqk', q, k / np.sqrt(q.shape[3])).softmax(dim=3)
     return torch.einsum('nhqk,nhkc->nhqc', weights, v)
 
