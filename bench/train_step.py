@@ -124,8 +124,8 @@ def main(preset, batch, iters, warmup, device, threads, off, on, precision, comp
                 f'[{variant.label}] {variant.step_ms:.0f} ms' for variant in variants), flush=True)
     except Stopped:
         print('Stopped by SIGTERM: the figures below are medians of the iterations finished so far', flush=True)
-    report([variant for variant in variants if 'iteration' in variant.get('timer', PhaseTimer(device)).times], batch, flops,
-        peak_tflops(device, given_peak), device)
+    timed = [variant for variant in variants if 'timer' in variant and 'iteration' in variant.timer.times]
+    report(timed, batch, flops, peak_tflops(device, given_peak), device)
 
 class Stopped(Exception):
     """SIGTERM (e.g. a time limit ran out): report what was measured so far."""

@@ -5,7 +5,6 @@ scaled Stable Diffusion VAE latents; datasets store the latent mean and std (8 c
 `dataset_tool.py encode`. diffusers is imported only when a VAE is actually used.
 """
 
-import functools
 import os
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 
 import dnnlib
 from dnnlib.util import UserError
+from torch_utils import misc
 from torch_utils import persistence
 
 def pixels_from_unit(x):
@@ -122,13 +122,8 @@ class StabilityVAEEncoder(Encoder):
         return pixels_from_unit(self._in_batches(lambda chunk: self._vae.decode(chunk)['sample'], raw))    # VAE output in [-1, 1]
 
 def _channel_vector(values, ref):
-    """[1, C, 1, 1] float32 on ref's device."""
-    return _channel_vector_on(ref.device, tuple(float(value) for value in values))
-
-@functools.lru_cache(maxsize=None)
-def _channel_vector_on(device, values):
-    """Made on the device once: a copy from the host at every batch would make the host wait for the device."""
-    return torch.tensor(values, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+    """[1, C, 1, 1] float32 on ref's device, made there once (a copy from the host per batch would make it wait)."""
+    return misc.const_like(ref, np.asarray(values, dtype=np.float32).reshape(1, -1, 1, 1), dtype=torch.float32)
 
 def load_stability_vae(vae_name='stabilityai/sd-vae-ft-mse', device=torch.device('cpu')):
     """diffusers AutoencoderKL from a local folder or (cached) from the hub."""
