@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -71,16 +72,21 @@ def test_each_option_keeps_the_fixture_outputs(speed_options, name):
     assert float((D_x - edm2['D_x']).norm() / edm2['D_x'].norm()) < 1e-5
 
 def test_fast_pixel_norm_gradient_and_memory(speed_options):
-    """The fast channel norm has the gradient of sqrt(sum x²) (autograd in float64 as reference) and, in bf16, keeps
-    no more for the backward pass than torch's vector_norm: no float32 copies of the activations (they cost GiBs
-    at EDM2-S size in fp16)."""
-    from training.networks_edm2 import ChannelNorm
-    x = torch.randn(2, 5, 3, 3, generator=torch.Generator().manual_seed(0)).requires_grad_()
-    weights = torch.randn(2, 1, 3, 3)
-    (ChannelNorm.apply(x, 1) * weights).sum().backward()
+    """The fast pixel normalisation (one autograd node with its own backward pass) has the gradient of the plain
+    formula x / (eps + sqrt(sum x² / C)) (autograd in float64 as reference; a pixel of zeros included, where the
+    gradient is 1/eps) and, in bf16, keeps no more for the backward pass than torch's vector_norm: no float32 copies
+    of the activations (they cost GiBs at EDM2-S size in fp16)."""
+    from training.networks_edm2 import normalize
+    x = torch.randn(2, 5, 3, 3, generator=torch.Generator().manual_seed(0))
+    x[0, :, 1, 1] = 0
+    x.requires_grad_()
+    weights = torch.randn(2, 5, 3, 3, generator=torch.Generator().manual_seed(1))
+    set_speed_options(fast_pixel_norm=True)
+    (normalize(x, dim=1) * weights).sum().backward()
     x64 = x.detach().double().requires_grad_()
-    (x64.square().sum(dim=1, keepdim=True).sqrt() * weights).sum().backward()
-    assert torch.allclose(x.grad.double(), x64.grad, rtol=1e-6, atol=1e-7)
+    (x64 / (1e-4 + torch.linalg.vector_norm(x64, dim=1, keepdim=True) / np.sqrt(5)) * weights).sum().backward()
+    assert torch.allclose(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(x.grad[0, :, 1, 1], weights[0, :, 1, 1] / 1e-4)
     data = load_fixture('ncvsd_networks_small.pt')
     net = set_precision(ConditionalPrecond(**data['config']), 'bf16')
     def saved_mib(fast):
@@ -151,10 +157,10 @@ def test_speed_options_follow_the_device(speed_options):
     from training.speed import use_device_defaults, get_speed_options
     use_device_defaults(torch.device('cuda'))                       # A device object needs no GPU.
     assert get_speed_options() == dict(cache_frozen_weights=False, fused_attention=False, fast_pixel_norm=False, fused_discriminator=True,
-        channels_last=True)
+        channels_last=True, folded_scales=True)
     use_device_defaults(torch.device('cpu'))
     assert get_speed_options() == dict(cache_frozen_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
-        channels_last=False)
+        channels_last=False, folded_scales=True)
 
 def test_sampling_loads_use_the_device_defaults(speed_options, tmp_path):
     """generate_images and the other sampling CLIs load through network_io.load_network, which sets the options as

@@ -18,6 +18,7 @@ CACHE_FROZEN_WEIGHTS = True     # Reuse normalised weights of parameters that do
 FUSED_ATTENTION = True          # torch's scaled_dot_product_attention instead of two einsums and a softmax.
 FAST_PIXEL_NORM = True          # Channel norms as sqrt(sum of squares): torch's strided vector_norm is ~18x slower on CPU.
 CHANNELS_LAST = False           # UNet activations in channels-last memory (NHWC): faster convolutions, no layout reorders.
+FOLDED_SCALES = True            # Constant activation scales (mp_silu's, mp_sum's) applied to the next layer's weight.
 _normalized_weights = weakref.WeakKeyDictionary()       # MPConv -> ((version, pointer), normalised weight)
 
 #----------------------------------------------------------------------------
@@ -25,30 +26,34 @@ _normalized_weights = weakref.WeakKeyDictionary()       # MPConv -> ((version, p
 
 def normalize(x, dim=None, eps=1e-4):
     """Scale to unit RMS over `dim` (all but the first by default); eps scaled by the element ratio."""
-    if dim is None:
-        dim = list(range(1, x.ndim))
-        norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
-    elif FAST_PIXEL_NORM:
-        norm = ChannelNorm.apply(x, dim)
-    else:
-        norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    if dim is not None and FAST_PIXEL_NORM:
+        return PixelNormalize.apply(x, dim, eps)
+    dim = list(range(1, x.ndim)) if dim is None else dim
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
     norm = torch.add(eps, norm, alpha=np.sqrt(norm.numel() / x.numel()))
     return x / norm.to(x.dtype)
 
-class ChannelNorm(torch.autograd.Function):
-    """sqrt(sum of squares over `dim`) in float32, keeping only x for the backward pass (the division by the norm
-    keeps it anyway): autograd would keep the float32 copy of an fp16/bf16 x, 2x its memory, for every normalize."""
+class PixelNormalize(torch.autograd.Function):
+    """normalize(x, dim) as one autograd node: the norm as sqrt(sum of squares) in float32 (torch's vector_norm over
+    the channels of NCHW is ~18x slower on the CPU), and a backward pass of four passes over x, where autograd's
+    chain (norm, addition, division) takes about ten. Keeps the output (which the next layer keeps anyway), not x."""
 
     @staticmethod
-    def forward(ctx, x, dim):
-        norm = (x.to(torch.float32).square().sum(dim=dim, keepdim=True) + 1e-30).sqrt()     # +1e-30: finite gradient at 0
-        ctx.save_for_backward(x, norm)
-        return norm
+    def forward(ctx, x, dim, eps):
+        norm = x.to(torch.promote_types(x.dtype, torch.float32)).square().sum(dim=dim, keepdim=True).sqrt()   # r = ‖x‖
+        ctx.alpha = np.sqrt(norm.numel() / x.numel())
+        denominator = torch.add(eps, norm, alpha=ctx.alpha)                              # n = eps + α·r
+        y = x / denominator.to(x.dtype)
+        ctx.dim = dim
+        ctx.save_for_backward(y, norm, denominator)
+        return y
 
     @staticmethod
-    def backward(ctx, grad_norm):
-        x, norm = ctx.saved_tensors
-        return (grad_norm / norm * x.to(torch.float32)).to(x.dtype), None              # d norm / dx = x / norm
+    def backward(ctx, grad):
+        y, norm, denominator = ctx.saved_tensors
+        # dL/dx = g/n − y·α·Σ(g·y)/r; the sum's term vanishes where x = 0 (y = 0), so r is kept from 0.
+        coefficient = (grad * y).sum(dim=ctx.dim, keepdim=True, dtype=norm.dtype) * ctx.alpha / norm.clamp_min(1e-30)
+        return torch.addcmul(grad / denominator.to(grad.dtype), y, coefficient.to(grad.dtype), value=-1), None, None
 
 def resample(x, f=(1, 1), mode='keep'):
     """Down- or upsample by 2 with the separable filter `f` (depthwise conv)."""
@@ -71,6 +76,21 @@ def mp_silu(x):
 def mp_sum(a, b, t=0.5):
     """Magnitude-preserving interpolation: t=0 gives a, t=1 gives b (t a float or a 0-dim tensor)."""
     return a.lerp(b, t) / ((1 - t) ** 2 + t ** 2) ** 0.5
+
+def mp_silu_for_layer(x):
+    """(input, gain) with layer(input, gain) = layer(mp_silu(x)) for a linear layer: with FOLDED_SCALES the 1/0.596
+    scales the layer's (small) weight instead of the activation."""
+    if FOLDED_SCALES:
+        return torch.nn.functional.silu(x), 1 / 0.596
+    return mp_silu(x), 1
+
+def mp_sum_branch(a, layer, x, t, gain=1):
+    """mp_sum(a, layer(x, gain), t) for a float t; with FOLDED_SCALES the branch's weight t/norm rides on the
+    layer's weight and a's is applied in the addition: one pass over the activation instead of two."""
+    if not FOLDED_SCALES:
+        return mp_sum(a, layer(x, gain=gain), t=t)
+    norm = ((1 - t) ** 2 + t ** 2) ** 0.5
+    return torch.add(layer(x, gain=gain * t / norm), a, alpha=(1 - t) / norm)
 
 def mp_cat(a, b, dim=1, t=0.5):
     """Magnitude-preserving concatenation with balance t between a and b."""
@@ -176,26 +196,26 @@ class Block(torch.nn.Module):
                 x = self.conv_skip(x)
             x = normalize(x, dim=1)
 
-        residual = self.conv_res0(mp_silu(x))
+        residual, gain = mp_silu_for_layer(x)
+        residual = self.conv_res0(residual, gain=gain)
         scale = self.emb_linear(emb, gain=self.emb_gain) + 1
-        residual = mp_silu(residual * scale.unsqueeze(2).unsqueeze(3).to(residual.dtype))
+        residual, gain = mp_silu_for_layer(residual * scale.unsqueeze(2).unsqueeze(3).to(residual.dtype))
         if self.training and self.dropout != 0:
             residual = torch.nn.functional.dropout(residual, p=self.dropout)
-        residual = self.conv_res1(residual)
 
         if self.flavor == 'dec' and self.conv_skip is not None:
             x = self.conv_skip(x)
-        x = mp_sum(x, residual, t=self.res_balance)
+        x = mp_sum_branch(x, self.conv_res1, residual, self.res_balance, gain)
 
         if self.num_heads != 0:
-            x = mp_sum(x, self.attention(x), t=self.attn_balance)
+            x = mp_sum_branch(x, self.attn_proj, self.attention_heads(x), self.attn_balance)
         if self.clip_act is not None:
             x = x.clip_(-self.clip_act, self.clip_act)
         return x
 
-    def attention(self, x):
-        """Self-attention over pixels with pixel-normalised q, k, v; channel c of qkv is (head, channel within
-        the head, q/k/v) = c split over (C/heads·3, 3)."""
+    def attention_heads(self, x):
+        """Self-attention over pixels with pixel-normalised q, k, v, before the output projection; channel c of qkv
+        is (head, channel within the head, q/k/v) = c split over (C/heads·3, 3)."""
         batch, channels, height, width = x.shape
         if CHANNELS_LAST:                                           # Stay in NHWC memory: views, no copies.
             qkv = self.attn_qkv(x).permute(0, 2, 3, 1).reshape(batch, height * width, self.num_heads, -1, 3)
@@ -204,7 +224,7 @@ class Block(torch.nn.Module):
         else:
             qkv = self.attn_qkv(x).reshape(batch, self.num_heads, -1, 3, height * width)
             out = attend(normalize(qkv, dim=2).permute(0, 1, 3, 4, 2)).transpose(2, 3).reshape(*x.shape)
-        return self.attn_proj(out)
+        return out
 
 def attend(qkv):
     """softmax(q·kᵀ/sqrt(c))·v for queries, keys and values qkv [N, heads, 3, HW, c] -> [N, heads, HW, c]."""

@@ -11,6 +11,7 @@ OPTIONS = dict(
     fast_pixel_norm=(networks_edm2, 'FAST_PIXEL_NORM'),
     fused_discriminator=(NCVSDLoss, 'fused_discriminator'),
     channels_last=(networks_edm2, 'CHANNELS_LAST'),
+    folded_scales=(networks_edm2, 'FOLDED_SCALES'),
 )
 
 # Off on CUDA, measured at bench-s64 (EDM2 img64-s, batch 64, fp16) on an H200, alternating in one process: the
