@@ -5,6 +5,7 @@ teacher pickles and our students share one implementation. The UNet can be built
 half, its decoder half or both, so the NCVSD networks reuse the same layers.
 """
 
+import math
 import weakref
 
 import numpy as np
@@ -16,7 +17,8 @@ from torch_utils import persistence
 # Speed options (same mathematics; tests compare both settings).
 CACHE_FROZEN_WEIGHTS = True     # Reuse normalised weights of parameters that do not require grad until they change.
 FUSED_ATTENTION = True          # torch's scaled_dot_product_attention instead of two einsums and a softmax.
-FAST_PIXEL_NORM = True          # Channel norms as sqrt(sum of squares): torch's strided vector_norm is ~18x slower on CPU.
+FAST_PIXEL_NORM = True          # Pixel normalisation as one autograd node (Normalize): fewer passes, backward included.
+FAST_WEIGHT_NORM = True         # Weight normalisation as one autograd node (Normalize): fewer ops per layer and forward.
 CHANNELS_LAST = False           # UNet activations in channels-last memory (NHWC): faster convolutions, no layout reorders.
 FOLDED_SCALES = True            # Constant activation scales (mp_silu's, mp_sum's) applied to the next layer's weight.
 _normalized_weights = weakref.WeakKeyDictionary()       # MPConv -> ((version, pointer), normalised weight)
@@ -25,15 +27,15 @@ _normalized_weights = weakref.WeakKeyDictionary()       # MPConv -> ((version, p
 # Magnitude-preserving primitives.
 
 def normalize(x, dim=None, eps=1e-4):
-    """Scale to unit RMS over `dim` (all but the first by default); eps scaled by the element ratio."""
-    if dim is not None and FAST_PIXEL_NORM:
-        return PixelNormalize.apply(x, dim, eps)
+    """Scale to unit RMS over `dim` (all but the first by default: a weight's rows); eps scaled by the element ratio."""
+    if (FAST_PIXEL_NORM if dim is not None else FAST_WEIGHT_NORM):
+        return Normalize.apply(x, dim if dim is not None else list(range(1, x.ndim)), eps)
     dim = list(range(1, x.ndim)) if dim is None else dim
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
     norm = torch.add(eps, norm, alpha=np.sqrt(norm.numel() / x.numel()))
     return x / norm.to(x.dtype)
 
-class PixelNormalize(torch.autograd.Function):
+class Normalize(torch.autograd.Function):
     """normalize(x, dim) as one autograd node: the norm as sqrt(sum of squares) in float32 (torch's vector_norm over
     the channels of NCHW is ~18x slower on the CPU), and a backward pass of four passes over x, where autograd's
     chain (norm, addition, division) takes about ten. Keeps the output (which the next layer keeps anyway), not x."""
@@ -129,8 +131,8 @@ class MPConv(torch.nn.Module):
         if self.training and self.forced_normalization:
             with torch.no_grad():
                 self.weight.copy_(normalize(self.weight.to(torch.float32)))
-        weight = self.normalized_weight()
-        return weight * (gain / np.sqrt(weight[0].numel()))
+        fan_in = math.prod(self.weight.shape[1:])
+        return self.normalized_weight() * (gain / np.sqrt(fan_in))
 
     def normalized_weight(self):
         """normalize(weight) in float32, cached for frozen weights (teacher, and students outside their phase)."""

@@ -9,6 +9,7 @@ OPTIONS = dict(
     cache_frozen_weights=(networks_edm2, 'CACHE_FROZEN_WEIGHTS'),
     fused_attention=(networks_edm2, 'FUSED_ATTENTION'),
     fast_pixel_norm=(networks_edm2, 'FAST_PIXEL_NORM'),
+    fast_weight_norm=(networks_edm2, 'FAST_WEIGHT_NORM'),
     fused_discriminator=(NCVSDLoss, 'fused_discriminator'),
     channels_last=(networks_edm2, 'CHANNELS_LAST'),
     folded_scales=(networks_edm2, 'FOLDED_SCALES'),

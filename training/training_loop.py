@@ -116,9 +116,10 @@ def phase_networks(G, S, D):
 
 def build_optimizers(G, S, D, betas=(0.9, 0.99), eps=1e-8):
     """{phase: Adam over its network's parameters}; the learning rate is set at every step. On CUDA the fused
-    kernel updates every parameter in one launch (the same mathematics)."""
-    fused = True if next(G.parameters()).device.type == 'cuda' else None
-    return {phase: torch.optim.Adam(net.parameters(), lr=0, betas=betas, eps=eps, fused=fused)
+    kernel updates every parameter in one launch (the same mathematics); elsewhere the foreach implementation, one
+    call per operation for all parameters (bitwise the per-parameter loop's results, without its Python overhead)."""
+    on_cuda = next(G.parameters()).device.type == 'cuda'
+    return {phase: torch.optim.Adam(net.parameters(), lr=0, betas=betas, eps=eps, fused=on_cuda or None, foreach=not on_cuda or None)
         for phase, net in phase_networks(G, S, D).items()}
 
 class NCVSDIteration:
