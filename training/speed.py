@@ -19,6 +19,8 @@ OPTIONS = dict(
 # cached frozen weights cost 4.7 GiB on an H100 for no gain; the fast pixel norm and fused attention together cost
 # 1.9 GiB and 10% (1169 vs 1058 ms/iter; not yet told apart). Channels-last activations are 11% faster there
 # (1041 vs 1169 ms/iter), so they are on, while on the CPU at bench-a they made no clear change.
+# The folded scales and the fast weight norm (session 7: fewer passes and operations, no memory) are on everywhere,
+# not yet timed on CUDA.
 DEVICE_OFF = dict(
     cuda=('cache_frozen_weights', 'fast_pixel_norm', 'fused_attention'),
     cpu=('channels_last',),
