@@ -14,6 +14,7 @@ compile=True of inductor's; the first iteration and one warm-up record them).
 """
 
 import signal
+import statistics
 
 import click
 import torch
@@ -143,12 +144,18 @@ def report(variants, batch, flops, peak, device):
             f'first iteration {variant.timer.median("first") / 1000:.1f} s{" (compilation included)" if variant.compile_options else ""}; '
             f'{len(variant.timer.times["iteration"])} timed iterations')
         phases = '  '.join(f'{name} {variant.timer.median(name):.0f}' for name in PHASES)
-        ratio = f'  {total / variants[0].timer.median("iteration"):.2f}x [{variants[0].label}]' if len(variants) > 1 else ''
+        ratio = f'  {total / variants[0].timer.median("iteration"):.2f}x [{variants[0].label}]{round_ratios(variant, variants[0])}' if len(variants) > 1 else ''
         own_peak = f'  peak memory in its iterations {variant.peak_mb:.0f} MiB' if 'peak_mb' in variant else ''
         print(f'    median ms/iter {total:.0f}  ({phases})  img/s {batch / total * 1000:.1f}{ratio}  '
             f'{flops_report(flops, total / 1000, peak)}{own_peak}')
     if device.type != 'cuda':                               # CUDA: each variant's own peak, above.
         print(f'peak memory {peak_memory_mb(device):.0f} MiB' + (' (all variants together: run one alone for its own)' if len(variants) > 1 else ''))
+
+def round_ratios(variant, first):
+    """Median (range) of the variant's time over the first's in each alternating round: drift slower than a round
+    cancels in each ratio, where the ratio of medians can still mix a fast window of one with a slow one of the other."""
+    ratios = [mine / theirs for mine, theirs in zip(variant.timer.times['iteration'], first.timer.times['iteration'])]
+    return f', per round {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})'
 
 if __name__ == '__main__':
     main()

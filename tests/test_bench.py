@@ -27,6 +27,7 @@ def test_train_step_reports_what_it_measured_when_stopped():
         process.kill()
     assert process.returncode == 0, stderr[-2000:]
     assert 'Stopped by SIGTERM' in stdout and stdout.count('median ms/iter') == 2 and '1.00x [off=all]' in stdout
+    assert 'per round 1.00x (1.00-1.00)' in stdout
 
 def test_sample_compares_students_with_heun():
     result = run_python(['bench/sample.py', '--preset=bench-a', '--batch=2', '--repeats=1', '--heun-steps=2', '--device=cpu'])
