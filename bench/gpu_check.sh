@@ -15,8 +15,8 @@
 #      bench/sample.py (student 1/2/4 steps vs 63-NFE Heun).
 # Second calls (each its own): `bash bench/gpu_check.sh compile` times the compiled step alternating with the eager
 # one (its compilation took over 4.5 minutes on the H200), then the compiled sampler; `bash bench/gpu_check.sh
-# options` times the fast pixel norm and fused attention each on, the folded scales and fast weight norm each off
-# (both on on CUDA untimed since session 7), and bf16, against the default.
+# options` times the fast pixel norm and fused attention each on, the folded scales off (on on CUDA untimed since
+# session 7), and bf16, against the default.
 # Usage: bash bench/gpu_check.sh [compile|options]    (WORK=DIR keeps the artifacts there, default a temporary folder)
 # The last line is "GPU check: PASS" or "GPU check: FAIL (<what failed>)".
 set -u
@@ -87,7 +87,7 @@ if [ "${1:-}" = compile ]; then
 elif [ "${1:-}" = options ]; then
     step "bench/train_step.py options" "$(left 300)" python bench/train_step.py "${S64[@]}" --iters=4 --warmup=1 --variant=default \
         --variant=on=fast_pixel_norm --variant=on=fused_attention --variant='on=fast_pixel_norm,fused_attention' \
-        --variant=off=folded_scales --variant=off=fast_weight_norm --variant=precision=bf16
+        --variant=off=folded_scales --variant=precision=bf16
 else
     # The toy is a small network bound by kernel launches: it runs beside the correctness steps (not timed).
     TOY_START=$SECONDS

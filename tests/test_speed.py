@@ -100,21 +100,6 @@ def test_fast_pixel_norm_gradient_and_memory(speed_options):
         return sum(storages.values()) / 2**20
     assert saved_mib(True) <= saved_mib(False)
 
-def test_fast_weight_norm_gradient(speed_options):
-    """The fast weight normalisation has the gradient of the plain formula w / (eps + ‖w_row‖ / sqrt(fan-in)) per
-    output row (autograd in float64 as reference), for a convolution's and a linear layer's weight."""
-    from training.networks_edm2 import normalize
-    set_speed_options(fast_weight_norm=True)
-    for shape in [(4, 3, 3, 3), (6, 5)]:
-        weight = torch.randn(shape, generator=torch.Generator().manual_seed(0)).requires_grad_()
-        upstream = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-        (normalize(weight) * upstream).sum().backward()
-        weight64 = weight.detach().double().requires_grad_()
-        dims = list(range(1, len(shape)))
-        norm = torch.linalg.vector_norm(weight64, dim=dims, keepdim=True) / np.sqrt(weight64[0].numel())
-        (weight64 / (1e-4 + norm) * upstream).sum().backward()
-        assert torch.allclose(weight.grad.double(), weight64.grad, rtol=1e-5, atol=1e-6), shape
-
 def test_weight_cache_follows_weight_updates(speed_options):
     set_speed_options(cache_frozen_weights=True)
     data = load_fixture('edm2_precond_small.pt')
@@ -172,10 +157,10 @@ def test_speed_options_follow_the_device(speed_options):
     from training.speed import use_device_defaults, get_speed_options
     use_device_defaults(torch.device('cuda'))                       # A device object needs no GPU.
     assert get_speed_options() == dict(cache_frozen_weights=False, fused_attention=False, fast_pixel_norm=False, fused_discriminator=True,
-        channels_last=True, folded_scales=True, fast_weight_norm=True)
+        channels_last=True, folded_scales=True)
     use_device_defaults(torch.device('cpu'))
     assert get_speed_options() == dict(cache_frozen_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
-        channels_last=False, folded_scales=True, fast_weight_norm=True)
+        channels_last=False, folded_scales=True)
 
 def test_sampling_loads_use_the_device_defaults(speed_options, tmp_path):
     """generate_images and the other sampling CLIs load through network_io.load_network, which sets the options as

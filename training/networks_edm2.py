@@ -18,7 +18,6 @@ from torch_utils import persistence
 CACHE_FROZEN_WEIGHTS = True     # Reuse normalised weights of parameters that do not require grad until they change.
 FUSED_ATTENTION = True          # torch's scaled_dot_product_attention instead of two einsums and a softmax.
 FAST_PIXEL_NORM = True          # Pixel normalisation as one autograd node (Normalize): fewer passes, backward included.
-FAST_WEIGHT_NORM = True         # Weight normalisation as one autograd node (Normalize): fewer ops per layer and forward.
 CHANNELS_LAST = False           # UNet activations in channels-last memory (NHWC): faster convolutions, no layout reorders.
 FOLDED_SCALES = True            # Constant activation scales (mp_silu's, mp_sum's) applied to the next layer's weight.
 _normalized_weights = weakref.WeakKeyDictionary()       # MPConv -> ((version, pointer), normalised weight)
@@ -28,8 +27,8 @@ _normalized_weights = weakref.WeakKeyDictionary()       # MPConv -> ((version, p
 
 def normalize(x, dim=None, eps=1e-4):
     """Scale to unit RMS over `dim` (all but the first by default: a weight's rows); eps scaled by the element ratio."""
-    if (FAST_PIXEL_NORM if dim is not None else FAST_WEIGHT_NORM):
-        return Normalize.apply(x, dim if dim is not None else list(range(1, x.ndim)), eps)
+    if dim is not None and FAST_PIXEL_NORM:
+        return Normalize.apply(x, dim, eps)
     dim = list(range(1, x.ndim)) if dim is None else dim
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
     norm = torch.add(eps, norm, alpha=np.sqrt(norm.numel() / x.numel()))

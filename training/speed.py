@@ -9,7 +9,6 @@ OPTIONS = dict(
     cache_frozen_weights=(networks_edm2, 'CACHE_FROZEN_WEIGHTS'),
     fused_attention=(networks_edm2, 'FUSED_ATTENTION'),
     fast_pixel_norm=(networks_edm2, 'FAST_PIXEL_NORM'),
-    fast_weight_norm=(networks_edm2, 'FAST_WEIGHT_NORM'),
     fused_discriminator=(NCVSDLoss, 'fused_discriminator'),
     channels_last=(networks_edm2, 'CHANNELS_LAST'),
     folded_scales=(networks_edm2, 'FOLDED_SCALES'),
@@ -19,8 +18,7 @@ OPTIONS = dict(
 # cached frozen weights cost 4.7 GiB on an H100 for no gain; the fast pixel norm and fused attention together cost
 # 1.9 GiB and 10% (1169 vs 1058 ms/iter; not yet told apart). Channels-last activations are 11% faster there
 # (1041 vs 1169 ms/iter), so they are on, while on the CPU at bench-a they made no clear change.
-# The folded scales and the fast weight norm (session 7: fewer passes and operations, no memory) are on everywhere,
-# not yet timed on CUDA.
+# The folded scales (session 7: fewer passes over the activations, no memory) are on everywhere, not yet timed on CUDA.
 DEVICE_OFF = dict(
     cuda=('cache_frozen_weights', 'fast_pixel_norm', 'fused_attention'),
     cpu=('channels_last',),
