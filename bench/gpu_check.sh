@@ -3,7 +3,8 @@
 # a time limit (the CUDA tests' and benchmarks' from a first H200 run with room to spare; the toy's and the
 # img64-s run's are still estimates: they have not run on a GPU yet):
 #   1. the toy preset under torchrun on CUDA, in the background while 2-3 run: its 2,000-sample exact metrics
-#      (2 steps) must match the CPU run's (class accuracy >= 0.95, TV <= 0.15);
+#      (2 steps) must match the CPU runs' (class accuracy >= 0.95, TV <= 0.2: CPU runs of seeds 0-2 ended between
+#      0.047 and 0.149 over sessions, rounding alone moving them; a collapsed student is at 0.3-0.6);
 #   2. the test suite's CUDA cases (core tests parametrized over devices, no host syncs in an iteration, CUDA-graphed
 #      iterations equal eager ones; 84 s on the H200 before the last two were added);
 #   3. a 2 kimg float16 run of a random teacher of the EDM2 img64-s architecture from a zip with 4 data workers,
@@ -53,8 +54,8 @@ toy_on_cuda() {
 import json, sys
 final = json.loads(open(sys.argv[1]).readlines()[-1])
 accuracy, tv = final['Final-0.100/2-step/class_accuracy']['mean'], final['Final-0.100/2-step/tv']['mean']
-print(f'toy on CUDA, 2 steps, 2,000 samples: class accuracy {accuracy:.3f} (>= 0.95), TV {tv:.3f} (<= 0.15)')
-sys.exit(0 if accuracy >= 0.95 and tv <= 0.15 else 1)
+print(f'toy on CUDA, 2 steps, 2,000 samples: class accuracy {accuracy:.3f} (>= 0.95), TV {tv:.3f} (<= 0.2)')
+sys.exit(0 if accuracy >= 0.95 and tv <= 0.2 else 1)
 EOF
 }
 

@@ -118,8 +118,8 @@ def build_optimizers(G, S, D, betas=(0.9, 0.99), eps=1e-8):
     """{phase: Adam over its network's parameters}; the learning rate is set at every step. On CUDA the fused
     kernel updates every parameter in one launch (the same mathematics); elsewhere the foreach implementation, one
     call per operation for all parameters (bitwise the per-parameter loop's results, without its Python overhead)."""
-    on_cuda = next(G.parameters()).device.type == 'cuda'
-    return {phase: torch.optim.Adam(net.parameters(), lr=0, betas=betas, eps=eps, fused=on_cuda or None, foreach=not on_cuda or None)
+    implementation = dict(fused=True) if next(G.parameters()).device.type == 'cuda' else dict(foreach=True)
+    return {phase: torch.optim.Adam(net.parameters(), lr=0, betas=betas, eps=eps, **implementation)
         for phase, net in phase_networks(G, S, D).items()}
 
 class NCVSDIteration:
