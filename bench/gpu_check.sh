@@ -6,7 +6,8 @@
 #      (2 steps) must match the CPU runs' (class accuracy >= 0.95, TV <= 0.2: CPU runs of seeds 0-2 ended between
 #      0.047 and 0.149 over sessions, rounding alone moving them; a collapsed student is at 0.3-0.6);
 #   2. the test suite's CUDA cases (core tests parametrized over devices, no host syncs in an iteration, CUDA-graphed
-#      iterations equal eager ones; 84 s on the H200 before the last two were added);
+#      iterations equal eager ones, an iteration with every speed option equal to one without; 84 s on the H200
+#      before the last three were added);
 #   3. a 2 kimg float16 run of a random teacher of the EDM2 img64-s architecture from a zip with 4 data workers,
 #      killed after its first checkpoint and resumed to the end; generate_images.py from its snapshot;
 #   4. bench/exact.py with the toy student (once the toy has finished);

@@ -56,6 +56,18 @@ def test_one_iteration_is_the_same_with_and_without_speed_options(speed_options)
             moved = (a - c).abs().max()
             assert (a - b).abs().max() <= 1e-3 * max(float(moved), 1e-6) + 1e-6, name
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_one_cuda_iteration_is_the_same_with_and_without_speed_options(speed_options):
+    """As above on CUDA (fp32), whose kernels the options reach differently (cuDNN, fused attention kernels): the
+    weights after an iteration with every option equal those without, under the CUDA tolerance of the resume test."""
+    teacher, nets = teacher_and_students()
+    set_speed_options(**{name: False for name in OPTIONS})
+    reference = one_iteration(teacher, nets, device='cuda')
+    set_speed_options(**{name: True for name in OPTIONS})
+    fast = one_iteration(teacher, nets, device='cuda')
+    for ref_net, fast_net in zip(reference, fast):
+        assert_same_weights(ref_net.state_dict(), fast_net.state_dict(), 'cuda', type(ref_net).__name__)
+
 @pytest.mark.parametrize('name', list(OPTIONS))
 def test_each_option_keeps_the_fixture_outputs(speed_options, name):
     data = load_fixture('ncvsd_networks_small.pt')
