@@ -45,12 +45,16 @@ def one_iteration(teacher, nets, compile_options=None, iterations=1, device='cpu
         step.run(source, lr=1e-3)
     return G, S, D
 
+def without_and_with_speed_options(teacher, nets, device='cpu'):
+    """((G, S, D) after one iteration with every speed option off, the same with every option on)."""
+    set_speed_options(**{name: False for name in OPTIONS})
+    reference = one_iteration(teacher, nets, device=device)
+    set_speed_options(**{name: True for name in OPTIONS})
+    return reference, one_iteration(teacher, nets, device=device)
+
 def test_one_iteration_is_the_same_with_and_without_speed_options(speed_options):
     teacher, nets = teacher_and_students()
-    set_speed_options(**{name: False for name in OPTIONS})
-    reference = one_iteration(teacher, nets)
-    set_speed_options(**{name: True for name in OPTIONS})
-    fast = one_iteration(teacher, nets)
+    reference, fast = without_and_with_speed_options(teacher, nets)
     for ref_net, fast_net, initial in zip(reference, fast, nets):
         for (name, a), b, c in zip(ref_net.state_dict().items(), fast_net.state_dict().values(), initial.state_dict().values()):
             moved = (a - c).abs().max()
@@ -61,10 +65,7 @@ def test_one_cuda_iteration_is_the_same_with_and_without_speed_options(speed_opt
     """As above on CUDA (fp32), whose kernels the options reach differently (cuDNN, fused attention kernels): the
     weights after an iteration with every option equal those without, under the CUDA tolerance of the resume test."""
     teacher, nets = teacher_and_students()
-    set_speed_options(**{name: False for name in OPTIONS})
-    reference = one_iteration(teacher, nets, device='cuda')
-    set_speed_options(**{name: True for name in OPTIONS})
-    fast = one_iteration(teacher, nets, device='cuda')
+    reference, fast = without_and_with_speed_options(teacher, nets, device='cuda')
     for ref_net, fast_net in zip(reference, fast):
         assert_same_weights(ref_net.state_dict(), fast_net.state_dict(), 'cuda', type(ref_net).__name__)
 
