@@ -20,15 +20,17 @@ FUSED_ATTENTION = True          # torch's scaled_dot_product_attention instead o
 FAST_PIXEL_NORM = True          # Pixel normalisation as one autograd node (Normalize): fewer passes, backward included.
 CHANNELS_LAST = False           # UNet activations in channels-last memory (NHWC): faster convolutions, no layout reorders.
 FOLDED_SCALES = True            # Constant activation scales (mp_silu's, mp_sum's) applied to the next layer's weight.
+MASKED_CLIP = True              # Activation clipping as one autograd node keeping a one-byte mask, not a copy of x.
 _normalized_weights = weakref.WeakKeyDictionary()       # MPConv -> ((version, pointer), normalised weight)
 
 #----------------------------------------------------------------------------
 # Magnitude-preserving primitives.
 
-def normalize(x, dim=None, eps=1e-4):
-    """Scale to unit RMS over `dim` (all but the first by default: a weight's rows); eps scaled by the element ratio."""
+def normalize(x, dim=None, eps=1e-4, layout=None):
+    """Scale to unit RMS over `dim` (all but the first by default: a weight's rows); eps scaled by the element ratio.
+    layout (with FAST_PIXEL_NORM): the output's dimensions in memory order, outermost first (default: as x)."""
     if dim is not None and FAST_PIXEL_NORM:
-        return Normalize.apply(x, dim, eps)
+        return Normalize.apply(x, dim, eps, layout)
     dim = list(range(1, x.ndim)) if dim is None else dim
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
     norm = torch.add(eps, norm, alpha=np.sqrt(norm.numel() / x.numel()))
@@ -40,11 +42,14 @@ class Normalize(torch.autograd.Function):
     chain (norm, addition, division) takes about ten. Keeps the output (which the next layer keeps anyway), not x."""
 
     @staticmethod
-    def forward(ctx, x, dim, eps):
+    def forward(ctx, x, dim, eps, layout=None):
         norm = x.to(torch.promote_types(x.dtype, torch.float32)).square().sum(dim=dim, keepdim=True).sqrt()   # r = ‖x‖
         ctx.alpha = np.sqrt(norm.numel() / x.numel())
         denominator = torch.add(eps, norm, alpha=ctx.alpha)                              # n = eps + α·r
-        y = x / denominator.to(x.dtype)
+        if layout is None or torch.compiler.is_compiling():        # Compiled graphs choose their own layouts.
+            y = x / denominator.to(x.dtype)
+        else:
+            y = torch.div(x, denominator.to(x.dtype), out=torch.empty_permuted(x.shape, layout, dtype=x.dtype, device=x.device))
         ctx.dim = dim
         ctx.save_for_backward(y, norm, denominator)
         return y
@@ -54,7 +59,26 @@ class Normalize(torch.autograd.Function):
         y, norm, denominator = ctx.saved_tensors
         # dL/dx = g/n − y·α·Σ(g·y)/r; the sum's term vanishes where x = 0 (y = 0), so r is kept from 0.
         coefficient = (grad * y).sum(dim=ctx.dim, keepdim=True, dtype=norm.dtype) * ctx.alpha / norm.clamp_min(1e-30)
-        return torch.addcmul(grad / denominator.to(grad.dtype), y, coefficient.to(grad.dtype), value=-1), None, None
+        return torch.addcmul(grad / denominator.to(grad.dtype), y, coefficient.to(grad.dtype), value=-1), None, None, None
+
+class MaskedClip(torch.autograd.Function):
+    """x.clip(-limit, limit) keeping for the backward pass the one-byte mask of the unclipped elements (where the
+    result equals x: the bounds included, NaN excluded, as torch's own backward), where torch's in-place clip keeps
+    a copy of x, and masking the gradient in one pass instead of four."""
+
+    @staticmethod
+    def forward(ctx, x, limit):
+        y = x.clip(-limit, limit)
+        ctx.save_for_backward(y == x)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        unclipped, = ctx.saved_tensors
+        return torch.where(unclipped, grad, 0), None
+
+def clip_activation(x, limit):
+    return MaskedClip.apply(x, limit) if MASKED_CLIP else x.clip_(-limit, limit)
 
 def resample(x, f=(1, 1), mode='keep'):
     """Down- or upsample by 2 with the separable filter `f` (depthwise conv)."""
@@ -75,7 +99,12 @@ def mp_silu(x):
     return torch.nn.functional.silu(x) / 0.596
 
 def mp_sum(a, b, t=0.5):
-    """Magnitude-preserving interpolation: t=0 gives a, t=1 gives b (t a float or a 0-dim tensor)."""
+    """Magnitude-preserving interpolation: t=0 gives a, t=1 gives b (t a float or a 0-dim tensor). With FOLDED_SCALES
+    a tensor t (a learned weight) goes into two scalar weights, a·(1−t)/n + b·t/n, whose backward keeps a and b
+    only, not the interpolation too."""
+    if FOLDED_SCALES and isinstance(t, torch.Tensor):
+        norm = ((1 - t) ** 2 + t ** 2).sqrt()
+        return torch.addcmul(a * ((1 - t) / norm), b, t / norm)
     return a.lerp(b, t) / ((1 - t) ** 2 + t ** 2) ** 0.5
 
 def mp_silu_for_layer(x):
@@ -211,20 +240,22 @@ class Block(torch.nn.Module):
         if self.num_heads != 0:
             x = mp_sum_branch(x, self.attn_proj, self.attention_heads(x), self.attn_balance)
         if self.clip_act is not None:
-            x = x.clip_(-self.clip_act, self.clip_act)
+            x = clip_activation(x, self.clip_act)
         return x
 
     def attention_heads(self, x):
         """Self-attention over pixels with pixel-normalised q, k, v, before the output projection; channel c of qkv
-        is (head, channel within the head, q/k/v) = c split over (C/heads·3, 3)."""
+        is (head, channel within the head, q/k/v) = c split over (C/heads·3, 3). The normalisation writes q, k, v
+        in the unit-stride layout [N, heads, 3, HW, c] that fused attention reads, so they need no copy."""
         batch, channels, height, width = x.shape
         if CHANNELS_LAST:                                           # Stay in NHWC memory: views, no copies.
             qkv = self.attn_qkv(x).permute(0, 2, 3, 1).reshape(batch, height * width, self.num_heads, -1, 3)
-            out = attend(normalize(qkv, dim=3).permute(0, 2, 4, 1, 3))
+            out = attend(normalize(qkv, dim=3, layout=(0, 2, 4, 1, 3)).permute(0, 2, 4, 1, 3))
             out = out.transpose(1, 2).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
         else:
             qkv = self.attn_qkv(x).reshape(batch, self.num_heads, -1, 3, height * width)
-            out = attend(normalize(qkv, dim=2).permute(0, 1, 3, 4, 2)).transpose(2, 3).reshape(*x.shape)
+            out = attend(normalize(qkv, dim=2, layout=(0, 1, 3, 4, 2)).permute(0, 1, 3, 4, 2))
+            out = out.transpose(2, 3).reshape(*x.shape)
         return out
 
 def attend(qkv):

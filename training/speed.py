@@ -12,13 +12,15 @@ OPTIONS = dict(
     fused_discriminator=(NCVSDLoss, 'fused_discriminator'),
     channels_last=(networks_edm2, 'CHANNELS_LAST'),
     folded_scales=(networks_edm2, 'FOLDED_SCALES'),
+    masked_clip=(networks_edm2, 'MASKED_CLIP'),
 )
 
 # Off on CUDA, measured at bench-s64 (EDM2 img64-s, batch 64, fp16) on an H200, alternating in one process: the
 # cached frozen weights cost 4.7 GiB on an H100 for no gain; the fast pixel norm and fused attention together cost
 # 1.9 GiB and 10% (1169 vs 1058 ms/iter; not yet told apart). Channels-last activations are 11% faster there
 # (1041 vs 1169 ms/iter), so they are on, while on the CPU at bench-a they made no clear change.
-# The folded scales (session 7: fewer passes over the activations, no memory) are on everywhere, not yet timed on CUDA.
+# The folded scales (session 7: fewer passes over the activations, no memory) and the masked clip (session 8: a one-byte
+# mask instead of a copy of each block's output) are on everywhere, not yet timed on CUDA.
 DEVICE_OFF = dict(
     cuda=('cache_frozen_weights', 'fast_pixel_norm', 'fused_attention'),
     cpu=('channels_last',),
