@@ -102,16 +102,64 @@ def test_fast_pixel_norm_gradient_and_memory(speed_options):
     assert torch.allclose(x.grad[0, :, 1, 1], weights[0, :, 1, 1] / 1e-4)
     data = load_fixture('ncvsd_networks_small.pt')
     net = set_precision(ConditionalPrecond(**data['config']), 'bf16')
-    def saved_mib(fast):
-        set_speed_options(fast_pixel_norm=fast)
-        storages = {}
-        def keep(tensor):
-            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-            return tensor
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-            net(data['x'], data['sigma'], data['cond_x'], data['cond_sigma'], data['class_labels'])
-        return sum(storages.values()) / 2**20
-    assert saved_mib(True) <= saved_mib(False)
+    args = (data['x'], data['sigma'], data['cond_x'], data['cond_sigma'], data['class_labels'])
+    assert saved_mib(net, args, fast_pixel_norm=True) <= saved_mib(net, args, fast_pixel_norm=False)
+
+def saved_mib(net, args, **options):
+    """MiB that a forward pass of `net` with the given speed options keeps for the backward pass (each storage once)."""
+    set_speed_options(**options)
+    storages = {}
+    def keep(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        net(*args)
+    return sum(storages.values()) / 2**20
+
+@pytest.mark.parametrize('name', ['masked_clip', 'fast_pixel_norm', 'folded_scales'])
+def test_options_keep_less_for_the_backward_pass(speed_options, name):
+    """The options that change what autograd keeps (the clip's mask, the normalised q/k/v in attention's own layout,
+    the learned skip weights as scalar weights) keep less in a bf16 generator forward than without them."""
+    data = load_fixture('ncvsd_networks_small.pt')
+    net = set_precision(ConditionalPrecond(**data['config']), 'bf16')
+    args = (data['x'], data['sigma'], data['cond_x'], data['cond_sigma'], data['class_labels'])
+    others = {option: True for option in OPTIONS if option != name}
+    assert saved_mib(net, args, **others, **{name: True}) < saved_mib(net, args, **others, **{name: False})
+
+def test_masked_clip_has_the_gradient_of_clip(speed_options):
+    """The one-node clip equals torch's in-place clip, forward and backward, bitwise: at the bounds (gradient
+    passes), beyond them (none), and at NaN (none)."""
+    from training.networks_edm2 import clip_activation
+    x = torch.tensor([-300.0, -256.0, -1.5, 0.0, 2.0, 256.0, 300.0, float('nan'), float('inf')])
+    grad = torch.arange(1.0, 10.0)
+    results = []
+    for masked in (True, False):
+        set_speed_options(masked_clip=masked)
+        leaf = x.clone().requires_grad_()
+        y = clip_activation(leaf * 1, 256)
+        y.backward(grad)
+        results.append((y.detach(), leaf.grad))
+    (y_masked, grad_masked), (y_plain, grad_plain) = results
+    assert torch.equal(y_masked.nan_to_num(-1), y_plain.nan_to_num(-1))
+    assert torch.equal(grad_masked, grad_plain)
+    assert grad_masked.tolist() == [0, 2, 3, 4, 5, 6, 0, 0, 0]
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_attention_inputs_need_no_copy(speed_options, monkeypatch, channels_last):
+    """With the fast pixel norm, q, k, v are normalised straight into the unit-stride layout that fused attention
+    reads (no copy to keep for the backward pass), with the values of the plain normalisation."""
+    from training import networks_edm2
+    set_speed_options(fast_pixel_norm=True, fused_attention=True, channels_last=channels_last)
+    layouts, attend = [], networks_edm2.attend
+    monkeypatch.setattr(networks_edm2, 'attend', lambda qkv: layouts.append(qkv.is_contiguous()) or attend(qkv))
+    edm2 = load_fixture('edm2_precond_small.pt')
+    net = Precond(**edm2['config']).eval()
+    net.load_state_dict(edm2['state_dict'])
+    D_x = net(edm2['x'], edm2['sigma'], edm2['class_labels'])
+    assert layouts and all(layouts)
+    assert float((D_x - edm2['D_x']).norm() / edm2['D_x'].norm()) < 1e-5
+    qkv = torch.randn(2, 3, 8, 3, 16, generator=torch.Generator().manual_seed(0))       # [N, heads, c, 3, HW]
+    assert torch.equal(networks_edm2.normalize(qkv, dim=2), networks_edm2.normalize(qkv, dim=2, layout=(0, 1, 3, 4, 2)))
 
 def test_weight_cache_follows_weight_updates(speed_options):
     set_speed_options(cache_frozen_weights=True)
