@@ -12,13 +12,14 @@
 #      killed after its first checkpoint and resumed to the end; generate_images.py from its snapshot;
 #   4. bench/exact.py with the toy student (once the toy has finished);
 #   5. bench/train_step.py at bench-s64 (ms/iter, img/s, each variant's peak memory, share of the dense FP16 peak):
-#      off=all / default / default with fused attention (its fused kernels run since session 6) / default with CUDA
-#      graphs, alternating in one process (ratios not moved by drift);
+#      off=all / default / default without the fast pixel norm and fused attention (the CUDA default until session
+#      8, which turned them on for the memory they save) / default with CUDA graphs, alternating in one process
+#      (ratios not moved by drift);
 #      bench/sample.py (student 1/2/4 steps vs 63-NFE Heun).
 # Second calls (each its own): `bash bench/gpu_check.sh compile` times the compiled step alternating with the eager
 # one (its compilation took over 4.5 minutes on the H200), then the compiled sampler; `bash bench/gpu_check.sh
-# options` times the fast pixel norm and fused attention each on, the folded scales off (on on CUDA untimed since
-# session 7), and bf16, against the default.
+# options` times the default against each of the fast pixel norm, fused attention, masked clip and folded scales off
+# (all on on CUDA, none timed there yet), and bf16.
 # Usage: bash bench/gpu_check.sh [compile|options]    (WORK=DIR keeps the artifacts there, default a temporary folder)
 # The last line is "GPU check: PASS" or "GPU check: FAIL (<what failed>)".
 set -u
@@ -88,7 +89,7 @@ if [ "${1:-}" = compile ]; then
     step "bench/sample.py compiled" "$(left 150)" python bench/sample.py "${S64[@]}" --repeats=3 --compile=True
 elif [ "${1:-}" = options ]; then
     step "bench/train_step.py options" "$(left 300)" python bench/train_step.py "${S64[@]}" --iters=4 --warmup=1 --variant=default \
-        --variant=on=fast_pixel_norm --variant=on=fused_attention --variant='on=fast_pixel_norm,fused_attention' \
+        --variant=off=fast_pixel_norm --variant=off=fused_attention --variant=off=masked_clip \
         --variant=off=folded_scales --variant=precision=bf16
 else
     # The toy is a small network bound by kernel launches: it runs beside the correctness steps (not timed).
@@ -106,7 +107,7 @@ else
     record "toy on CUDA" $TOY_RC $TOY_START
     step "bench/exact.py on CUDA" 35 python bench/exact.py --student="$WORK/toy/network-snapshot-0000016-0.100.pkl" --n=500 --pnp-images=1 --chains=50 --device=cuda
     step "bench/train_step.py variants" "$(left 130)" python bench/train_step.py "${S64[@]}" --iters=4 --warmup=1 --variant=off=all \
-        --variant=default --variant=on=fused_attention --variant=cuda_graphs=True
+        --variant=default --variant=off=fast_pixel_norm,fused_attention --variant=cuda_graphs=True
     step "bench/sample.py" "$(left 60)" python bench/sample.py "${S64[@]}" --repeats=3
 fi
 

@@ -33,3 +33,9 @@ def test_sample_compares_students_with_heun():
     result = run_python(['bench/sample.py', '--preset=bench-a', '--batch=2', '--repeats=1', '--heun-steps=2', '--device=cpu'])
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'teacher Heun 2 steps (3 NFE)' in result.stdout and result.stdout.count('speed-up x') == 3
+
+def test_saved_memory_compares_variants():
+    result = run_python(['bench/saved_memory.py', '--preset=bench-a', '--batch=32', '--precision=fp32', '--device=cpu',
+        '--variant=off=all', '--variant=default'])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count('generator phase (G + frozen D)') == 2 and '1.00x [off=all]' in result.stdout

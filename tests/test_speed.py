@@ -111,7 +111,7 @@ def saved_mib(net, args, **options):
     storages = {}
     def keep(tensor):
         storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
+        return tensor.detach()          # Not the tensor itself: a saved output would hold its own node (a leak).
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         net(*args)
     return sum(storages.values()) / 2**20
@@ -217,7 +217,7 @@ def explain_inputs(net):
 def test_speed_options_follow_the_device(speed_options):
     from training.speed import use_device_defaults, get_speed_options
     use_device_defaults(torch.device('cuda'))                       # A device object needs no GPU.
-    assert get_speed_options() == dict(cache_frozen_weights=False, fused_attention=False, fast_pixel_norm=False, fused_discriminator=True,
+    assert get_speed_options() == dict(cache_frozen_weights=False, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
         channels_last=True, folded_scales=True, masked_clip=True)
     use_device_defaults(torch.device('cpu'))
     assert get_speed_options() == dict(cache_frozen_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,

@@ -15,14 +15,16 @@ OPTIONS = dict(
     masked_clip=(networks_edm2, 'MASKED_CLIP'),
 )
 
-# Off on CUDA, measured at bench-s64 (EDM2 img64-s, batch 64, fp16) on an H200, alternating in one process: the
-# cached frozen weights cost 4.7 GiB on an H100 for no gain; the fast pixel norm and fused attention together cost
-# 1.9 GiB and 10% (1169 vs 1058 ms/iter; not yet told apart). Channels-last activations are 11% faster there
-# (1041 vs 1169 ms/iter), so they are on, while on the CPU at bench-a they made no clear change.
-# The folded scales (session 7: fewer passes over the activations, no memory) and the masked clip (session 8: a one-byte
-# mask instead of a copy of each block's output) are on everywhere, not yet timed on CUDA.
+# Off on CUDA: the cached frozen weights cost 4.7 GiB on an H100 (EDM2 img64-s, batch 64, fp16) for no gain.
+# Channels-last activations made the H200 step 11% faster (1041 vs 1169 ms/iter), while on the CPU at bench-a they made
+# no clear change. The fast pixel norm and fused attention were off on CUDA after session 5 (1.9 GiB and 10% on the
+# H200), measured in their old forms: attention then fell back to its unfused kernel, materialising the attention
+# matrix. In their present forms they keep 2.3 GiB less for the generator phase at that size (bench/saved_memory.py;
+# counted by autograd's saved tensors, so the same on any device), so they are on; their time on CUDA is for the
+# GPU check to measure against the old default (`off=fast_pixel_norm,fused_attention`). The folded scales and the
+# masked clip keep less and take fewer passes: on everywhere, not yet timed on CUDA.
 DEVICE_OFF = dict(
-    cuda=('cache_frozen_weights', 'fast_pixel_norm', 'fused_attention'),
+    cuda=('cache_frozen_weights',),
     cpu=('channels_last',),
 )
 
