@@ -39,3 +39,11 @@ def test_saved_memory_compares_variants():
         '--variant=off=all', '--variant=default'])
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count('generator phase (G + frozen D)') == 2 and '1.00x [off=all]' in result.stdout
+
+def test_variant_settings_apply_in_order():
+    sys.path.insert(0, os.path.join(ROOT, 'bench'))
+    from train_step import parse_variant
+    import torch
+    speed = parse_variant('on=all off=masked_clip', torch.device('cpu'), 'fp32').speed
+    assert not speed['masked_clip'] and all(on for name, on in speed.items() if name != 'masked_clip')
+    assert parse_variant('off=all on=masked_clip', torch.device('cpu'), 'fp32').speed == {name: name == 'masked_clip' for name in speed}
