@@ -84,15 +84,17 @@ def test_each_option_keeps_the_fixture_outputs(speed_options, name):
     D_x = net(edm2['x'], edm2['sigma'], edm2['class_labels'])
     assert float((D_x - edm2['D_x']).norm() / edm2['D_x'].norm()) < 1e-5
 
-def test_fast_pixel_norm_gradient_and_memory(speed_options):
-    """The fast pixel normalisation (one autograd node with its own backward pass) has the gradient of the plain
-    formula x / (eps + sqrt(sum x² / C)) (autograd in float64 as reference; a pixel of zeros included, where the
-    gradient is 1/eps) and, in bf16, keeps no more for the backward pass than torch's vector_norm: no float32 copies
-    of the activations (they cost GiBs at EDM2-S size in fp16)."""
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_fast_pixel_norm_gradient_and_memory(speed_options, memory_format):
+    """The fast pixel normalisation (one autograd node with its own backward pass; its norm a sum of squares over
+    NCHW's strided channels, vector_norm over NHWC's innermost ones) has the gradient of the plain formula
+    x / (eps + sqrt(sum x² / C)) (autograd in float64 as reference; a pixel of zeros included, where the gradient is
+    1/eps) and, in bf16, keeps no more for the backward pass than torch's vector_norm: no float32 copies of the
+    activations (they cost GiBs at EDM2-S size in fp16)."""
     from training.networks_edm2 import normalize
     x = torch.randn(2, 5, 3, 3, generator=torch.Generator().manual_seed(0))
     x[0, :, 1, 1] = 0
-    x.requires_grad_()
+    x = x.contiguous(memory_format=memory_format).requires_grad_()
     weights = torch.randn(2, 5, 3, 3, generator=torch.Generator().manual_seed(1))
     set_speed_options(fast_pixel_norm=True)
     (normalize(x, dim=1) * weights).sum().backward()
