@@ -13,20 +13,11 @@ import click
 import torch
 
 from common import random_teacher
+from torch_utils.misc import kept_for_backward_mib
 from train_step import parse_variant
 from training.networks_edm2 import set_precision
 from training.speed import set_speed_options
 from training.training_loop import build_students
-
-def kept_mib(net, inputs):
-    """MiB of the storages that `net(*inputs)` keeps for its backward pass."""
-    storages = {}
-    def keep(tensor):
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor.detach()          # Not the tensor itself: a saved output would hold its own node (a leak).
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        net(*inputs)
-    return sum(storages.values()) / 2**20
 
 def random_inputs(teacher, batch, device, input_grad):
     """(x_t, t, y, σ, labels) of one loss evaluation; x_t requires grad when the network is frozen."""
@@ -40,7 +31,7 @@ def random_inputs(teacher, batch, device, input_grad):
 def activation_mib(net, teacher, batch, device, trained):
     """Kept MiB per forward pass at `batch`, from passes at batches 2 and 4 (the part that grows with the batch)."""
     net.requires_grad_(trained)
-    small, large = (kept_mib(net, random_inputs(teacher, size, device, not trained)) for size in (2, 4))
+    small, large = (kept_for_backward_mib(net, *random_inputs(teacher, size, device, not trained)) for size in (2, 4))
     return (large - small) / 2 * batch
 
 @click.command()

@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import load_fixture, DEVICES
 from helpers import assert_same_weights
+from torch_utils.misc import kept_for_backward_mib
 from training.loss import NCVSDLoss
 from training.networks_edm2 import Precond, set_precision
 from training.networks_ncvsd import ConditionalDiscriminator, ConditionalPrecond, GenerativeDenoiser
@@ -108,15 +109,9 @@ def test_fast_pixel_norm_gradient_and_memory(speed_options, memory_format):
     assert saved_mib(net, args, fast_pixel_norm=True) <= saved_mib(net, args, fast_pixel_norm=False)
 
 def saved_mib(net, args, **options):
-    """MiB that a forward pass of `net` with the given speed options keeps for the backward pass (each storage once)."""
+    """MiB that a forward pass of `net` with the given speed options keeps for the backward pass."""
     set_speed_options(**options)
-    storages = {}
-    def keep(tensor):
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor.detach()          # Not the tensor itself: a saved output would hold its own node (a leak).
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        net(*args)
-    return sum(storages.values()) / 2**20
+    return kept_for_backward_mib(net, *args)
 
 @pytest.mark.parametrize('name', ['masked_clip', 'fast_pixel_norm', 'folded_scales'])
 def test_options_keep_less_for_the_backward_pass(speed_options, name):

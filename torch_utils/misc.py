@@ -72,3 +72,13 @@ def tile_images(x, w, h):
     count, channels, height, width = x.shape
     assert count == w * h
     return x.reshape(h, w, channels, height, width).permute(2, 0, 3, 1, 4).reshape(channels, h * height, width * w)
+
+def kept_for_backward_mib(fn, *args):
+    """Run fn(*args) and return the MiB of the storages autograd keeps for its backward pass (each storage once)."""
+    storages = {}
+    def keep(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor.detach()          # Not the tensor itself: a saved output would hold its own node (a leak).
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        fn(*args)
+    return sum(storages.values()) / 2**20
