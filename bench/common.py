@@ -11,6 +11,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import click
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -21,10 +22,21 @@ from training.run_config import load_preset
 
 torch.backends.cudnn.benchmark = True                  # As the training loop sets it: cuDNN picks its fastest kernels.
 
+def bench_preset(preset):
+    """The preset's config; a click usage error (one line) for a name that is unknown or lacks the teacher's architecture."""
+    try:
+        config = load_preset(preset)
+    except dnnlib.util.UserError as err:
+        raise click.UsageError(str(err))
+    if not {'img_resolution', 'img_channels', 'label_dim'} <= set(config.get('network_arch', {})):
+        raise click.UsageError(f'preset {preset} does not give the teacher\'s whole architecture (img_resolution, '
+            'img_channels, label_dim): the benchmarks build a random teacher from one of bench-a, bench-b, bench-s64')
+    return config
+
 def random_teacher(preset, device):
     """An EDM2 Precond with the preset's network_arch and non-zero gains (so every layer contributes), pickled and
     loaded back the way a training run gets its teacher (network_io.load_network, then frozen on the device)."""
-    config = load_preset(preset)
+    config = bench_preset(preset)
     arch = dict(config.network_arch)
     torch.manual_seed(0)
     net = Precond(img_resolution=arch.pop('img_resolution'), img_channels=arch.pop('img_channels'),

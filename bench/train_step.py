@@ -19,11 +19,10 @@ import statistics
 import click
 import torch
 
-from common import random_teacher, PhaseTimer, peak_memory_mb, reset_peak_memory, peak_tflops, count_flops, flops_report, device_name
+from common import bench_preset, random_teacher, PhaseTimer, peak_memory_mb, reset_peak_memory, peak_tflops, count_flops, flops_report, device_name
 import dnnlib
 from training.loss import NCVSDLoss
 from training.networks_edm2 import set_precision
-from training.run_config import load_preset
 from training.speed import OPTIONS, set_speed_options, device_defaults, option_names
 from training.train_setup import compile_options
 from training.training_loop import NCVSDIteration, PHASES, build_optimizers, build_students
@@ -77,7 +76,7 @@ def main(preset, batch, iters, warmup, device, threads, off, on, precision, comp
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device)
-    default_precision = 'fp16' if load_preset(preset).get('fp16', False) else 'fp32'
+    default_precision = 'fp16' if bench_preset(preset).get('fp16', False) else 'fp32'
     if not variants:
         variants = [' '.join(f'{key}={value}' for key, value in dict(off=off, on=on, precision=precision, compile=compile_nets, cuda_graphs=cuda_graphs).items() if value)]
     variants = [parse_variant(spec, device, default_precision) for spec in variants]

@@ -11,6 +11,13 @@ def test_train_step_rejects_a_bad_variant():
     result = run_python(['bench/train_step.py', '--device=cpu', '--variant=cuda_graphs=True'])
     assert result.returncode != 0 and 'cuda_graphs=True needs a CUDA device' in result.stderr
 
+def test_benchmarks_name_the_presets_they_can_build():
+    """A preset without the teacher's whole architecture (or an unknown one) is a one-line error, not a traceback."""
+    for script, preset, message in [('bench/train_step.py', 'toy', 'does not give the teacher\'s whole architecture'),
+            ('bench/sample.py', 'no-such-preset', 'unknown preset "no-such-preset"')]:
+        result = run_python([script, '--device=cpu', f'--preset={preset}'])
+        assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr
+
 def test_train_step_reports_what_it_measured_when_stopped():
     """Alternating variants, each reported with its ratio to the first; a time limit (SIGTERM, as `timeout` sends)
     cuts the run short but not its report."""

@@ -218,7 +218,7 @@ def test_speed_options_follow_the_device(speed_options):
         channels_last=True, folded_scales=True, masked_clip=True)
     use_device_defaults(torch.device('cpu'))
     assert get_speed_options() == dict(cache_frozen_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
-        channels_last=False, folded_scales=True, masked_clip=True)
+        channels_last=True, folded_scales=True, masked_clip=True)
 
 def test_sampling_loads_use_the_device_defaults(speed_options, tmp_path):
     """generate_images and the other sampling CLIs load through network_io.load_network, which sets the options as

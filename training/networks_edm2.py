@@ -108,9 +108,13 @@ def mp_sum(a, b, t=0.5):
     a tensor t (a learned weight) goes into two scalar weights, a·(1−t)/n + b·t/n, whose backward keeps a and b
     only, not the interpolation too."""
     if FOLDED_SCALES and isinstance(t, torch.Tensor):
-        norm = ((1 - t) ** 2 + t ** 2).sqrt()
+        norm = balance_norm(t)
         return torch.addcmul(a * ((1 - t) / norm), b, t / norm)
-    return a.lerp(b, t) / ((1 - t) ** 2 + t ** 2) ** 0.5
+    return a.lerp(b, t) / balance_norm(t)
+
+def balance_norm(t):
+    """RMS gain of the blend (1 − t)·a + t·b of unit-RMS uncorrelated a and b (t a float or a tensor)."""
+    return ((1 - t) ** 2 + t ** 2) ** 0.5
 
 def mp_silu_for_layer(x):
     """(input, gain) with layer(input, gain) = layer(mp_silu(x)) for a linear layer: with FOLDED_SCALES the 1/0.596
@@ -124,7 +128,7 @@ def mp_sum_branch(a, layer, x, t, gain=1):
     layer's weight and a's is applied in the addition: one pass over the activation instead of two."""
     if not FOLDED_SCALES:
         return mp_sum(a, layer(x, gain=gain), t=t)
-    norm = ((1 - t) ** 2 + t ** 2) ** 0.5
+    norm = balance_norm(t)
     return torch.add(layer(x, gain=gain * t / norm), a, alpha=(1 - t) / norm)
 
 def mp_cat(a, b, dim=1, t=0.5):
