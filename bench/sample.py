@@ -44,7 +44,7 @@ def main(preset, batch, repeats, heun_steps, device, off, precision, compile_net
     torch.set_grad_enabled(False)
     device = torch.device(device)
     try:
-        set_speed_options(**{**device_defaults(device), **{name: False for name in option_names(off)}})
+        set_speed_options(**{**device_defaults(device, compiled=compile_nets), **{name: False for name in option_names(off)}})
     except ValueError as err:
         raise click.BadParameter(str(err))
     teacher, config = random_teacher(preset, device)

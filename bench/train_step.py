@@ -36,21 +36,25 @@ def random_batches(shape, label_dim, device, generator):
 
 def parse_variant(spec, device, default_precision):
     """'off=all precision=bf16 compile=True' -> EasyDict(label, speed={option: bool}, precision, compile_options).
-    off= and on= apply in the order written, from the device's defaults ('on=all off=masked_clip': all but one)."""
-    variant = dnnlib.EasyDict(label=spec or 'default', speed=device_defaults(device), precision=default_precision,
-        compile='False', cuda_graphs='False')
+    off= and on= apply in the order written, from the device's defaults, eager or compiled ('on=all off=masked_clip':
+    all but one)."""
+    variant = dnnlib.EasyDict(label=spec or 'default', precision=default_precision, compile='False', cuda_graphs='False')
+    switches = []
     for setting in spec.split() if spec != 'default' else []:
         key, _, value = setting.partition('=')
         if key not in ('off', 'on', 'precision', 'compile', 'cuda_graphs') or not value:
             raise click.BadParameter(f'"{setting}" in variant "{spec}": expected off=LIST, on=LIST, precision=fp32|fp16|bf16, '
                 'compile=True|False or cuda_graphs=True|False')
         if key in ('off', 'on'):
-            try:
-                variant.speed.update({name: key == 'on' for name in option_names(value)})
-            except ValueError as err:
-                raise click.BadParameter(str(err))
+            switches.append((key, value))
         else:
             variant[key] = value
+    variant.speed = device_defaults(device, compiled=variant.compile == 'True')
+    for key, value in switches:
+        try:
+            variant.speed.update({name: key == 'on' for name in option_names(value)})
+        except ValueError as err:
+            raise click.BadParameter(str(err))
     if variant.precision not in ('fp32', 'fp16', 'bf16') or {variant.compile, variant.cuda_graphs} - {'True', 'False'}:
         raise click.BadParameter(f'variant "{spec}": precision is fp32, fp16 or bf16, compile and cuda_graphs True or False')
     if variant.cuda_graphs == 'True' and device.type != 'cuda':

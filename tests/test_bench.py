@@ -54,3 +54,6 @@ def test_variant_settings_apply_in_order():
     speed = parse_variant('on=all off=masked_clip', torch.device('cpu'), 'fp32').speed
     assert not speed['masked_clip'] and all(on for name, on in speed.items() if name != 'masked_clip')
     assert parse_variant('off=all on=masked_clip', torch.device('cpu'), 'fp32').speed == {name: name == 'masked_clip' for name in speed}
+    # Compiled variants start from the compiled defaults (on the CPU without channels-last), wherever compile= is written.
+    assert not parse_variant('compile=True', torch.device('cpu'), 'fp32').speed['channels_last']
+    assert parse_variant('on=channels_last compile=True', torch.device('cpu'), 'fp32').speed['channels_last']

@@ -219,10 +219,15 @@ def test_speed_options_follow_the_device(speed_options):
     use_device_defaults(torch.device('cpu'))
     assert get_speed_options() == dict(cache_frozen_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
         channels_last=True, folded_scales=True, masked_clip=True)
+    use_device_defaults(torch.device('cpu'), compiled=True)         # Inductor's CPU kernels: NCHW measured faster.
+    assert get_speed_options() == dict(cache_frozen_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
+        channels_last=False, folded_scales=True, masked_clip=True)
+    use_device_defaults(torch.device('cuda'), compiled=True)
+    assert get_speed_options()['channels_last']
 
 def test_sampling_loads_use_the_device_defaults(speed_options, tmp_path):
     """generate_images and the other sampling CLIs load through network_io.load_network, which sets the options as
-    the device measures best (as training does), whatever was set before."""
+    the device measures best, eager or compiled (as training does), whatever was set before."""
     import pickle
     import dnnlib
     from training.network_io import load_network
@@ -234,6 +239,8 @@ def test_sampling_loads_use_the_device_defaults(speed_options, tmp_path):
     set_speed_options(**{name: not on for name, on in cpu_defaults.items()})
     load_network(str(tmp_path / 'net.pkl'), torch.device('cpu'), verbose=False)
     assert get_speed_options() == cpu_defaults
+    load_network(str(tmp_path / 'net.pkl'), torch.device('cpu'), compile_backend='inductor', verbose=False)
+    assert get_speed_options() == device_defaults(torch.device('cpu'), compiled=True) != cpu_defaults
 
 @pytest.mark.parametrize('fused_attention', [True, False])
 def test_channels_last_reaches_every_convolution(speed_options, monkeypatch, fused_attention):

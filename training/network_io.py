@@ -59,7 +59,7 @@ def load_network(path_or_url, device, role='sampling', vae=None, precision=None,
             raise UserError(f'--vae was given but {path_or_url} is not a latent-space network; drop --vae')
         encoder = StabilityVAEEncoder(vae_name=vae)
     encoder.init(device)
-    speed.use_device_defaults(device)
+    speed.use_device_defaults(device, compiled=compile_backend == 'inductor')
     if precision is not None:
         set_precision(net, precision)
     net = prepare_frozen(net, device)

@@ -31,14 +31,26 @@ DEVICE_OFF = dict(
     cpu=(),
 )
 
-def device_defaults(device):
-    """{option: on} as the options measure best on `device`'s type (devices not measured: as on the CPU)."""
+# Off as well where inductor compiles the networks. On the CPU its kernels ran the step slower on channels-last
+# activations: bench-a, alternating, per round against off=all, precision=bf16 compile=True 0.62x and 0.68x with them
+# against 0.56x and 0.58x without (session 9, two runs; session 6: 0.66x against 0.60x); fp32 compiled 0.79x against
+# 0.72x. On CUDA not measured yet (`bash bench/gpu_check.sh compile`).
+COMPILED_OFF = dict(
+    cuda=(),
+    cpu=('channels_last',),
+)
+
+def device_defaults(device, compiled=False):
+    """{option: on} as the options measure best on `device`'s type, eager or compiled by inductor (devices not
+    measured: as on the CPU)."""
     off = DEVICE_OFF.get(device.type, DEVICE_OFF['cpu'])
+    if compiled:
+        off += COMPILED_OFF.get(device.type, COMPILED_OFF['cpu'])
     return {name: name not in off for name in OPTIONS}
 
-def use_device_defaults(device):
+def use_device_defaults(device, compiled=False):
     """Set the device's defaults; returns the previous settings."""
-    return set_speed_options(**device_defaults(device))
+    return set_speed_options(**device_defaults(device, compiled))
 
 def option_names(names):
     """'all' or 'a,b' (a command-line list) -> option names; an unknown name is a ValueError naming the choices."""

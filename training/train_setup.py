@@ -99,7 +99,7 @@ def launch(opts, dry_run=False):
         return
     device = dist.init(config.device)
     check_device_options(config, opts, device)
-    speed.use_device_defaults(device)
+    speed.use_device_defaults(device, compiled=config.compile)
     teacher, encoder = load_teacher(config)
     dataset, encoder, dataset_kwargs = make_data(config, teacher, encoder)
     check_data_matches(dataset, encoder, teacher, bool(config.cond))
