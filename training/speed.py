@@ -19,11 +19,11 @@ OPTIONS = dict(
 # Channels-last activations made the H200 step 11% faster (1041 vs 1169 ms/iter). On the CPU they made no clear
 # change in session 6 (two runs disagreeing); measured again in session 9, with the pixel norm now taking torch's
 # one-pass norm over NHWC channels, bench-a's step is 6-8% faster with them (two alternating runs: 0.73x against
-# 0.79-0.80x off=all) and sampling 10-30%, so they are on everywhere. The fast pixel norm and fused attention were
-# off on CUDA after session 5 (1.9 GiB and 10% on the H200), measured in their old forms: attention then fell back
-# to its unfused kernel, materialising the attention matrix. In their present forms they keep 2.3 GiB less for the
-# generator phase at that size (bench/saved_memory.py; counted by autograd's saved tensors, so the same on any
-# device), so they are on; their time on CUDA is for the GPU check to measure against the old default
+# 0.79-0.80x off=all) and sampling 10-30%, so they are on (eager; compiled: below). The fast pixel norm and fused
+# attention were off on CUDA after session 5 (1.9 GiB and 10% on the H200), measured in their old forms: attention
+# then fell back to its unfused kernel, materialising the attention matrix. In their present forms they keep 2.3 GiB
+# less for the generator phase at that size (bench/saved_memory.py; counted by autograd's saved tensors, so the same
+# on any device), so they are on; their time on CUDA is for the GPU check to measure against the old default
 # (`off=fast_pixel_norm,fused_attention`). The folded scales and the masked clip keep less and take fewer passes:
 # on everywhere, not yet timed on CUDA.
 DEVICE_OFF = dict(
