@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import load_fixture, DEVICES
+from conftest import load_fixture, run_python, DEVICES
 from helpers import assert_same_weights
 from torch_utils.misc import kept_for_backward_mib
 from training.loss import NCVSDLoss
@@ -224,6 +224,12 @@ def test_speed_options_follow_the_device(speed_options):
         channels_last=False, folded_scales=True, masked_clip=True)
     use_device_defaults(torch.device('cuda'), compiled=True)
     assert get_speed_options()['channels_last']
+
+def test_module_defaults_are_the_cpu_defaults():
+    """Code that builds networks without setting the device's defaults (a library user, a test) runs as the CPU does."""
+    result = run_python(['-c', 'import torch; from training.speed import device_defaults, get_speed_options; '
+        'print(get_speed_options() == device_defaults(torch.device("cpu")))'])
+    assert result.stdout.strip() == 'True', result.stderr
 
 def test_sampling_loads_use_the_device_defaults(speed_options, tmp_path):
     """generate_images and the other sampling CLIs load through network_io.load_network, which sets the options as

@@ -18,7 +18,7 @@ from torch_utils import persistence
 CACHE_FROZEN_WEIGHTS = True     # Reuse normalised weights of parameters that do not require grad until they change.
 FUSED_ATTENTION = True          # torch's scaled_dot_product_attention instead of two einsums and a softmax.
 FAST_PIXEL_NORM = True          # Pixel normalisation as one autograd node (Normalize): fewer passes, backward included.
-CHANNELS_LAST = False           # UNet activations in channels-last memory (NHWC): faster convolutions, no layout reorders.
+CHANNELS_LAST = True            # UNet activations in channels-last memory (NHWC): faster convolutions, no layout reorders.
 FOLDED_SCALES = True            # Constant activation scales (mp_silu's, mp_sum's) applied to the next layer's weight.
 MASKED_CLIP = True              # Activation clipping as one autograd node keeping a one-byte mask, not a copy of x.
 _normalized_weights = weakref.WeakKeyDictionary()       # MPConv -> ((version, pointer), normalised weight)
