@@ -1,69 +1,113 @@
 #!/usr/bin/env bash
-# The GPU path, proven and timed on one CUDA GPU in one call of at most BUDGET seconds (default 570); each step has
-# a time limit (the CUDA tests' and benchmarks' from a first H200 run with room to spare; the toy's and the
-# img64-s run's are still estimates: they have not run on a GPU yet):
-#   1. the toy preset under torchrun on CUDA, in the background while 2-3 run: its 2,000-sample exact metrics
-#      (2 steps) must match the CPU runs' (class accuracy >= 0.95, TV <= 0.2: CPU runs of seeds 0-2 ended between
-#      0.047 and 0.149 over sessions, rounding alone moving them; a collapsed student is at 0.3-0.6);
-#   2. the test suite's CUDA cases (core tests parametrized over devices, no host syncs in an iteration, CUDA-graphed
-#      iterations equal eager ones, an iteration with every speed option equal to one without; 84 s on the H200
-#      before the last three were added);
-#   3. a 2 kimg float16 run of a random teacher of the EDM2 img64-s architecture from a zip with 4 data workers,
-#      killed after its first checkpoint and resumed to the end; generate_images.py from its snapshot;
-#   4. bench/exact.py with the toy student (once the toy has finished);
-#   5. bench/train_step.py at bench-s64 (ms/iter, img/s, each variant's peak memory, share of the dense FP16 peak):
-#      off=all / default / default without the fast pixel norm and fused attention (the CUDA default until session
-#      8, which turned them on for the memory they save) / default with CUDA graphs, alternating in one process
-#      (ratios not moved by drift);
-#      bench/sample.py (student 1/2/4 steps vs 63-NFE Heun).
-# Second calls (each its own): `bash bench/gpu_check.sh compile` times the compiled step alternating with the eager
-# one (its compilation took over 4.5 minutes on the H200), then the compiled sampler; `bash bench/gpu_check.sh
-# options` times the default against each of the fast pixel norm, fused attention, masked clip and folded scales off
-# (all on on CUDA, none timed there yet), and bf16.
-# Usage: bash bench/gpu_check.sh [compile|options]    (WORK=DIR keeps the artifacts there, default a temporary folder)
+# The GPU path, proven and timed on one CUDA GPU in two calls that fit a session's 15 minutes of device time
+# (about 90 s to start a machine, then 450 s and 300 s; every step has a time limit, every call a budget):
+#
+#   bash bench/gpu_check.sh          the first call. Side by side from the start (their timings are not figures):
+#       - the suite's CUDA cases (core tests over devices, no host syncs in an iteration, CUDA-graphed iterations
+#         equal eager ones, an iteration with every speed option equal to one without);
+#       - the toy preset under torchrun on CUDA to completion: its 2,000-sample exact metrics (2 steps) must match
+#         the CPU runs' (class accuracy >= 0.95, TV <= 0.2: CPU runs of seeds 0-2 ended between 0.047 and 0.149 over
+#         sessions, rounding alone moving them; a collapsed student is at 0.3-0.6);
+#       - a 2 kimg float16 run of a random teacher of the EDM2 img64-s architecture from a zip with 4 data workers,
+#         killed after its first checkpoint and resumed to the end, then generate_images.py from its snapshot;
+#       - one compiled iteration at bench-s64 (inductor, cold: its first-iteration time is the compile time on a
+#         shared machine), which fills inductor's cache for the second call.
+#     Then, alone on the GPU: bench/exact.py with the toy student, bench/train_step.py at bench-s64 (off=all against
+#     the default, alternating), bench/sample.py (student 1/2/4 steps vs 63-NFE Heun, share of the FP16 peak).
+#   bash bench/gpu_check.sh timing   the second call, at once on the same warm machine (inductor's cache is kept
+#       in the repository's ignored .cache/, which a warm machine keeps between calls): off=all, the default and
+#       compile=True, alternating in one process (ms/iter, img/s, each variant's peak memory), then the compiled
+#       sampler if time is left.
+#   bash bench/gpu_check.sh options  a later session: the default against each of the fast pixel norm, fused
+#       attention, masked clip and folded scales off, and bf16; then against CUDA graphs in a process of its own
+#       (their recorded graphs keep their memory: beside other variants an H100 could run out).
+#
+# DEVICE=cpu rehearses the script's own plumbing (background steps, time limits, file names, the kill and resume)
+# on a machine without a GPU, at bench-a size with a 1 kimg toy whose quality is not checked; SLOW multiplies every
+# time limit (default 1 on CUDA, 6 on the CPU). WORK=DIR keeps the artifacts there (default a temporary folder).
 # The last line is "GPU check: PASS" or "GPU check: FAIL (<what failed>)".
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+MODE=${1:-check}
+declare -A BUDGETS=([check]=450 [timing]=300 [options]=300)
+[ -n "${BUDGETS[$MODE]:-}" ] || { echo "usage: bash bench/gpu_check.sh [timing|options]  (not \"$MODE\")"; exit 2; }
+DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-$(mktemp -d)}
 mkdir -p "$WORK"
-BUDGET=${BUDGET:-570}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor}
+if [ "$DEVICE" = cuda ]; then
+    SLOW=${SLOW:-1}
+    PRESET=bench-s64 BATCH=64 TOY_ARGS=''
+else
+    SLOW=${SLOW:-6}
+    PRESET=bench-a BATCH=32 TOY_ARGS='--duration=1Ki --snapshot=1Ki --checkpoint=1Ki'
+fi
+BENCH=(--preset=$PRESET --batch=$BATCH --device=$DEVICE)
+BUDGET=${BUDGET:-$((BUDGETS[$MODE] * SLOW))}
 FAILED=()
+declare -A BACKGROUND_PID BACKGROUND_START BACKGROUND_LABEL
 
-record() {                  # record NAME RC START: print the step's outcome, remember a failure
-    if [ "$2" -eq 0 ]; then echo "--- $1: ok ($((SECONDS - $3)) s)"; else echo "--- $1: FAILED, exit $2 ($((SECONDS - $3)) s)"; FAILED+=("$1"); fi
+record() {                  # record NAME RC START [optional]: print the step's outcome, remember a failure
+    if [ "$2" -eq 0 ]; then
+        echo "--- $1: ok ($((SECONDS - $3)) s)"
+    elif [ -n "${4:-}" ]; then
+        echo "--- $1: not finished, exit $2 ($((SECONDS - $3)) s; optional)"
+    else
+        echo "--- $1: FAILED, exit $2 ($((SECONDS - $3)) s)"; FAILED+=("$1")
+    fi
+}
+
+limit() {                   # limit CAP: CAP seconds scaled by SLOW, at most what is left of the budget
+    local cap=$(($1 * SLOW)) remaining=$((BUDGET - SECONDS))
+    echo $((remaining < cap ? remaining : cap))
 }
 
 step() {                    # step NAME SECONDS COMMAND...: run COMMAND (a function too) for at most SECONDS
-    local name=$1 limit=$2 start=$SECONDS; shift 2
-    echo; echo "=== $name (limit $limit s, $((BUDGET - SECONDS)) s of the budget left)"
-    if [ "$limit" -lt 20 ]; then echo "--- $name: skipped, the budget is spent"; FAILED+=("$name (no time)"); return; fi
-    timeout --kill-after=10 "$limit" bash -c '"$@"' _ "$@"
+    local name=$1 seconds=$2 start=$SECONDS; shift 2
+    echo; echo "=== $name (limit $seconds s, $((BUDGET - SECONDS)) s of the budget left)"
+    if [ "$seconds" -lt 20 ]; then echo "--- $name: skipped, the budget is spent"; FAILED+=("$name (no time)"); return; fi
+    timeout --kill-after=10 "$seconds" bash -c '"$@"' _ "$@"
     record "$name" $? $start
 }
 
-left() {                    # left CAP: seconds of the budget left, at most CAP
-    local remaining=$((BUDGET - SECONDS))
-    echo $((remaining < $1 ? remaining : $1))
+background() {              # background KEY NAME SECONDS COMMAND...: start COMMAND beside the others, output to $WORK
+    local key=$1 name=$2 seconds=$3; shift 3
+    echo "=== $name: started in the background (limit $seconds s)"
+    timeout --kill-after=10 "$seconds" bash -c '"$@"' _ "$@" > "$WORK/$key.out" 2>&1 &
+    BACKGROUND_PID[$key]=$!; BACKGROUND_START[$key]=$SECONDS; BACKGROUND_LABEL[$key]=$name
 }
 
-toy_on_cuda() {
-    torchrun --standalone --nproc_per_node=1 train_ncvsd.py --preset=toy --outdir="$WORK/toy" --device=cuda > "$WORK/toy.log" 2>&1
+collect() {                 # collect KEY [optional]: wait for a background step, print its output and outcome
+    wait "${BACKGROUND_PID[$1]}"
+    local rc=$?
+    echo; echo "=== ${BACKGROUND_LABEL[$1]} (in the background)"
+    cat "$WORK/$1.out"
+    record "${BACKGROUND_LABEL[$1]}" $rc "${BACKGROUND_START[$1]}" "${2:-}"
+}
+
+toy_run() {
+    torchrun --standalone --nproc_per_node=1 train_ncvsd.py --preset=toy --outdir="$WORK/toy" --device="$DEVICE" \
+        $TOY_ARGS > "$WORK/toy.log" 2>&1
     local rc=$?
     grep -E '^(Training|Exact metrics|kimg|torch.compile)' "$WORK/toy.log" | tail -9
     [ $rc -eq 0 ] || { tail -20 "$WORK/toy.log"; return 1; }
-    python - "$WORK/toy/stats.jsonl" <<'EOF'
+    python - "$WORK/toy/stats.jsonl" "$DEVICE" <<'EOF'
 import json, sys
 final = json.loads(open(sys.argv[1]).readlines()[-1])
 accuracy, tv = final['Final-0.100/2-step/class_accuracy']['mean'], final['Final-0.100/2-step/tv']['mean']
-print(f'toy on CUDA, 2 steps, 2,000 samples: class accuracy {accuracy:.3f} (>= 0.95), TV {tv:.3f} (<= 0.2)')
+print(f'toy on {sys.argv[2]}, 2 steps, 2,000 samples: class accuracy {accuracy:.3f} (>= 0.95), TV {tv:.3f} (<= 0.2)')
+if sys.argv[2] != 'cuda':
+    print('rehearsal: a 1 kimg toy is not trained, its quality is not checked')
+    sys.exit(0)
 sys.exit(0 if accuracy >= 0.95 and tv <= 0.2 else 1)
 EOF
 }
 
 killed_and_resumed() {
-    python bench/gpu_assets.py --preset=bench-s64 --outdir="$WORK/assets" --images=512 > "$WORK/assets.log" 2>&1 || { tail "$WORK/assets.log"; return 1; }
-    local args=(--preset=bench-s64 "--net=$WORK/assets/teacher.pkl" "--data=$WORK/assets/data.zip" "--outdir=$WORK/s64" --workers=4 --batch-gpu=32)
+    python bench/gpu_assets.py --preset="$PRESET" --outdir="$WORK/assets" --images=512 > "$WORK/assets.log" 2>&1 || { tail "$WORK/assets.log"; return 1; }
+    local args=(--preset="$PRESET" "--net=$WORK/assets/teacher.pkl" "--data=$WORK/assets/data.zip" "--outdir=$WORK/s64" --workers=4
+        --batch-gpu=16 --duration=2Ki --checkpoint=1Ki --snapshot=2Ki --device="$DEVICE")
     setsid torchrun --standalone --nproc_per_node=1 train_ncvsd.py "${args[@]}" > "$WORK/s64-first.log" 2>&1 &
     local pid=$!
     while kill -0 $pid 2>/dev/null && [ ! -f "$WORK/s64/training-state-0000001.pt" ]; do sleep 1; done
@@ -72,43 +116,45 @@ killed_and_resumed() {
     echo "killed after $(ls "$WORK/s64" | grep training-state | tr '\n' ' ')"
     torchrun --standalone --nproc_per_node=1 train_ncvsd.py "${args[@]}" > "$WORK/s64-resumed.log" 2>&1 || { tail -20 "$WORK/s64-resumed.log"; return 1; }
     grep -E '^(Loading|Training|kimg)' "$WORK/s64-resumed.log"
-    grep -q 'training-state-0000001.pt' "$WORK/s64-resumed.log" && [ -f "$WORK/s64/training-state-0000002.pt" ] && ls "$WORK/s64"/network-snapshot-0000002-0.100.pkl
+    grep -q 'training-state-0000001.pt' "$WORK/s64-resumed.log" && [ -f "$WORK/s64/training-state-0000002.pt" ] || return 1
+    python generate_images.py --net="$WORK/s64/network-snapshot-0000002-0.100.pkl" --ts=10,22,39 --outdir="$WORK/generated" \
+        --seeds=0-15 --grid="$WORK/generated.png" --device="$DEVICE"
 }
 
-export -f toy_on_cuda killed_and_resumed
-export WORK
-python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' || { echo "GPU check: FAIL (CUDA not available)"; exit 1; }
-python -c 'import torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}")'
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null
-echo "artifacts in $WORK; budget $BUDGET s"
-
-S64=(--preset=bench-s64 --batch=64)
-if [ "${1:-}" = compile ]; then
-    step "bench/train_step.py compiled" "$(left 540)" python bench/train_step.py "${S64[@]}" --iters=4 --warmup=1 \
-        --variant=default --variant=compile=True
-    step "bench/sample.py compiled" "$(left 150)" python bench/sample.py "${S64[@]}" --repeats=3 --compile=True
-elif [ "${1:-}" = options ]; then
-    step "bench/train_step.py options" "$(left 300)" python bench/train_step.py "${S64[@]}" --iters=4 --warmup=1 --variant=default \
-        --variant=off=fast_pixel_norm --variant=off=fused_attention --variant=off=masked_clip \
-        --variant=off=folded_scales --variant=precision=bf16
+export -f toy_run killed_and_resumed
+export WORK DEVICE PRESET TOY_ARGS
+if [ "$DEVICE" = cuda ]; then
+    python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' || { echo "GPU check: FAIL (CUDA not available)"; exit 1; }
+    python -c 'import torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}")'
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null
 else
-    # The toy is a small network bound by kernel launches: it runs beside the correctness steps (not timed).
-    TOY_START=$SECONDS
-    timeout --kill-after=10 240 bash -c toy_on_cuda > "$WORK/toy-step.out" 2>&1 &
-    TOY_PID=$!
-    step "CUDA tests" 180 python -m pytest -q tests -k cuda -p no:cacheprovider
-    step "img64-s fp16 run, killed and resumed" 120 killed_and_resumed
-    step "generate_images.py" 40 python generate_images.py --net="$WORK/s64/network-snapshot-0000002-0.100.pkl" --ts=10,22,39 \
-        --outdir="$WORK/generated" --seeds=0-15 --grid="$WORK/generated.png"
-    echo; echo "=== toy on CUDA (limit 240 s from the start, in the background)"
-    wait $TOY_PID
-    TOY_RC=$?
-    cat "$WORK/toy-step.out"
-    record "toy on CUDA" $TOY_RC $TOY_START
-    step "bench/exact.py on CUDA" 35 python bench/exact.py --student="$WORK/toy/network-snapshot-0000016-0.100.pkl" --n=500 --pnp-images=1 --chains=50 --device=cuda
-    step "bench/train_step.py variants" "$(left 130)" python bench/train_step.py "${S64[@]}" --iters=4 --warmup=1 --variant=off=all \
-        --variant=default --variant=off=fast_pixel_norm,fused_attention --variant=cuda_graphs=True
-    step "bench/sample.py" "$(left 60)" python bench/sample.py "${S64[@]}" --repeats=3
+    echo "rehearsal on $DEVICE: the plumbing of the GPU check, not its figures"
+fi
+echo "mode $MODE; artifacts in $WORK; inductor cache $TORCHINDUCTOR_CACHE_DIR; budget $BUDGET s"
+
+if [ "$MODE" = check ]; then
+    background toy "toy on $DEVICE" "$(limit 270)" toy_run
+    background resume "img64-s fp16 run, killed and resumed, then generate_images.py" "$(limit 200)" killed_and_resumed
+    background warmup "compiled iteration, cold (fills inductor's cache)" "$(limit 270)" \
+        python bench/train_step.py "${BENCH[@]}" --iters=0 --warmup=0 --variant=compile=True
+    step "CUDA tests" "$(limit 180)" python -m pytest -q tests -k cuda -p no:cacheprovider
+    collect resume
+    collect toy
+    collect warmup optional
+    step "bench/exact.py on $DEVICE" "$(limit 35)" bash -c 'python bench/exact.py --student="$(ls "$WORK"/toy/network-snapshot-*-0.100.pkl | tail -1)" --n=500 --pnp-images=1 --chains=50 --device="$DEVICE"'
+    step "bench/train_step.py eager" "$(limit 90)" python bench/train_step.py "${BENCH[@]}" --iters=4 --warmup=1 \
+        --variant=off=all --variant=default
+    step "bench/sample.py" "$(limit 50)" python bench/sample.py "${BENCH[@]}" --repeats=3
+elif [ "$MODE" = timing ]; then
+    step "bench/train_step.py eager and compiled" "$(limit 240)" python bench/train_step.py "${BENCH[@]}" --iters=4 --warmup=1 \
+        --variant=off=all --variant=default --variant=compile=True
+    step "bench/sample.py compiled" "$(limit 55)" python bench/sample.py "${BENCH[@]}" --repeats=3 --compile=True
+else
+    step "bench/train_step.py options" "$(limit 220)" python bench/train_step.py "${BENCH[@]}" --iters=4 --warmup=1 \
+        --variant=default --variant=off=fast_pixel_norm --variant=off=fused_attention --variant=off=masked_clip \
+        --variant=off=folded_scales --variant=precision=bf16
+    [ "$DEVICE" = cuda ] && step "bench/train_step.py CUDA graphs" "$(limit 75)" python bench/train_step.py "${BENCH[@]}" \
+        --iters=4 --warmup=1 --variant=default --variant=cuda_graphs=True
 fi
 
 echo

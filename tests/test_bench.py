@@ -5,6 +5,8 @@ import signal
 import subprocess
 import sys
 
+import torch
+
 from conftest import ROOT, run_python
 
 def test_train_step_rejects_a_bad_variant():
@@ -57,3 +59,14 @@ def test_variant_settings_apply_in_order():
     # Compiled variants start from the compiled defaults (on the CPU without channels-last), wherever compile= is written.
     assert not parse_variant('compile=True', torch.device('cpu'), 'fp32').speed['channels_last']
     assert parse_variant('on=channels_last compile=True', torch.device('cpu'), 'fp32').speed['channels_last']
+
+def test_gpu_check_refuses_unknown_modes_and_says_when_cuda_is_missing(tmp_path):
+    """bench/gpu_check.sh: an unknown mode is a usage line (exit 2) before anything runs; on a machine without CUDA the
+    check (not its DEVICE=cpu rehearsal) ends at once with the verdict line naming why, not step by step."""
+    run = lambda *args, **env: subprocess.run(['bash', 'bench/gpu_check.sh', *args], cwd=ROOT, text=True, capture_output=True,
+        env=dict(os.environ, WORK=str(tmp_path), **env))
+    result = run('compile')
+    assert result.returncode == 2 and 'usage: bash bench/gpu_check.sh [timing|options]' in result.stdout
+    if not torch.cuda.is_available():
+        result = run(DEVICE='cuda')
+        assert result.returncode == 1 and result.stdout.splitlines()[-1] == 'GPU check: FAIL (CUDA not available)'

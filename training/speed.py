@@ -34,7 +34,7 @@ DEVICE_OFF = dict(
 # Off as well where inductor compiles the networks. On the CPU its kernels ran the step slower on channels-last
 # activations: bench-a, alternating, per round against off=all, precision=bf16 compile=True 0.62x and 0.68x with them
 # against 0.56x and 0.58x without (session 9, two runs; session 6: 0.66x against 0.60x); fp32 compiled 0.79x against
-# 0.72x. On CUDA not measured yet (`bash bench/gpu_check.sh compile`).
+# 0.72x. On CUDA not measured yet (`bash bench/gpu_check.sh timing`).
 COMPILED_OFF = dict(
     cuda=(),
     cpu=('channels_last',),
