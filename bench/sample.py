@@ -17,7 +17,7 @@ from training.networks_edm2 import set_precision
 from training.networks_ncvsd import ConditionalPrecond, GenerativeDenoiser
 from training.noise_levels import PAPER_CHAINS
 from training.sampling import edm_heun_sampler, StackedRandomGenerator
-from training.speed import OPTIONS, set_speed_options, device_defaults, option_names
+from training.speed import OPTIONS, set_speed_options, device_defaults, option_names, compile_network
 
 def images_per_second(fn, batch, repeats, device):
     fn()                                                     # warm-up
@@ -58,7 +58,7 @@ def main(preset, batch, repeats, heun_steps, device, off, precision, compile_net
     noise = rnd.randn(shape, device=device)
     one_step_flops = count_flops(lambda: student.sample(noise, labels, ts=[10, 39], randn_like=rnd.randn_like))
     if compile_nets:
-        teacher, student.model = (torch.compile(net, dynamic=False) for net in (teacher, student.model))
+        teacher, student.model = (compile_network(net) for net in (teacher, student.model))
     peak = peak_tflops(device, given_peak)
     print(f'{preset}: batch {batch}, {shape[2]}x{shape[3]}x{shape[1]}, device {device_name(device)}, torch {torch.__version__}, '
         f'{torch.get_num_threads()} threads, precision {precision}, compile {compile_nets}')

@@ -293,6 +293,25 @@ def test_compiled_networks_compile_once(tmp_path):
     denoiser.sample(torch.randn(4, 3, 16, 16), labels, ts=[0, 10, 20, 30, 39])
     assert graphs() == after_sampling
 
+def test_compiled_networks_are_cacheable_by_aot_autograd():
+    """Every node of each network's traced graph passes AOT autograd's cache check (numpy scalars meeting tensors, and
+    our autograd Functions unless compile_network admits them, make it bypass the cache), so a restarted compiled
+    run loads its forward and backward graphs instead of tracing them again. (The cache also needs triton, so CPU
+    builds without it bypass it anyway.)"""
+    cache = pytest.importorskip('torch._functorch._aot_autograd.autograd_cache')
+    from training.speed import compile_network
+    teacher, nets = teacher_and_students()
+    def check_nodes(graph_module, example_inputs):
+        for node in graph_module.graph.nodes:
+            cache.check_node_safe(node)                 # Raises BypassAOTAutogradCache, naming the node's target.
+        return graph_module.forward
+    previous = torch._functorch.config.autograd_cache_allow_custom_autograd_functions
+    try:
+        for net in (*nets, teacher):
+            compile_network(copy.deepcopy(net), backend=check_nodes)(*explain_inputs(net))
+    finally:
+        torch._functorch.config.autograd_cache_allow_custom_autograd_functions = previous
+
 class OpNames(TorchDispatchMode):
     """The names of the aten operators run (below autograd: decompositions show as their parts)."""
 

@@ -64,9 +64,9 @@ def load_network(path_or_url, device, role='sampling', vae=None, precision=None,
         set_precision(net, precision)
     net = prepare_frozen(net, device)
     if compile_backend is not None and is_generative_denoiser(net):
-        net.model = torch.compile(net.model, backend=compile_backend, dynamic=False)
+        net.model = speed.compile_network(net.model, backend=compile_backend)
     elif compile_backend is not None:
-        net = torch.compile(net, backend=compile_backend, dynamic=False)
+        net = speed.compile_network(net, backend=compile_backend)
     return net, encoder
 
 def load_network_data(path_or_url, verbose=True):

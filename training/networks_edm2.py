@@ -8,7 +8,6 @@ half, its decoder half or both, so the NCVSD networks reuse the same layers.
 import math
 import weakref
 
-import numpy as np
 import torch
 
 from torch_utils import misc
@@ -33,7 +32,7 @@ def normalize(x, dim=None, eps=1e-4, layout=None):
         return Normalize.apply(x, dim, eps, layout)
     dim = list(range(1, x.ndim)) if dim is None else dim
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
-    norm = torch.add(eps, norm, alpha=np.sqrt(norm.numel() / x.numel()))
+    norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))
     return x / norm.to(x.dtype)
 
 class Normalize(torch.autograd.Function):
@@ -49,7 +48,7 @@ class Normalize(torch.autograd.Function):
             norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=accumulation)                    # r = ‖x‖
         else:
             norm = x.to(accumulation).square().sum(dim=dim, keepdim=True).sqrt()
-        ctx.alpha = np.sqrt(norm.numel() / x.numel())
+        ctx.alpha = math.sqrt(norm.numel() / x.numel())
         denominator = torch.add(eps, norm, alpha=ctx.alpha)                              # n = eps + α·r
         if layout is None or torch.compiler.is_compiling():        # Compiled graphs choose their own layouts.
             y = x / denominator.to(x.dtype)
@@ -89,11 +88,10 @@ def resample(x, f=(1, 1), mode='keep'):
     """Down- or upsample by 2 with the separable filter `f` (depthwise conv)."""
     if mode == 'keep':
         return x
-    taps = np.float32(f)
-    assert taps.ndim == 1 and len(taps) % 2 == 0
-    pad = (len(taps) - 1) // 2
-    taps = taps / taps.sum()
-    kernel = misc.const_like(x, np.outer(taps, taps)[np.newaxis, np.newaxis, :, :])
+    assert len(f) % 2 == 0
+    pad = (len(f) - 1) // 2
+    taps = [value / sum(f) for value in f]      # Python floats, not numpy: a compiled graph holds them as constants.
+    kernel = misc.const_like(x, [[[[a * b for b in taps] for a in taps]]])
     channels = x.shape[1]
     if mode == 'down':
         return torch.nn.functional.conv2d(x, kernel.tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=(pad,))
@@ -134,9 +132,9 @@ def mp_sum_branch(a, layer, x, t, gain=1):
 def mp_cat(a, b, dim=1, t=0.5):
     """Magnitude-preserving concatenation with balance t between a and b."""
     size_a, size_b = a.shape[dim], b.shape[dim]
-    scale = np.sqrt((size_a + size_b) / ((1 - t) ** 2 + t ** 2))
-    weight_a = scale / np.sqrt(size_a) * (1 - t)
-    weight_b = scale / np.sqrt(size_b) * t
+    scale = math.sqrt((size_a + size_b) / ((1 - t) ** 2 + t ** 2))
+    weight_a = scale / math.sqrt(size_a) * (1 - t)
+    weight_b = scale / math.sqrt(size_b) * t
     return torch.cat([weight_a * a, weight_b * b], dim=dim)
 
 @persistence.persistent_class
@@ -145,12 +143,12 @@ class MPFourier(torch.nn.Module):
 
     def __init__(self, num_channels, bandwidth=1):
         super().__init__()
-        self.register_buffer('freqs', 2 * np.pi * torch.randn(num_channels) * bandwidth)
-        self.register_buffer('phases', 2 * np.pi * torch.rand(num_channels))
+        self.register_buffer('freqs', 2 * math.pi * torch.randn(num_channels) * bandwidth)
+        self.register_buffer('phases', 2 * math.pi * torch.rand(num_channels))
 
     def forward(self, x):
         features = x.to(torch.float32).ger(self.freqs.to(torch.float32)) + self.phases.to(torch.float32)
-        return (features.cos() * np.sqrt(2)).to(x.dtype)
+        return (features.cos() * math.sqrt(2)).to(x.dtype)
 
 @persistence.persistent_class
 class MPConv(torch.nn.Module):
@@ -169,7 +167,7 @@ class MPConv(torch.nn.Module):
             with torch.no_grad():
                 self.weight.copy_(normalize(self.weight.to(torch.float32)))
         fan_in = math.prod(self.weight.shape[1:])
-        return self.normalized_weight() * (gain / np.sqrt(fan_in))
+        return self.normalized_weight() * (gain / math.sqrt(fan_in))
 
     def normalized_weight(self):
         """normalize(weight) in float32, cached for frozen weights (teacher, and students outside their phase)."""
@@ -272,7 +270,7 @@ def attend(qkv):
     if FUSED_ATTENTION:     # torch's fused kernels need unit-stride channels; strided ones fall back to unfused math.
         return torch.nn.functional.scaled_dot_product_attention(*qkv.contiguous().unbind(2))
     q, k, v = qkv.unbind(2)
-    weights = torch.einsum('nhqc,nhkc->nhqk', q, k / np.sqrt(q.shape[3])).softmax(dim=3)
+    weights = torch.einsum('nhqc,nhkc->nhqk', q, k / math.sqrt(q.shape[3])).softmax(dim=3)
     return torch.einsum('nhqk,nhkc->nhqc', weights, v)
 
 #----------------------------------------------------------------------------
@@ -357,7 +355,7 @@ class UNet(torch.nn.Module):
         """[N] noise labels (+ [N, label_dim] labels) -> [N, emb_channels] embedding."""
         emb = self.emb_noise(self.emb_fourier(noise_labels))
         if self.emb_label is not None:
-            emb = mp_sum(emb, self.emb_label(class_labels * np.sqrt(class_labels.shape[1])), t=self.label_balance)
+            emb = mp_sum(emb, self.emb_label(class_labels * math.sqrt(class_labels.shape[1])), t=self.label_balance)
         return mp_silu(emb)
 
     def encode(self, x, emb):

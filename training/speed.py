@@ -2,6 +2,8 @@
 
 Used by the before/after equivalence test and by bench/train_step.py to measure each option."""
 
+import torch
+
 from training import networks_edm2
 from training.loss import NCVSDLoss
 
@@ -70,3 +72,11 @@ def set_speed_options(**flags):
         owner, attr = OPTIONS[name]
         setattr(owner, attr, bool(value))
     return previous
+
+def compile_network(net, **options):
+    """torch.compile(net, **options) as every compiled path does it: static shapes, and our autograd Functions
+    (Normalize, MaskedClip, traced whole: the networks compile without graph breaks) admitted to AOT autograd's
+    cache, so that a restarted run loads its traced forward and backward graphs instead of tracing them again (the
+    cache needs triton: not on CPU-only builds)."""
+    torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
+    return torch.compile(net, dynamic=False, **options)

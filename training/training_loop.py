@@ -22,6 +22,7 @@ from training.networks_ncvsd import ConditionalPrecond, ConditionalDiscriminator
 from training.noise_levels import PAPER_CHAINS, DEFAULT_TS
 from training.phema import PowerFunctionEMA
 from training.sampling import StackedRandomGenerator, random_labels, save_image_grid
+from training.speed import compile_network
 
 #----------------------------------------------------------------------------
 # Schedules and small pieces.
@@ -132,7 +133,7 @@ class NCVSDIteration:
         device = next(G.parameters()).device
         self.averaging = {phase: gradient_averaging(net, device) for phase, net in self.nets.items()}
         self.compiled = compile_options is not None
-        run = (lambda net: torch.compile(net, dynamic=False, **compile_options)) if self.compiled else (lambda net: net)
+        run = (lambda net: compile_network(net, **compile_options)) if self.compiled else (lambda net: net)
         # What the losses call (compiled or not): each network as it trains in its own phase (through its gradient
         # averaging) and as a frozen participant in the others.
         self.G, self.S, self.D, self.teacher = run(G), run(S), run(D), run(teacher)
