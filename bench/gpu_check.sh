@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU path, proven and timed on one CUDA GPU in two calls that fit a session's 15 minutes of device time
-# (about 90 s to start a machine, then 450 s and 300 s; every step has a time limit, every call a budget):
+# (about 90 s to start a machine, then 450 s and 280 s; every step has a time limit, every call a budget):
 #
 #   bash bench/gpu_check.sh          the first call. Side by side from the start (their timings are not figures):
 #       - the suite's CUDA cases (core tests over devices, no host syncs in an iteration, CUDA-graphed iterations
@@ -11,7 +11,7 @@
 #       - a 2 kimg float16 run of a random teacher of the EDM2 img64-s architecture from a zip with 4 data workers,
 #         killed after its first checkpoint and resumed to the end, then generate_images.py from its snapshot;
 #       - one compiled iteration at bench-s64 (inductor, cold: its first-iteration time is the compile time on a
-#         shared machine), which fills inductor's cache for the second call.
+#         shared machine) and the compiled samplers, which fill inductor's caches for the second call.
 #     Then, alone on the GPU: bench/exact.py with the toy student, bench/train_step.py at bench-s64 (off=all against
 #     the default, alternating), bench/sample.py (student 1/2/4 steps vs 63-NFE Heun, share of the FP16 peak).
 #   bash bench/gpu_check.sh timing   the second call, at once on the same warm machine (inductor's cache is kept
@@ -30,7 +30,7 @@ set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 MODE=${1:-check}
-declare -A BUDGETS=([check]=450 [timing]=300 [options]=300)
+declare -A BUDGETS=([check]=450 [timing]=280 [options]=300)
 [ -n "${BUDGETS[$MODE]:-}" ] || { echo "usage: bash bench/gpu_check.sh [timing|options]  (not \"$MODE\")"; exit 2; }
 DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-$(mktemp -d)}
@@ -137,16 +137,19 @@ if [ "$MODE" = check ]; then
     background resume "img64-s fp16 run, killed and resumed, then generate_images.py" "$(limit 200)" killed_and_resumed
     background warmup "compiled iteration, cold (fills inductor's cache)" "$(limit 270)" \
         python bench/train_step.py "${BENCH[@]}" --iters=0 --warmup=0 --variant=compile=True
+    background samplers "compiled samplers, cold (fills inductor's cache)" "$(limit 270)" \
+        python bench/sample.py "${BENCH[@]}" --repeats=1 --compile=True
     step "CUDA tests" "$(limit 180)" python -m pytest -q tests -k cuda -p no:cacheprovider
     collect resume
     collect toy
     collect warmup optional
+    collect samplers optional
     step "bench/exact.py on $DEVICE" "$(limit 35)" bash -c 'python bench/exact.py --student="$(ls "$WORK"/toy/network-snapshot-*-0.100.pkl | tail -1)" --n=500 --pnp-images=1 --chains=50 --device="$DEVICE"'
     step "bench/train_step.py eager" "$(limit 90)" python bench/train_step.py "${BENCH[@]}" --iters=4 --warmup=1 \
         --variant=off=all --variant=default
     step "bench/sample.py" "$(limit 50)" python bench/sample.py "${BENCH[@]}" --repeats=3
 elif [ "$MODE" = timing ]; then
-    step "bench/train_step.py eager and compiled" "$(limit 240)" python bench/train_step.py "${BENCH[@]}" --iters=4 --warmup=1 \
+    step "bench/train_step.py eager and compiled" "$(limit 220)" python bench/train_step.py "${BENCH[@]}" --iters=4 --warmup=1 \
         --variant=off=all --variant=default --variant=compile=True
     step "bench/sample.py compiled" "$(limit 55)" python bench/sample.py "${BENCH[@]}" --repeats=3 --compile=True
 else
