@@ -22,9 +22,9 @@
 #       attention, masked clip and folded scales off, and bf16; then against CUDA graphs in a process of its own
 #       (their recorded graphs keep their memory: beside other variants an H100 could run out).
 #
-# DEVICE=cpu rehearses the script's own plumbing (background steps, time limits, file names, the kill and resume)
-# on a machine without a GPU, at bench-a size with a 1 kimg toy whose quality is not checked; SLOW multiplies every
-# time limit (default 1 on CUDA, 6 on the CPU). WORK=DIR keeps the artifacts there (default a temporary folder).
+# DEVICE=cpu rehearses the script's own plumbing (time limits, file names, the kill and resume) on a machine without
+# a GPU, at bench-a size with a 1 kimg toy whose quality is not checked, the side-by-side steps one after another;
+# SLOW multiplies every time limit (default 1 on CUDA, 6 on the CPU). WORK=DIR keeps the artifacts there (default a temporary folder).
 # The last line is "GPU check: PASS" or "GPU check: FAIL (<what failed>)".
 set -u
 cd "$(dirname "$0")/.."
@@ -46,15 +46,15 @@ fi
 BENCH=(--preset=$PRESET --batch=$BATCH --device=$DEVICE)
 BUDGET=${BUDGET:-$((BUDGETS[$MODE] * SLOW))}
 FAILED=()
-declare -A BACKGROUND_PID BACKGROUND_START BACKGROUND_LABEL
+declare -A BACKGROUND_PID BACKGROUND_RC BACKGROUND_START BACKGROUND_END BACKGROUND_LABEL
 
-record() {                  # record NAME RC START [optional]: print the step's outcome, remember a failure
+record() {                  # record NAME RC SECONDS [optional]: print the step's outcome, remember a failure
     if [ "$2" -eq 0 ]; then
-        echo "--- $1: ok ($((SECONDS - $3)) s)"
+        echo "--- $1: ok ($3 s)"
     elif [ -n "${4:-}" ]; then
-        echo "--- $1: not finished, exit $2 ($((SECONDS - $3)) s; optional)"
+        echo "--- $1: not finished, exit $2 ($3 s; optional)"
     else
-        echo "--- $1: FAILED, exit $2 ($((SECONDS - $3)) s)"; FAILED+=("$1")
+        echo "--- $1: FAILED, exit $2 ($3 s)"; FAILED+=("$1")
     fi
 }
 
@@ -68,22 +68,29 @@ step() {                    # step NAME SECONDS COMMAND...: run COMMAND (a funct
     echo; echo "=== $name (limit $seconds s, $((BUDGET - SECONDS)) s of the budget left)"
     if [ "$seconds" -lt 20 ]; then echo "--- $name: skipped, the budget is spent"; FAILED+=("$name (no time)"); return; fi
     timeout --kill-after=10 "$seconds" bash -c '"$@"' _ "$@"
-    record "$name" $? $start
+    record "$name" $? $((SECONDS - start))
 }
 
 background() {              # background KEY NAME SECONDS COMMAND...: start COMMAND beside the others, output to $WORK
     local key=$1 name=$2 seconds=$3; shift 3
-    echo "=== $name: started in the background (limit $seconds s)"
-    timeout --kill-after=10 "$seconds" bash -c '"$@"' _ "$@" > "$WORK/$key.out" 2>&1 &
-    BACKGROUND_PID[$key]=$!; BACKGROUND_START[$key]=$SECONDS; BACKGROUND_LABEL[$key]=$name
+    BACKGROUND_START[$key]=$SECONDS; BACKGROUND_LABEL[$key]=$name
+    if [ "$DEVICE" = cuda ]; then
+        echo "=== $name: started in the background (limit $seconds s)"
+        timeout --kill-after=10 "$seconds" bash -c '"$@"' _ "$@" > "$WORK/$key.out" 2>&1 &
+        BACKGROUND_PID[$key]=$!
+    else                    # A rehearsal's few cores cannot share these jobs: one after another, the same plumbing.
+        echo "=== $name: run now (rehearsal; limit $seconds s)"
+        timeout --kill-after=10 "$seconds" bash -c '"$@"' _ "$@" > "$WORK/$key.out" 2>&1
+        BACKGROUND_RC[$key]=$? BACKGROUND_END[$key]=$SECONDS
+    fi
 }
 
 collect() {                 # collect KEY [optional]: wait for a background step, print its output and outcome
-    wait "${BACKGROUND_PID[$1]}"
-    local rc=$?
+    local rc=${BACKGROUND_RC[$1]:-}
+    [ -n "$rc" ] || { wait "${BACKGROUND_PID[$1]}"; rc=$?; }
     echo; echo "=== ${BACKGROUND_LABEL[$1]} (in the background)"
     cat "$WORK/$1.out"
-    record "${BACKGROUND_LABEL[$1]}" $rc "${BACKGROUND_START[$1]}" "${2:-}"
+    record "${BACKGROUND_LABEL[$1]}" $rc $((${BACKGROUND_END[$1]:-$SECONDS} - BACKGROUND_START[$1])) "${2:-}"
 }
 
 toy_run() {
@@ -121,7 +128,14 @@ killed_and_resumed() {
         --seeds=0-15 --grid="$WORK/generated.png" --device="$DEVICE"
 }
 
-export -f toy_run killed_and_resumed
+exact_with_toy_student() {
+    local student
+    student=$(ls "$WORK"/toy/network-snapshot-*-0.100.pkl 2>/dev/null | tail -1)
+    [ -n "$student" ] || { echo "no toy snapshot in $WORK/toy"; return 1; }
+    python bench/exact.py --student="$student" --n=500 --pnp-images=1 --chains=50 --device="$DEVICE"
+}
+
+export -f toy_run killed_and_resumed exact_with_toy_student
 export WORK DEVICE PRESET TOY_ARGS
 if [ "$DEVICE" = cuda ]; then
     python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' || { echo "GPU check: FAIL (CUDA not available)"; exit 1; }
@@ -134,7 +148,7 @@ echo "mode $MODE; artifacts in $WORK; inductor cache $TORCHINDUCTOR_CACHE_DIR; b
 
 if [ "$MODE" = check ]; then
     background toy "toy on $DEVICE" "$(limit 270)" toy_run
-    background resume "img64-s fp16 run, killed and resumed, then generate_images.py" "$(limit 200)" killed_and_resumed
+    background resume "img64-s fp16 run, killed and resumed, then generate_images.py" "$(limit 260)" killed_and_resumed
     background warmup "compiled iteration, cold (fills inductor's cache)" "$(limit 270)" \
         python bench/train_step.py "${BENCH[@]}" --iters=0 --warmup=0 --variant=compile=True
     background samplers "compiled samplers, cold (fills inductor's cache)" "$(limit 270)" \
@@ -144,7 +158,7 @@ if [ "$MODE" = check ]; then
     collect toy
     collect warmup optional
     collect samplers optional
-    step "bench/exact.py on $DEVICE" "$(limit 35)" bash -c 'python bench/exact.py --student="$(ls "$WORK"/toy/network-snapshot-*-0.100.pkl | tail -1)" --n=500 --pnp-images=1 --chains=50 --device="$DEVICE"'
+    step "bench/exact.py on $DEVICE" "$(limit 35)" exact_with_toy_student
     step "bench/train_step.py eager" "$(limit 90)" python bench/train_step.py "${BENCH[@]}" --iters=4 --warmup=1 \
         --variant=off=all --variant=default
     step "bench/sample.py" "$(limit 50)" python bench/sample.py "${BENCH[@]}" --repeats=3

@@ -296,8 +296,7 @@ def test_compiled_networks_compile_once(tmp_path):
 def test_compiled_networks_are_cacheable_by_aot_autograd():
     """Every node of each network's traced graph passes AOT autograd's cache check (numpy scalars meeting tensors, and
     our autograd Functions unless compile_network admits them, make it bypass the cache), so a restarted compiled
-    run loads its forward and backward graphs instead of tracing them again. (The cache also needs triton, so CPU
-    builds without it bypass it anyway.)"""
+    run loads its forward and backward graphs instead of tracing them again."""
     cache = pytest.importorskip('torch._functorch._aot_autograd.autograd_cache')
     from training.speed import compile_network
     teacher, nets = teacher_and_students()

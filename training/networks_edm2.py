@@ -90,7 +90,8 @@ def resample(x, f=(1, 1), mode='keep'):
         return x
     assert len(f) % 2 == 0
     pad = (len(f) - 1) // 2
-    taps = [value / sum(f) for value in f]      # Python floats, not numpy: a compiled graph holds them as constants.
+    total = sum(f)
+    taps = [value / total for value in f]       # Python floats, not numpy: a compiled graph holds them as constants.
     kernel = misc.const_like(x, [[[[a * b for b in taps] for a in taps]]])
     channels = x.shape[1]
     if mode == 'down':

@@ -1,4 +1,5 @@
-"""Switches for the speed options, which change how the networks and losses compute, not what.
+"""Switches for the speed options, which change how the networks and losses compute, not what, and the one way
+the networks are compiled.
 
 Used by the before/after equivalence test and by bench/train_step.py to measure each option."""
 
@@ -76,7 +77,6 @@ def set_speed_options(**flags):
 def compile_network(net, **options):
     """torch.compile(net, **options) as every compiled path does it: static shapes, and our autograd Functions
     (Normalize, MaskedClip, traced whole: the networks compile without graph breaks) admitted to AOT autograd's
-    cache, so that a restarted run loads its traced forward and backward graphs instead of tracing them again (the
-    cache needs triton: not on CPU-only builds)."""
+    cache, so that a restarted run loads its traced forward and backward graphs instead of tracing them again."""
     torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
     return torch.compile(net, dynamic=False, **options)
