@@ -63,11 +63,16 @@ limit() {                   # limit CAP: CAP seconds scaled by SLOW, at most wha
     echo $((remaining < cap ? remaining : cap))
 }
 
+limited() {                 # limited SECONDS COMMAND...: run COMMAND (a function too), killed after SECONDS
+    local seconds=$1; shift
+    timeout --kill-after=10 "$seconds" bash -c '"$@"' _ "$@"
+}
+
 step() {                    # step NAME SECONDS COMMAND...: run COMMAND (a function too) for at most SECONDS
     local name=$1 seconds=$2 start=$SECONDS; shift 2
     echo; echo "=== $name (limit $seconds s, $((BUDGET - SECONDS)) s of the budget left)"
     if [ "$seconds" -lt 20 ]; then echo "--- $name: skipped, the budget is spent"; FAILED+=("$name (no time)"); return; fi
-    timeout --kill-after=10 "$seconds" bash -c '"$@"' _ "$@"
+    limited "$seconds" "$@"
     record "$name" $? $((SECONDS - start))
 }
 
@@ -76,11 +81,11 @@ background() {              # background KEY NAME SECONDS COMMAND...: start COMM
     BACKGROUND_START[$key]=$SECONDS; BACKGROUND_LABEL[$key]=$name
     if [ "$DEVICE" = cuda ]; then
         echo "=== $name: started in the background (limit $seconds s)"
-        timeout --kill-after=10 "$seconds" bash -c '"$@"' _ "$@" > "$WORK/$key.out" 2>&1 &
+        limited "$seconds" "$@" > "$WORK/$key.out" 2>&1 &
         BACKGROUND_PID[$key]=$!
     else                    # A rehearsal's few cores cannot share these jobs: one after another, the same plumbing.
         echo "=== $name: run now (rehearsal; limit $seconds s)"
-        timeout --kill-after=10 "$seconds" bash -c '"$@"' _ "$@" > "$WORK/$key.out" 2>&1
+        limited "$seconds" "$@" > "$WORK/$key.out" 2>&1
         BACKGROUND_RC[$key]=$? BACKGROUND_END[$key]=$SECONDS
     fi
 }
