@@ -25,7 +25,7 @@ from training.loss import NCVSDLoss
 from training.networks_edm2 import set_precision
 from training.speed import OPTIONS, set_speed_options, device_defaults, option_names
 from training.train_setup import compile_options
-from training.training_loop import NCVSDIteration, PHASES, build_optimizers, build_students
+from training.training_loop import NCVSDIteration, PHASES, build_optimizers, build_students, use_published_backends
 
 def random_batches(shape, label_dim, device, generator):
     """Endless random (images, one-hot labels): the step without data loading."""
@@ -80,6 +80,7 @@ def main(preset, batch, iters, warmup, device, threads, off, on, precision, comp
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device)
+    use_published_backends()                                # As the training loop: no TF32, float16 matmuls reduce in float32.
     default_precision = 'fp16' if bench_preset(preset).get('fp16', False) else 'fp32'
     if not variants:
         variants = [' '.join(f'{key}={value}' for key, value in dict(off=off, on=on, precision=precision, compile=compile_nets, cuda_graphs=cuda_graphs).items() if value)]

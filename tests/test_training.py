@@ -383,6 +383,18 @@ def test_precision_reaches_students_and_teacher(assets, tmp_path, monkeypatch):
     snapshot = pickle.load(open(next(tmp_path.glob('network-snapshot-*-0.050.pkl')), 'rb'))['ema']
     assert snapshot.model.use_fp16 and snapshot.model.reduced_dtype == 'bfloat16'
 
+def test_training_sets_the_published_backends(assets, tmp_path, monkeypatch):
+    """No TF32 convolutions or matmuls, float16 matmuls reducing in float32 (torch's defaults allow both), cuDNN
+    benchmarking: as the published training sets them."""
+    flags = ((torch.backends.cudnn, 'allow_tf32'), (torch.backends.cuda.matmul, 'allow_tf32'),
+        (torch.backends.cuda.matmul, 'allow_fp16_reduced_precision_reduction'))
+    for owner, name in flags:
+        monkeypatch.setattr(owner, name, True)
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
+    tiny_run(assets, tmp_path)
+    assert [getattr(owner, name) for owner, name in flags] == [False, False, False]
+    assert torch.backends.cudnn.benchmark
+
 def test_sec_per_kimg_after_a_resume_is_measured_from_the_resume(assets, tmp_path):
     import re, time
     first = train_cli(assets, tmp_path, '--duration=16', '--status=8', '--checkpoint=8', '--snapshot=16')

@@ -27,6 +27,14 @@ from training.speed import compile_network
 #----------------------------------------------------------------------------
 # Schedules and small pieces.
 
+def use_published_backends():
+    """The backend settings of the published training: cuDNN picks its fastest kernels, float32 convolutions and
+    matmuls stay IEEE float32 (torch's defaults let cuDNN use TF32) and float16 matmuls reduce in float32."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+
 def learning_rate_schedule(cur_nimg, batch_size, ref_lr=0.010, ref_batches=35000, rampup_Mimg=10):
     """ref_lr / sqrt(max(nimg / (ref_batches·batch), 1)) · min(nimg / (rampup_Mimg·1e6), 1)."""
     lr = ref_lr
@@ -347,7 +355,7 @@ def training_loop(
         if value and value % batch_size != 0:
             raise UserError(f'--{name}={value} is not a multiple of --batch={batch_size}')
     num_rounds = batch_gpu_total // batch_gpu
-    torch.backends.cudnn.benchmark = True
+    use_published_backends()
     if dist.get_rank() == 0:
         os.makedirs(run_dir, exist_ok=True)
 
