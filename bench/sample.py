@@ -3,7 +3,8 @@
     python bench/sample.py --preset=bench-a [--batch=64 --repeats=3 --device=cpu]
 
 Both networks have the preset's architecture (random weights: speed does not depend on them);
-the student is the conditional network (two encoders + one decoder) built from that teacher. The 1-step
+the student is the conditional network (two encoders + one decoder) built from that teacher. Each row gives img/s,
+the best time per batch and (CUDA) that sampler's own peak memory; the CPU's peak is the process's. The 1-step
 row also gives the achieved FLOP rate (FlopCounterMode's count) as a share of the device's dense FP16 peak.
 """
 
@@ -12,15 +13,18 @@ import time
 import click
 import torch
 
-from common import random_teacher, synchronize, peak_tflops, count_flops, flops_report, device_name
+from common import random_teacher, synchronize, peak_tflops, count_flops, flops_report, device_name, reset_peak_memory, peak_memory_mb
+import dnnlib
 from training.networks_edm2 import set_precision
 from training.networks_ncvsd import ConditionalPrecond, GenerativeDenoiser
 from training.noise_levels import PAPER_CHAINS
 from training.sampling import edm_heun_sampler, StackedRandomGenerator
 from training.speed import OPTIONS, set_speed_options, device_defaults, option_names, compile_network
 
-def images_per_second(fn, batch, repeats, device):
+def measure(fn, batch, repeats, device):
+    """fn() timed after a warm-up: best ms per batch, img/s, and on CUDA its own peak memory (MiB)."""
     fn()                                                     # warm-up
+    own_peak = reset_peak_memory(device)
     times = []
     for _ in range(repeats):
         synchronize(device)
@@ -28,7 +32,11 @@ def images_per_second(fn, batch, repeats, device):
         fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return batch / min(times)
+    return dnnlib.EasyDict(ms=min(times) * 1000, img_s=batch / min(times), peak_mb=peak_memory_mb(device) if own_peak else None)
+
+def speed_line(speed, batch):
+    peak = f', peak memory {speed.peak_mb:.0f} MiB' if speed.peak_mb is not None else ''
+    return f'{speed.img_s:8.2f} img/s ({speed.ms:.1f} ms per batch of {batch}{peak})'
 
 @click.command()
 @click.option('--preset', default='bench-a', show_default=True)
@@ -62,12 +70,14 @@ def main(preset, batch, repeats, heun_steps, device, off, precision, compile_net
     peak = peak_tflops(device, given_peak)
     print(f'{preset}: batch {batch}, {shape[2]}x{shape[3]}x{shape[1]}, device {device_name(device)}, torch {torch.__version__}, '
         f'{torch.get_num_threads()} threads, precision {precision}, compile {compile_nets}')
-    heun = images_per_second(lambda: edm_heun_sampler(teacher, noise, labels, heun_steps), batch, repeats, device)
-    print(f'teacher Heun {heun_steps} steps ({2 * heun_steps - 1} NFE): {heun:8.2f} img/s')
+    heun = measure(lambda: edm_heun_sampler(teacher, noise, labels, heun_steps), batch, repeats, device)
+    print(f'teacher Heun {heun_steps} steps ({2 * heun_steps - 1} NFE): {speed_line(heun, batch)}')
     for nfe, ts in PAPER_CHAINS.items():
-        speed = images_per_second(lambda: student.sample(noise, labels, ts=ts, randn_like=rnd.randn_like), batch, repeats, device)
-        rate = f'   {flops_report(one_step_flops, batch / speed, peak)}' if nfe == 1 else ''
-        print(f'student {nfe} step(s) --ts={",".join(map(str, ts))}: {speed:8.2f} img/s   speed-up x{speed / heun:.1f}{rate}')
+        speed = measure(lambda: student.sample(noise, labels, ts=ts, randn_like=rnd.randn_like), batch, repeats, device)
+        rate = f'   {flops_report(one_step_flops, speed.ms / 1000, peak)}' if nfe == 1 else ''
+        print(f'student {nfe} step(s) --ts={",".join(map(str, ts))}: {speed_line(speed, batch)}   speed-up x{speed.img_s / heun.img_s:.1f}{rate}')
+    if device.type != 'cuda':                               # CUDA: each sampler's own peak, above.
+        print(f'peak memory {peak_memory_mb(device):.0f} MiB (the whole process)')
 
 if __name__ == '__main__':
     main()

@@ -42,6 +42,7 @@ def test_sample_compares_students_with_heun():
     result = run_python(['bench/sample.py', '--preset=bench-a', '--batch=2', '--repeats=1', '--heun-steps=2', '--device=cpu'])
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'teacher Heun 2 steps (3 NFE)' in result.stdout and result.stdout.count('speed-up x') == 3
+    assert result.stdout.count('ms per batch of 2') == 4 and 'peak memory' in result.stdout
 
 def test_saved_memory_compares_variants():
     result = run_python(['bench/saved_memory.py', '--preset=bench-a', '--batch=32', '--precision=fp32', '--device=cpu',
