@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import inspect
 import json
 import os
 import pickle
@@ -73,13 +74,18 @@ class RandomState:
         if 'cuda' in state:
             torch.cuda.set_rng_state(state['cuda'], self.device)
 
+# The networks' buffers (Fourier features) are fixed and equal on every rank: not re-sent at each forward pass.
+# torch 2.13 renamed DDP's argument (the old name warns there); older versions, the GPU machine's 2.11 included, lack the new one.
+FIXED_BUFFERS = (dict(forward_sync_buffers=False)
+    if 'forward_sync_buffers' in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters else dict(broadcast_buffers=False))
+
 def gradient_averaging(net, device):
     """`net` in DistributedDataParallel when there are several ranks: gradients averaged across ranks in buckets
     that are all-reduced while the backward pass goes on; `net` itself on one rank."""
     if dist.get_world_size() == 1:
         return net
     wrapper = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None,
-        broadcast_buffers=False, gradient_as_bucket_view=True)
+        gradient_as_bucket_view=True, **FIXED_BUFFERS)
     for name in ('img_resolution', 'img_channels', 'label_dim'):            # What GenerativeDenoiser reads.
         setattr(wrapper, name, getattr(net, name))
     return wrapper
