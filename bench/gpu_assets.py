@@ -32,11 +32,16 @@ def main(preset, outdir, images):
     res = teacher.img_resolution
     for i in range(images):
         PIL.Image.fromarray(rng.integers(0, 256, (res, res, 3), dtype=np.uint8)).save(os.path.join(folder, f'{i:05d}.png'))
-    labels = [[f'{i:05d}.png', int(i % max(teacher.label_dim, 1))] for i in range(images)]
+    labels = [[f'{i:05d}.png', spread_label(i, images, teacher.label_dim)] for i in range(images)]
     with open(os.path.join(folder, 'dataset.json'), 'w') as f:
         json.dump(dict(labels=labels if teacher.label_dim else None), f)
     convert_dataset(folder, os.path.join(outdir, 'data.zip'))
     print(f'Wrote {outdir}/teacher.pkl ({res}x{res}x{teacher.img_channels}, {teacher.label_dim} classes) and data.zip ({images} images)')
+
+def spread_label(index, images, classes):
+    """Classes spread over the images, the first and the last among them: a dataset's class count is its largest
+    label + 1, so fewer images than classes (512 for ImageNet's 1000) must still hold the last class."""
+    return index * max(classes - 1, 0) // max(images - 1, 1)
 
 if __name__ == '__main__':
     main()

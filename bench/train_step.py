@@ -129,7 +129,9 @@ def main(preset, batch, iters, warmup, device, threads, off, on, precision, comp
                     variant.peak_mb = max(variant.get('peak_mb', 0), peak_memory_mb(device))
             print(f'{"warm-up" if it < warmup else "timed"} iteration {it + 1}/{warmup + iters}: ' + ', '.join(
                 f'[{variant.label}] {variant.step_ms:.0f} ms' for variant in variants), flush=True)
-    except Stopped:
+    except Exception as error:
+        if not was_stopped(error):
+            raise
         print('Stopped by SIGTERM: the figures below are medians of the iterations finished so far', flush=True)
     timed = [variant for variant in variants if 'timer' in variant and 'iteration' in variant.timer.times]
     report(timed, batch, flops, peak_tflops(device, given_peak), device)
@@ -139,6 +141,12 @@ class Stopped(Exception):
 
 def stop(_signum, _frame):
     raise Stopped()
+
+def was_stopped(error):
+    """Whether `error` is Stopped or was caused by it (torch.compile wraps what is raised while it compiles)."""
+    while error is not None and not isinstance(error, Stopped):
+        error = error.__cause__ or error.__context__
+    return error is not None
 
 def report(variants, batch, flops, peak, device):
     """Each variant's medians, its ratio to the first, FLOP rate and peak memory."""

@@ -103,6 +103,25 @@ def test_teacher_pickles_and_loads(tmp_path):
     assert torch.equal(loaded(x, 0.5, labels), teacher(x, 0.5, labels))
     assert (loaded.img_resolution, loaded.img_channels, loaded.label_dim, loaded.sigma_data) == (8, 3, 4, 0.5)
 
+@pytest.mark.parametrize('device', DEVICES)
+def test_denoiser_fit_runs_on_the_given_device(device):
+    """The students' initial network is fitted on the run's device and handed back on the CPU; the CPU fit is the
+    same whether its device is given or taken from the teacher."""
+    from training.toy import fit_denoiser_network
+    teacher = toy_teacher(resolution=8, std=0.1)
+    arch = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=16, logvar_channels=8)
+    def fit(**kwargs):
+        torch.manual_seed(0)                                        # The initial weights come from torch's CPU generator.
+        return fit_denoiser_network(teacher, arch, iterations=3, batch=8, verbose=False, **kwargs)
+    net = fit(device=device)
+    reference = fit()
+    assert teacher.means.device.type == 'cpu'
+    for (name, param), ref in zip(net.named_parameters(), reference.parameters()):
+        assert param.device.type == 'cpu' and torch.isfinite(param).all(), name
+        if device == 'cpu':
+            assert torch.equal(param, ref), name
+    assert any(not torch.equal(param, ref) for param, ref in zip(net.parameters(), fit(seed=1).parameters()))
+
 def test_short_toy_distillation_improves_the_student(tmp_path):
     """A few NCVSD iterations on an 8×8 toy move the student's exact metrics towards the mixture."""
     from training.toy import fit_denoiser_network

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -37,6 +38,35 @@ def test_train_step_reports_what_it_measured_when_stopped():
     assert process.returncode == 0, stderr[-2000:]
     assert 'Stopped by SIGTERM' in stdout and stdout.count('median ms/iter') == 2 and '1.00x [off=all]' in stdout
     assert 'per round 1.00x (1.00-1.00)' in stdout
+
+def test_train_step_reports_when_stopped_while_compiling():
+    """SIGTERM during torch.compile reaches the script wrapped in the compiler's own error: still a report, exit 0."""
+    process = subprocess.Popen([sys.executable, 'bench/train_step.py', '--preset=bench-a', '--batch=2', '--iters=1',
+        '--warmup=0', '--device=cpu', '--variant=compile=True'], cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED='1'))
+    try:
+        for line in process.stdout:
+            if line.startswith('bench-a: batch 2'):
+                break
+        time.sleep(3)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and 'Stopped by SIGTERM' in stdout, stderr[-2000:]
+
+def test_gpu_assets_dataset_feeds_its_teacher(tmp_path):
+    """Fewer images than classes (512 for ImageNet's 1000 in the GPU check) still give the teacher's class count."""
+    from training.dataset import ImageFolderDataset
+    from training.encoders import StandardRGBEncoder
+    from training.network_io import load_network
+    from training.train_setup import check_data_matches
+    result = run_python(['bench/gpu_assets.py', '--preset=bench-b', f'--outdir={tmp_path}', '--images=3'])
+    assert result.returncode == 0, result.stderr[-2000:]
+    teacher, _no_encoder = load_network(str(tmp_path / 'teacher.pkl'), torch.device('cpu'), role='teacher', verbose=False)
+    dataset = ImageFolderDataset(str(tmp_path / 'data.zip'))
+    assert teacher.label_dim == dataset.label_dim == 10
+    check_data_matches(dataset, StandardRGBEncoder(), teacher, cond=True)
 
 def test_sample_compares_students_with_heun():
     result = run_python(['bench/sample.py', '--preset=bench-a', '--batch=2', '--repeats=1', '--heun-steps=2', '--device=cpu'])

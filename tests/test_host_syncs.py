@@ -72,7 +72,8 @@ def test_an_iteration_never_waits_for_the_device(device):
         finally:
             if device.type == 'cuda':
                 torch.cuda.set_sync_debug_mode('default')
-    synchronizing = [str(warning.message) for warning in caught if 'synchroniz' in str(warning.message)]
+    synchronizing = [str(warning.message) for warning in caught if 'synchroniz' in str(warning.message)
+        and 'prototype feature' not in str(warning.message)]      # torch 2.11 notes once that the mode is a prototype.
     assert not syncs.sites, sorted(set(syncs.sites))
     assert not synchronizing, synchronizing
 

@@ -4,6 +4,8 @@ shape, as an exact class-conditional Gaussian mixture; and the EDM2 network fitt
     python -m training.toy images --dest=toy-test --num=8      # labelled test images for posterior_sample.py
 """
 
+import copy
+
 import click
 import numpy as np
 import PIL.Image
@@ -53,24 +55,28 @@ def toy_teacher(resolution=16, std=0.1, shapes=TOY_SHAPES, colors=TOY_COLORS):
             labels.append(label)
     return MixtureDenoiser(torch.stack(means), std, torch.ones(len(means)), labels, label_dim=len(shapes))
 
-def fit_denoiser_network(teacher, network_kwargs, iterations=500, batch=32, lr=0.01, P_mean=-0.8, P_std=1.6, seed=0, verbose=True):
+def fit_denoiser_network(teacher, network_kwargs, iterations=500, batch=32, lr=0.01, P_mean=-0.8, P_std=1.6, seed=0, device=None,
+        verbose=True):
     """An EDM2 Precond regressed onto an exact teacher's denoiser: the weights students start from.
 
-    Plays the part of the pretrained EDM2 network when the teacher is a closed form.
+    Plays the part of the pretrained EDM2 network when the teacher is a closed form. Fits on `device` (default: the
+    teacher's; a run's own device, since on a GPU machine the CPU is shared by every rank) and returns it on the CPU.
     """
-    gen = torch.Generator().manual_seed(seed)
+    device = torch.device(device) if device is not None else teacher.means.device
+    teacher = copy.deepcopy(teacher).to(device)
+    gen = torch.Generator(device).manual_seed(seed)
     net = Precond(img_resolution=teacher.img_resolution, img_channels=teacher.img_channels,
-        label_dim=teacher.label_dim, use_fp16=False, **network_kwargs).train()
+        label_dim=teacher.label_dim, use_fp16=False, **network_kwargs).train().to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.99))
     sampler = LogNormalSampler(P_mean, P_std)
     randn_like = randn_like_from(gen)
     for step in range(iterations):
         labels = None
         if teacher.label_dim:
-            labels = torch.eye(teacher.label_dim)[torch.randint(teacher.label_dim, [batch], generator=gen)]
+            labels = torch.eye(teacher.label_dim, device=device)[torch.randint(teacher.label_dim, [batch], generator=gen, device=device)]
         with torch.no_grad():
             x = teacher.sample(batch, labels, randn_like)
-            sigma = sampler(batch, 'cpu', rng=gen)
+            sigma = sampler(batch, device, rng=gen)
             noisy = x + randn_like(x) * sigma
             target = teacher(noisy, sigma, labels)
         loss = (edm_loss_weight(sigma) * (net(noisy, sigma, labels) - target).square()).mean()
@@ -81,7 +87,7 @@ def fit_denoiser_network(teacher, network_kwargs, iterations=500, batch=32, lr=0
         optimizer.step()
         if verbose and (step % 100 == 0 or step == iterations - 1):
             print(f'Fitting the initial network to the exact denoiser: step {step + 1}/{iterations}  loss {loss.item():.4f}', flush=True)
-    return net.eval()
+    return net.eval().cpu()
 
 def write_toy_images(dest, num, seed=0, resolution=16):
     """`num` exact toy samples (classes in turn) as a labelled dataset folder or zip; returns the count."""

@@ -70,7 +70,8 @@ def make_init_net(config, teacher):
     if os.path.isfile(path):
         return network_io.load_network_data(path, verbose=dist.get_rank() == 0)['ema']
     init_kwargs = dict(config.student_init)
-    net = fit_denoiser_network(teacher, config.network_arch, seed=config.seed, verbose=dist.get_rank() == 0, **init_kwargs)
+    net = fit_denoiser_network(teacher, config.network_arch, seed=config.seed, device=dist.get_device(),
+        verbose=dist.get_rank() == 0, **init_kwargs)
     if dist.get_rank() == 0:
         os.makedirs(config.outdir, exist_ok=True)
         with open(path + '.tmp', 'wb') as f:
