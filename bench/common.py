@@ -82,6 +82,19 @@ def synchronize(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
 
+def print_profile(label, fn, device, top):
+    """Run fn once under torch.profiler; print its `top` operators and kernels by their own time on the device."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with torch.profiler.profile(activities=activities) as profile:
+        fn()
+        synchronize(device)
+    own_time = lambda event: event.self_device_time_total if device.type == 'cuda' else event.self_cpu_time_total
+    events = sorted(profile.key_averages(), key=own_time, reverse=True)
+    total = sum(map(own_time, events))
+    print(f'[{label}] profile of one iteration: {total / 1000:.1f} ms of {device.type} time, the {top} largest shares:')
+    for event in events[:top]:
+        print(f'    {own_time(event) / 1000:8.1f} ms {100 * own_time(event) / max(total, 1):5.1f}%  {event.count:6d} calls  {event.key[:110]}')
+
 class PhaseTimer:
     """Collects wall-clock milliseconds per named phase."""
 

@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
-# The GPU path, proven and timed on one CUDA GPU in two calls that fit a session's 15 minutes of device time
-# (about 90 s to start a machine, then 450 s and 280 s; every step has a time limit, every call a budget):
+# The GPU path, proven and timed on one CUDA GPU in calls of 450, 480 and 300 s; a session's 15 minutes of device time
+# (about 30-90 s to start a machine) hold the first, or `timing` and `options`. Every step has a time limit, every
+# call a budget:
 #
-#   bash bench/gpu_check.sh          the first call. Side by side from the start (their timings are not figures):
+#   bash bench/gpu_check.sh          proves the path. Side by side from the start (their timings are not figures):
 #       - the suite's CUDA cases (core tests over devices, no host syncs in an iteration, CUDA-graphed iterations
 #         equal eager ones, an iteration with every speed option equal to one without);
 #       - the toy preset under torchrun on CUDA to completion: its 2,000-sample exact metrics (2 steps) must match
 #         the CPU runs' (class accuracy >= 0.95, TV <= 0.2: CPU runs of seeds 0-2 ended between 0.047 and 0.149 over
 #         sessions, rounding alone moving them; a collapsed student is at 0.3-0.6);
 #       - a 2 kimg float16 run of a random teacher of the EDM2 img64-s architecture from a zip with 4 data workers,
-#         killed after its first checkpoint and resumed to the end, then generate_images.py from its snapshot;
-#       - one compiled iteration at bench-s64 (inductor, cold: its first-iteration time is the compile time on a
-#         shared machine) and the compiled samplers, which fill inductor's caches for the second call.
+#         killed after its first checkpoint and resumed to the end, then generate_images.py from its snapshot.
 #     Then, alone on the GPU: bench/exact.py with the toy student, bench/train_step.py at bench-s64 (off=all against
 #     the default, alternating), bench/sample.py (student 1/2/4 steps vs 63-NFE Heun, share of the FP16 peak).
-#   bash bench/gpu_check.sh timing   the second call, at once on the same warm machine (inductor's cache is kept
-#       in the repository's ignored .cache/, which a warm machine keeps between calls): off=all, the default and
-#       compile=True, alternating in one process (ms/iter, img/s, each variant's peak memory), then the compiled
-#       sampler if time is left.
-#   bash bench/gpu_check.sh options  a later session: the default against each of the fast pixel norm, fused
+#   bash bench/gpu_check.sh timing   eager against compiled: one compiled iteration at bench-s64 alone, cold (it fills
+#       inductor's cache in the repository's ignored .cache/; it took over 270 s beside other jobs, so nothing runs
+#       beside it), then off=all, the default and compile=True alternating in one process (ms/iter, img/s, each
+#       variant's peak memory; then one profiled iteration each: where the time goes), then the compiled sampler if
+#       time is left.
+#   bash bench/gpu_check.sh options  the default against each of the fast pixel norm, fused
 #       attention, masked clip and folded scales off, and bf16; then against CUDA graphs in a process of its own
 #       (their recorded graphs keep their memory: beside other variants an H100 could run out).
 #
@@ -30,7 +30,7 @@ set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 MODE=${1:-check}
-declare -A BUDGETS=([check]=450 [timing]=280 [options]=300)
+declare -A BUDGETS=([check]=450 [timing]=480 [options]=300)
 [ -n "${BUDGETS[$MODE]:-}" ] || { echo "usage: bash bench/gpu_check.sh [timing|options]  (not \"$MODE\")"; exit 2; }
 DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-$(mktemp -d)}
@@ -68,12 +68,14 @@ limited() {                 # limited SECONDS COMMAND...: run COMMAND (a functio
     timeout --kill-after=10 "$seconds" bash -c '"$@"' _ "$@"
 }
 
-step() {                    # step NAME SECONDS COMMAND...: run COMMAND (a function too) for at most SECONDS
+step() {                    # [OPTIONAL=1] step NAME SECONDS COMMAND...: run COMMAND (a function too) for at most SECONDS
     local name=$1 seconds=$2 start=$SECONDS; shift 2
     echo; echo "=== $name (limit $seconds s, $((BUDGET - SECONDS)) s of the budget left)"
-    if [ "$seconds" -lt 20 ]; then echo "--- $name: skipped, the budget is spent"; FAILED+=("$name (no time)"); return; fi
+    if [ "$seconds" -lt 20 ]; then
+        echo "--- $name: skipped, the budget is spent"; [ -n "${OPTIONAL:-}" ] || FAILED+=("$name (no time)"); return
+    fi
     limited "$seconds" "$@"
-    record "$name" $? $((SECONDS - start))
+    record "$name" $? $((SECONDS - start)) "${OPTIONAL:-}"
 }
 
 background() {              # background KEY NAME SECONDS COMMAND...: start COMMAND beside the others, output to $WORK
@@ -90,12 +92,12 @@ background() {              # background KEY NAME SECONDS COMMAND...: start COMM
     fi
 }
 
-collect() {                 # collect KEY [optional]: wait for a background step, print its output and outcome
+collect() {                 # collect KEY: wait for a background step, print its output and outcome
     local rc=${BACKGROUND_RC[$1]:-}
     [ -n "$rc" ] || { wait "${BACKGROUND_PID[$1]}"; rc=$?; }
     echo; echo "=== ${BACKGROUND_LABEL[$1]} (in the background)"
     cat "$WORK/$1.out"
-    record "${BACKGROUND_LABEL[$1]}" $rc $((${BACKGROUND_END[$1]:-$SECONDS} - BACKGROUND_START[$1])) "${2:-}"
+    record "${BACKGROUND_LABEL[$1]}" $rc $((${BACKGROUND_END[$1]:-$SECONDS} - BACKGROUND_START[$1]))
 }
 
 toy_run() {
@@ -154,23 +156,19 @@ echo "mode $MODE; artifacts in $WORK; inductor cache $TORCHINDUCTOR_CACHE_DIR; b
 if [ "$MODE" = check ]; then
     background toy "toy on $DEVICE" "$(limit 270)" toy_run
     background resume "img64-s fp16 run, killed and resumed, then generate_images.py" "$(limit 260)" killed_and_resumed
-    background warmup "compiled iteration, cold (fills inductor's cache)" "$(limit 270)" \
-        python bench/train_step.py "${BENCH[@]}" --iters=0 --warmup=0 --variant=compile=True
-    background samplers "compiled samplers, cold (fills inductor's cache)" "$(limit 270)" \
-        python bench/sample.py "${BENCH[@]}" --repeats=1 --compile=True
     step "CUDA tests" "$(limit 180)" python -m pytest -q tests -k cuda -p no:cacheprovider
     collect resume
     collect toy
-    collect warmup optional
-    collect samplers optional
     step "bench/exact.py on $DEVICE" "$(limit 35)" exact_with_toy_student
     step "bench/train_step.py eager" "$(limit 90)" python bench/train_step.py "${BENCH[@]}" --iters=4 --warmup=1 \
         --variant=off=all --variant=default
     step "bench/sample.py" "$(limit 50)" python bench/sample.py "${BENCH[@]}" --repeats=3
 elif [ "$MODE" = timing ]; then
-    step "bench/train_step.py eager and compiled" "$(limit 220)" python bench/train_step.py "${BENCH[@]}" --iters=4 --warmup=1 \
-        --variant=off=all --variant=default --variant=compile=True
-    step "bench/sample.py compiled" "$(limit 55)" python bench/sample.py "${BENCH[@]}" --repeats=3 --compile=True
+    OPTIONAL=1 step "compiled iteration, cold, alone (fills inductor's cache)" "$(limit 270)" \
+        python bench/train_step.py "${BENCH[@]}" --iters=0 --warmup=0 --variant=compile=True
+    step "bench/train_step.py eager and compiled" "$(limit 150)" python bench/train_step.py "${BENCH[@]}" --iters=4 --warmup=1 \
+        --variant=off=all --variant=default --variant=compile=True --profile=12
+    OPTIONAL=1 step "bench/sample.py compiled" "$(limit 60)" python bench/sample.py "${BENCH[@]}" --repeats=3 --compile=True
 else
     step "bench/train_step.py options" "$(limit 220)" python bench/train_step.py "${BENCH[@]}" --iters=4 --warmup=1 \
         --variant=default --variant=off=fast_pixel_norm --variant=off=fused_attention --variant=off=masked_clip \

@@ -5,7 +5,7 @@
 
 Prints the median ms per phase and per iteration, img/s, peak memory, and the achieved FLOP rate (the
 iteration's FLOPs, forward and backward, counted once by torch's FlopCounterMode) as a share of the device's
-dense FP16 peak. It compares against the straightforward implementation (`off=all`): the published iteration
+dense FP16 peak; `--profile=N` then profiles one more iteration of each variant and prints where its time went. It compares against the straightforward implementation (`off=all`): the published iteration
 was measured at about 0.8x of that. Give several `--variant`s to compare them in one process: their iterations
 alternate (A B C A B C ...), so a machine whose speed drifts slows them alike, and each gets its ratio to the
 first. A variant is `default` or space-separated settings: off=LIST, on=LIST (speed options, or all),
@@ -19,7 +19,7 @@ import statistics
 import click
 import torch
 
-from common import bench_preset, random_teacher, PhaseTimer, peak_memory_mb, reset_peak_memory, peak_tflops, count_flops, flops_report, device_name
+from common import bench_preset, random_teacher, PhaseTimer, peak_memory_mb, reset_peak_memory, peak_tflops, count_flops, flops_report, device_name, print_profile
 import dnnlib
 from training.loss import NCVSDLoss
 from training.networks_edm2 import set_precision
@@ -76,7 +76,8 @@ def parse_variant(spec, device, default_precision):
 @click.option('--cuda-graphs', type=bool, default=False, show_default=True, help='Replay the networks as CUDA graphs (with --compile: of inductor\'s kernels)')
 @click.option('--variant', 'variants', multiple=True, metavar='SPEC', help='A configuration to compare (repeatable; replaces --off/--on/--precision/--compile/--cuda-graphs)')
 @click.option('--peak-tflops', 'given_peak', type=float, default=None, help='Dense FP16 peak of the device (default: known GPUs)')
-def main(preset, batch, iters, warmup, device, threads, off, on, precision, compile_nets, cuda_graphs, variants, given_peak):
+@click.option('--profile', 'profile_top', type=int, default=0, metavar='N', help='Then profile one more iteration of each variant: its N largest operators and kernels')
+def main(preset, batch, iters, warmup, device, threads, off, on, precision, compile_nets, cuda_graphs, variants, given_peak, profile_top):
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device)
@@ -109,6 +110,7 @@ def main(preset, batch, iters, warmup, device, threads, off, on, precision, comp
         f'torch {torch.__version__}, {torch.get_num_threads()} threads; {flops / batch / 1e9:.1f} GFLOP per image per iteration; '
         f'median of {iters} iterations after {warmup} warm-up{" per variant, alternating" if len(variants) > 1 else ""}', flush=True)
     signal.signal(signal.SIGTERM, stop)
+    stopped = False
     try:
         for variant in variants:
             variant.step = make_step(variant.compile_options)
@@ -132,9 +134,13 @@ def main(preset, batch, iters, warmup, device, threads, off, on, precision, comp
     except Exception as error:
         if not was_stopped(error):
             raise
+        stopped = True
         print('Stopped by SIGTERM: the figures below are medians of the iterations finished so far', flush=True)
     timed = [variant for variant in variants if 'timer' in variant and 'iteration' in variant.timer.times]
     report(timed, batch, flops, peak_tflops(device, given_peak), device)
+    for variant in timed if profile_top and not stopped else []:
+        activate(variant)
+        print_profile(variant.label, lambda: variant.step.run(batches, lr=1e-4, use_gan=True), device, profile_top)
 
 class Stopped(Exception):
     """SIGTERM (e.g. a time limit ran out): report what was measured so far."""

@@ -39,6 +39,14 @@ def test_train_step_reports_what_it_measured_when_stopped():
     assert 'Stopped by SIGTERM' in stdout and stdout.count('median ms/iter') == 2 and '1.00x [off=all]' in stdout
     assert 'per round 1.00x (1.00-1.00)' in stdout
 
+def test_train_step_profiles_each_variant():
+    result = run_python(['bench/train_step.py', '--preset=bench-a', '--batch=2', '--iters=1', '--warmup=0', '--device=cpu',
+        '--variant=off=all', '--variant=default', '--profile=3'])
+    assert result.returncode == 0, result.stderr[-2000:]
+    for label in ('off=all', 'default'):
+        table = result.stdout.split(f'[{label}] profile of one iteration: ')[1].splitlines()
+        assert 'ms of cpu time, the 3 largest shares:' in table[0] and all(' calls  aten::' in line for line in table[1:4])
+
 def test_train_step_reports_when_stopped_while_compiling():
     """SIGTERM during torch.compile reaches the script wrapped in the compiler's own error: still a report, exit 0."""
     process = subprocess.Popen([sys.executable, 'bench/train_step.py', '--preset=bench-a', '--batch=2', '--iters=1',
