@@ -91,7 +91,7 @@ def print_profile(label, fn, device, top):
     own_time = lambda event: event.self_device_time_total if device.type == 'cuda' else event.self_cpu_time_total
     events = sorted(profile.key_averages(), key=own_time, reverse=True)
     total = sum(map(own_time, events))
-    print(f'[{label}] profile of one iteration: {total / 1000:.1f} ms of {device.type} time, the {top} largest shares:')
+    print(f'[{label}] profiled once: {total / 1000:.1f} ms of {device.type} time, the {top} largest shares:')
     for event in events[:top]:
         print(f'    {own_time(event) / 1000:8.1f} ms {100 * own_time(event) / max(total, 1):5.1f}%  {event.count:6d} calls  {event.key[:110]}')
 

@@ -16,8 +16,8 @@
 #   bash bench/gpu_check.sh timing   eager against compiled: one compiled iteration at bench-s64 alone, cold (it fills
 #       inductor's cache in the repository's ignored .cache/; it took over 270 s beside other jobs, so nothing runs
 #       beside it), then off=all, the default and compile=True alternating in one process (ms/iter, img/s, each
-#       variant's peak memory; then one profiled iteration each: where the time goes), then the compiled sampler if
-#       time is left.
+#       variant's peak memory; then one profiled iteration each: where the time goes), then the compiled sampler
+#       (and one profiled batch of its 1-step student) if time is left.
 #   bash bench/gpu_check.sh options  the default against each of the fast pixel norm, fused
 #       attention, masked clip and folded scales off, and bf16; then against CUDA graphs in a process of its own
 #       (their recorded graphs keep their memory: beside other variants an H100 could run out).
@@ -168,7 +168,7 @@ elif [ "$MODE" = timing ]; then
         python bench/train_step.py "${BENCH[@]}" --iters=0 --warmup=0 --variant=compile=True
     step "bench/train_step.py eager and compiled" "$(limit 150)" python bench/train_step.py "${BENCH[@]}" --iters=4 --warmup=1 \
         --variant=off=all --variant=default --variant=compile=True --profile=12
-    OPTIONAL=1 step "bench/sample.py compiled" "$(limit 60)" python bench/sample.py "${BENCH[@]}" --repeats=3 --compile=True
+    OPTIONAL=1 step "bench/sample.py compiled" "$(limit 60)" python bench/sample.py "${BENCH[@]}" --repeats=3 --compile=True --profile=12
 else
     step "bench/train_step.py options" "$(limit 220)" python bench/train_step.py "${BENCH[@]}" --iters=4 --warmup=1 \
         --variant=default --variant=off=fast_pixel_norm --variant=off=fused_attention --variant=off=masked_clip \

@@ -5,7 +5,8 @@
 Both networks have the preset's architecture (random weights: speed does not depend on them);
 the student is the conditional network (two encoders + one decoder) built from that teacher. Each row gives img/s,
 the best time per batch and (CUDA) that sampler's own peak memory; the CPU's peak is the process's. The 1-step
-row also gives the achieved FLOP rate (FlopCounterMode's count) as a share of the device's dense FP16 peak.
+row also gives the achieved FLOP rate (FlopCounterMode's count) as a share of the device's dense FP16 peak;
+`--profile=N` then profiles one batch of the 1-step student and prints where its time went.
 """
 
 import time
@@ -13,7 +14,7 @@ import time
 import click
 import torch
 
-from common import random_teacher, synchronize, peak_tflops, count_flops, flops_report, device_name, reset_peak_memory, peak_memory_mb
+from common import random_teacher, synchronize, peak_tflops, count_flops, flops_report, device_name, reset_peak_memory, peak_memory_mb, print_profile
 import dnnlib
 from training.networks_edm2 import set_precision
 from training.networks_ncvsd import ConditionalPrecond, GenerativeDenoiser
@@ -48,7 +49,8 @@ def speed_line(speed, batch):
 @click.option('--precision', type=click.Choice(['fp32', 'fp16', 'bf16']), help='UNet bodies [default: the preset\'s fp16 flag]')
 @click.option('--compile', 'compile_nets', type=bool, default=False, show_default=True, help='torch.compile the networks (inductor)')
 @click.option('--peak-tflops', 'given_peak', type=float, default=None, help='Dense FP16 peak of the device (default: known GPUs)')
-def main(preset, batch, repeats, heun_steps, device, off, precision, compile_nets, given_peak):
+@click.option('--profile', 'profile_top', type=int, default=0, metavar='N', help='Then profile one batch of the 1-step student: its N largest operators and kernels')
+def main(preset, batch, repeats, heun_steps, device, off, precision, compile_nets, given_peak, profile_top):
     torch.set_grad_enabled(False)
     device = torch.device(device)
     try:
@@ -78,6 +80,8 @@ def main(preset, batch, repeats, heun_steps, device, off, precision, compile_net
         print(f'student {nfe} step(s) --ts={",".join(map(str, ts))}: {speed_line(speed, batch)}   speed-up x{speed.img_s / heun.img_s:.1f}{rate}')
     if device.type != 'cuda':                               # CUDA: each sampler's own peak, above.
         print(f'peak memory {peak_memory_mb(device):.0f} MiB (the whole process)')
+    if profile_top:
+        print_profile('student 1 step', lambda: student.sample(noise, labels, ts=PAPER_CHAINS[1], randn_like=rnd.randn_like), device, profile_top)
 
 if __name__ == '__main__':
     main()

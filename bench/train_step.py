@@ -5,7 +5,8 @@
 
 Prints the median ms per phase and per iteration, img/s, peak memory, and the achieved FLOP rate (the
 iteration's FLOPs, forward and backward, counted once by torch's FlopCounterMode) as a share of the device's
-dense FP16 peak; `--profile=N` then profiles one more iteration of each variant and prints where its time went. It compares against the straightforward implementation (`off=all`): the published iteration
+dense FP16 peak; `--profile=N` then profiles one more iteration of each variant and prints where its time went.
+It compares against the straightforward implementation (`off=all`): the published iteration
 was measured at about 0.8x of that. Give several `--variant`s to compare them in one process: their iterations
 alternate (A B C A B C ...), so a machine whose speed drifts slows them alike, and each gets its ratio to the
 first. A variant is `default` or space-separated settings: off=LIST, on=LIST (speed options, or all),

@@ -44,7 +44,7 @@ def test_train_step_profiles_each_variant():
         '--variant=off=all', '--variant=default', '--profile=3'])
     assert result.returncode == 0, result.stderr[-2000:]
     for label in ('off=all', 'default'):
-        table = result.stdout.split(f'[{label}] profile of one iteration: ')[1].splitlines()
+        table = result.stdout.split(f'[{label}] profiled once: ')[1].splitlines()
         assert 'ms of cpu time, the 3 largest shares:' in table[0] and all(' calls  aten::' in line for line in table[1:4])
 
 def test_train_step_reports_when_stopped_while_compiling():
@@ -77,10 +77,12 @@ def test_gpu_assets_dataset_feeds_its_teacher(tmp_path):
     check_data_matches(dataset, StandardRGBEncoder(), teacher, cond=True)
 
 def test_sample_compares_students_with_heun():
-    result = run_python(['bench/sample.py', '--preset=bench-a', '--batch=2', '--repeats=1', '--heun-steps=2', '--device=cpu'])
+    result = run_python(['bench/sample.py', '--preset=bench-a', '--batch=2', '--repeats=1', '--heun-steps=2', '--device=cpu', '--profile=2'])
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'teacher Heun 2 steps (3 NFE)' in result.stdout and result.stdout.count('speed-up x') == 3
     assert result.stdout.count('ms per batch of 2') == 4 and 'peak memory' in result.stdout
+    table = result.stdout.split('[student 1 step] profiled once: ')[1].splitlines()
+    assert 'the 2 largest shares:' in table[0] and all(' calls  ' in line for line in table[1:3])
 
 def test_saved_memory_compares_variants():
     result = run_python(['bench/saved_memory.py', '--preset=bench-a', '--batch=32', '--precision=fp32', '--device=cpu',
