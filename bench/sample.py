@@ -3,7 +3,8 @@
     python bench/sample.py --preset=bench-a [--batch=64 --repeats=3 --device=cpu]
 
 Both networks have the preset's architecture (random weights: speed does not depend on them);
-the student is the conditional network (two encoders + one decoder) built from that teacher. Each row gives img/s,
+the student is the conditional network (two encoders + one decoder) built from that teacher, both prepared as
+generate_images.py prepares a loaded network (frozen, marked constant). Each row gives img/s,
 the best time per batch and (CUDA) that sampler's own peak memory; the CPU's peak is the process's. The 1-step
 row also gives the achieved FLOP rate (FlopCounterMode's count) as a share of the device's dense FP16 peak;
 `--profile=N` then profiles one batch of the 1-step student and prints where its time went.
@@ -16,6 +17,7 @@ import torch
 
 from common import random_teacher, synchronize, peak_tflops, count_flops, flops_report, device_name, reset_peak_memory, peak_memory_mb, print_profile
 import dnnlib
+from training.network_io import prepare_frozen
 from training.networks_edm2 import set_precision
 from training.networks_ncvsd import ConditionalPrecond, GenerativeDenoiser
 from training.noise_levels import PAPER_CHAINS
@@ -59,7 +61,7 @@ def main(preset, batch, repeats, heun_steps, device, off, precision, compile_net
         raise click.BadParameter(str(err))
     teacher, config = random_teacher(preset, device)
     precision = precision or ('fp16' if config.get('fp16', False) else 'fp32')
-    student = GenerativeDenoiser(ConditionalPrecond(**teacher.init_kwargs).init_from_pretrained(teacher).eval().to(device))
+    student = prepare_frozen(GenerativeDenoiser(ConditionalPrecond(**teacher.init_kwargs).init_from_pretrained(teacher)), device)
     for net in (teacher, student):
         set_precision(net, precision)
     shape = [batch, teacher.img_channels, teacher.img_resolution, teacher.img_resolution]

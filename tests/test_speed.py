@@ -11,7 +11,8 @@ from conftest import load_fixture, run_python, DEVICES
 from helpers import assert_same_weights
 from torch_utils.misc import kept_for_backward_mib
 from training.loss import NCVSDLoss
-from training.networks_edm2 import Precond, set_precision
+from training import networks_edm2
+from training.networks_edm2 import MPConv, Precond, mark_constant, set_precision
 from training.networks_ncvsd import ConditionalDiscriminator, ConditionalPrecond, GenerativeDenoiser
 from training.speed import OPTIONS, set_speed_options
 from training.training_loop import NCVSDIteration, build_optimizers, build_students
@@ -24,7 +25,7 @@ def speed_options():
 
 def teacher_and_students():
     data = load_fixture('ncvsd_networks_small.pt')
-    teacher = Precond(**data['config']).eval().requires_grad_(False)
+    teacher = mark_constant(Precond(**data['config']).eval().requires_grad_(False))      # As network_io.prepare_frozen.
     teacher.load_state_dict(data['teacher_state_dict'])
     torch.manual_seed(0)
     return teacher, build_students(teacher, {'use_fp16': False}, 'cpu')
@@ -74,13 +75,13 @@ def test_one_cuda_iteration_is_the_same_with_and_without_speed_options(speed_opt
 def test_each_option_keeps_the_fixture_outputs(speed_options, name):
     data = load_fixture('ncvsd_networks_small.pt')
     set_speed_options(**{option: option == name for option in OPTIONS})
-    disc = ConditionalDiscriminator(**data['config']).eval().requires_grad_(False)
+    disc = mark_constant(ConditionalDiscriminator(**data['config']).eval().requires_grad_(False))
     disc.load_state_dict(data['discriminator_state_dict'])
     args = (data['x'], data['sigma'], data['cond_x'], data['cond_sigma'], data['class_labels'])
     for _ in range(2):                                        # the second call uses cached weights
         assert torch.allclose(disc(*args), data['discriminator_logits'], rtol=1e-5, atol=1e-6)
     edm2 = load_fixture('edm2_precond_small.pt')
-    net = Precond(**edm2['config']).eval().requires_grad_(False)
+    net = mark_constant(Precond(**edm2['config']).eval().requires_grad_(False))
     net.load_state_dict(edm2['state_dict'])
     D_x = net(edm2['x'], edm2['sigma'], edm2['class_labels'])
     assert float((D_x - edm2['D_x']).norm() / edm2['D_x'].norm()) < 1e-5
@@ -145,7 +146,6 @@ def test_masked_clip_has_the_gradient_of_clip(speed_options):
 def test_attention_inputs_need_no_copy(speed_options, monkeypatch, channels_last):
     """With the fast pixel norm, q, k, v are normalised straight into the unit-stride layout that fused attention
     reads (no copy to keep for the backward pass), with the values of the plain normalisation."""
-    from training import networks_edm2
     set_speed_options(fast_pixel_norm=True, fused_attention=True, channels_last=channels_last)
     layouts, attend = [], networks_edm2.attend
     monkeypatch.setattr(networks_edm2, 'attend', lambda qkv: layouts.append(qkv.is_contiguous()) or attend(qkv))
@@ -170,6 +170,27 @@ def test_weight_cache_follows_weight_updates(speed_options):
     assert not torch.allclose(net(*args), before)
     net.load_state_dict(data['state_dict'])
     assert torch.equal(net(*args), before)
+
+def test_constant_networks_keep_their_normalised_weights(speed_options):
+    """With only the constant-weight cache (CUDA's default), a network prepared as a teacher or for sampling reuses
+    its normalised weights (the same outputs, bitwise) while a student frozen for a phase recomputes them; a change
+    to a constant network's weight is noticed."""
+    from training.network_io import prepare_frozen
+    set_speed_options(cache_frozen_weights=False, cache_constant_weights=True)
+    data = load_fixture('edm2_precond_small.pt')
+    args = (data['x'], data['sigma'], data['class_labels'])
+    frozen, constant = [Precond(**data['config']).eval().requires_grad_(False) for _ in range(2)]
+    for net in (frozen, constant):
+        net.load_state_dict(data['state_dict'])
+    constant = prepare_frozen(constant, 'cpu')
+    cached = lambda net: [layer in networks_edm2._normalized_weights for layer in net.modules() if isinstance(layer, MPConv)]
+    before = constant(*args)
+    assert torch.equal(frozen(*args), before) and torch.equal(constant(*args), before)
+    assert sum(cached(constant)) == len(cached(constant)) - 1       # All but the logvar head, which D(x; σ) does not run.
+    assert not any(cached(frozen))
+    with torch.no_grad():
+        constant.unet.enc['16x16_conv'].weight.mul_(-1)
+    assert not torch.allclose(constant(*args), before)
 
 def test_fused_discriminator_pass_equals_two_passes(speed_options):
     data = load_fixture('ncvsd_networks_small.pt')
@@ -214,13 +235,13 @@ def explain_inputs(net):
 def test_speed_options_follow_the_device(speed_options):
     from training.speed import use_device_defaults, get_speed_options
     use_device_defaults(torch.device('cuda'))                       # A device object needs no GPU.
-    assert get_speed_options() == dict(cache_frozen_weights=False, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
+    assert get_speed_options() == dict(cache_frozen_weights=False, cache_constant_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
         channels_last=True, folded_scales=True, masked_clip=True)
     use_device_defaults(torch.device('cpu'))
-    assert get_speed_options() == dict(cache_frozen_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
+    assert get_speed_options() == dict(cache_frozen_weights=True, cache_constant_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
         channels_last=True, folded_scales=True, masked_clip=True)
     use_device_defaults(torch.device('cpu'), compiled=True)         # Inductor's CPU kernels: NCHW measured faster.
-    assert get_speed_options() == dict(cache_frozen_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
+    assert get_speed_options() == dict(cache_frozen_weights=True, cache_constant_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
         channels_last=False, folded_scales=True, masked_clip=True)
     use_device_defaults(torch.device('cuda'), compiled=True)
     assert get_speed_options()['channels_last']

@@ -18,7 +18,7 @@ import torch
 import dnnlib
 from dnnlib.util import UserError
 from training.encoders import StandardRGBEncoder, StabilityVAEEncoder
-from training.networks_edm2 import Precond, set_precision, network_precision
+from training.networks_edm2 import Precond, set_precision, network_precision, mark_constant
 from training.networks_ncvsd import GenerativeDenoiser, is_generative_denoiser
 from training import speed
 
@@ -113,8 +113,9 @@ def check_diffusion_network(net, path_or_url):
     return net
 
 def prepare_frozen(net, device):
-    """float32 copy in eval mode without gradients (published checkpoints store float16)."""
-    return net.to(torch.float32).eval().requires_grad_(False).to(device)
+    """float32 copy in eval mode without gradients (published checkpoints store float16), marked constant: a teacher
+    or a network loaded for sampling never trains, so its normalised weights can be kept (CACHE_CONSTANT_WEIGHTS)."""
+    return mark_constant(net.to(torch.float32).eval().requires_grad_(False).to(device))
 
 #----------------------------------------------------------------------------
 # Weights-only exports.

@@ -15,12 +15,14 @@ from torch_utils import persistence
 
 # Speed options (same mathematics; tests compare both settings).
 CACHE_FROZEN_WEIGHTS = True     # Reuse normalised weights of parameters that do not require grad until they change.
+CACHE_CONSTANT_WEIGHTS = True   # The same for networks marked constant (mark_constant: the teacher, a sampled network).
 FUSED_ATTENTION = True          # torch's scaled_dot_product_attention instead of two einsums and a softmax.
 FAST_PIXEL_NORM = True          # Pixel normalisation as one autograd node (Normalize): fewer passes, backward included.
 CHANNELS_LAST = True            # UNet activations in channels-last memory (NHWC): faster convolutions, no layout reorders.
 FOLDED_SCALES = True            # Constant activation scales (mp_silu's, mp_sum's) applied to the next layer's weight.
 MASKED_CLIP = True              # Activation clipping as one autograd node keeping a one-byte mask, not a copy of x.
 _normalized_weights = weakref.WeakKeyDictionary()       # MPConv -> ((version, pointer), normalised weight)
+_constant_layers = weakref.WeakSet()                    # MPConvs of networks that never train (mark_constant)
 
 #----------------------------------------------------------------------------
 # Magnitude-preserving primitives.
@@ -171,9 +173,10 @@ class MPConv(torch.nn.Module):
         return self.normalized_weight() * (gain / math.sqrt(fan_in))
 
     def normalized_weight(self):
-        """normalize(weight) in float32, cached for frozen weights (teacher, and students outside their phase)."""
-        if torch.compiler.is_compiling() or not (CACHE_FROZEN_WEIGHTS and not self.weight.requires_grad
-                and not torch.is_inference_mode_enabled()):            # Compiled graphs fuse the normalisation instead.
+        """normalize(weight) in float32, cached for frozen weights: of networks marked constant (the teacher, a sampled
+        network) and, under CACHE_FROZEN_WEIGHTS, of students outside their phase."""
+        if torch.compiler.is_compiling() or not ((CACHE_FROZEN_WEIGHTS or (CACHE_CONSTANT_WEIGHTS and self in _constant_layers))
+                and not self.weight.requires_grad and not torch.is_inference_mode_enabled()):  # Compiled graphs fuse it instead.
             return normalize(self.weight.to(torch.float32))
         key = (self.weight._version, self.weight.data_ptr())
         cached = _normalized_weights.get(self, None)
@@ -189,6 +192,13 @@ class MPConv(torch.nn.Module):
             return x @ weight.t()
         assert weight.ndim == 4
         return torch.nn.functional.conv2d(x, weight, padding=(weight.shape[-1] // 2,))
+
+def mark_constant(net):
+    """Declare that `net` never trains (a teacher, a network loaded for sampling): under CACHE_CONSTANT_WEIGHTS its
+    normalised weights are cached even where CACHE_FROZEN_WEIGHTS (students frozen outside their phase) is off. A
+    cached weight is still recomputed if it changes."""
+    _constant_layers.update(layer for layer in net.modules() if isinstance(layer, MPConv))
+    return net
 
 @torch.no_grad()
 def normalize_weights_(module):
