@@ -139,9 +139,10 @@ def main(preset, batch, iters, warmup, device, threads, off, on, precision, comp
         print('Stopped by SIGTERM: the figures below are medians of the iterations finished so far', flush=True)
     timed = [variant for variant in variants if 'timer' in variant and 'iteration' in variant.timer.times]
     report(timed, batch, flops, peak_tflops(device, given_peak), device)
-    for variant in timed if profile_top and not stopped else []:
-        activate(variant)
-        print_profile(variant.label, lambda: variant.step.run(batches, lr=1e-4, use_gan=True), device, profile_top)
+    if profile_top and not stopped:
+        for variant in timed:
+            activate(variant)
+            print_profile(variant.label, lambda: variant.step.run(batches, lr=1e-4, use_gan=True), device, profile_top)
 
 class Stopped(Exception):
     """SIGTERM (e.g. a time limit ran out): report what was measured so far."""

@@ -172,11 +172,17 @@ class MPConv(torch.nn.Module):
         fan_in = math.prod(self.weight.shape[1:])
         return self.normalized_weight() * (gain / math.sqrt(fan_in))
 
+    def keeps_normalized_weight(self):
+        """Whether the normalised weight is cached: frozen, outside inference mode and compiled graphs (which fuse the
+        normalisation), and either of a network marked constant (the teacher, a sampled network) or, under
+        CACHE_FROZEN_WEIGHTS, of any frozen network (students outside their phase)."""
+        if torch.compiler.is_compiling() or self.weight.requires_grad or torch.is_inference_mode_enabled():
+            return False
+        return CACHE_FROZEN_WEIGHTS or (CACHE_CONSTANT_WEIGHTS and self in _constant_layers)
+
     def normalized_weight(self):
-        """normalize(weight) in float32, cached for frozen weights: of networks marked constant (the teacher, a sampled
-        network) and, under CACHE_FROZEN_WEIGHTS, of students outside their phase."""
-        if torch.compiler.is_compiling() or not ((CACHE_FROZEN_WEIGHTS or (CACHE_CONSTANT_WEIGHTS and self in _constant_layers))
-                and not self.weight.requires_grad and not torch.is_inference_mode_enabled()):  # Compiled graphs fuse it instead.
+        """normalize(weight) in float32, reused until the weight changes where keeps_normalized_weight()."""
+        if not self.keeps_normalized_weight():
             return normalize(self.weight.to(torch.float32))
         key = (self.weight._version, self.weight.data_ptr())
         cached = _normalized_weights.get(self, None)
