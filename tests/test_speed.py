@@ -1,5 +1,6 @@
 """The speed options change how things are computed, not what: before/after equivalence."""
 
+import collections
 import copy
 
 import numpy as np
@@ -12,7 +13,7 @@ from helpers import assert_same_weights
 from torch_utils.misc import kept_for_backward_mib
 from training.loss import NCVSDLoss
 from training import networks_edm2
-from training.networks_edm2 import MPConv, Precond, mark_constant, set_precision
+from training.networks_edm2 import GroupNormalize, MPConv, Precond, level_weight_groups, mark_constant, set_precision
 from training.networks_ncvsd import ConditionalDiscriminator, ConditionalPrecond, GenerativeDenoiser
 from training.speed import OPTIONS, set_speed_options
 from training.training_loop import NCVSDIteration, build_optimizers, build_students
@@ -236,13 +237,13 @@ def test_speed_options_follow_the_device(speed_options):
     from training.speed import use_device_defaults, get_speed_options
     use_device_defaults(torch.device('cuda'))                       # A device object needs no GPU.
     assert get_speed_options() == dict(cache_frozen_weights=False, cache_constant_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
-        channels_last=True, folded_scales=True, masked_clip=True)
+        channels_last=True, folded_scales=True, masked_clip=True, grouped_weight_norm=True)
     use_device_defaults(torch.device('cpu'))
     assert get_speed_options() == dict(cache_frozen_weights=True, cache_constant_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
-        channels_last=True, folded_scales=True, masked_clip=True)
+        channels_last=True, folded_scales=True, masked_clip=True, grouped_weight_norm=False)
     use_device_defaults(torch.device('cpu'), compiled=True)         # Inductor's CPU kernels: NCHW measured faster.
     assert get_speed_options() == dict(cache_frozen_weights=True, cache_constant_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
-        channels_last=False, folded_scales=True, masked_clip=True)
+        channels_last=False, folded_scales=True, masked_clip=True, grouped_weight_norm=False)
     use_device_defaults(torch.device('cuda'), compiled=True)
     assert get_speed_options()['channels_last']
 
@@ -333,14 +334,14 @@ def test_compiled_networks_are_cacheable_by_aot_autograd():
         torch._functorch.config.autograd_cache_allow_custom_autograd_functions = previous
 
 class OpNames(TorchDispatchMode):
-    """The names of the aten operators run (below autograd: decompositions show as their parts)."""
+    """How often each aten operator ran, by name (below autograd: decompositions show as their parts)."""
 
     def __init__(self):
         super().__init__()
-        self.names = set()
+        self.names = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.__name__)
+        self.names[func.__name__] += 1
         return func(*args, **(kwargs or {}))
 
 @pytest.mark.parametrize('channels_last', [False, True])
@@ -356,3 +357,57 @@ def test_fused_attention_runs_a_fused_kernel(speed_options, device, channels_las
         net(edm2['x'].to(device), edm2['sigma'].to(device), edm2['class_labels'].to(device)).sum().backward()
     attention = sorted(name for name in ops.names if 'attention' in name or 'softmax' in name)
     assert attention and all('flash' in name or 'efficient' in name or 'cudnn' in name for name in attention), attention
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_grouped_weight_norm_is_normalize(device):
+    """One GroupNormalize over same-shaped weights (a row of zeros among them) gives each weight's normalize() and
+    the gradient of the plain formula (autograd in float64 as reference; 1/eps on the zero row)."""
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(rows, 4, 3, 3, generator=gen) for rows in (2, 5, 3)]
+    weights[1][2] = 0
+    upstream = [torch.randn(weight.shape, generator=gen).to(device) for weight in weights]
+    weights = [weight.to(device).requires_grad_() for weight in weights]
+    outputs = GroupNormalize.apply(1e-4, *weights)
+    sum((y * u).sum() for y, u in zip(outputs, upstream)).backward()
+    for weight, y, u in zip(weights, outputs, upstream):
+        assert torch.allclose(y, networks_edm2.normalize(weight.detach()), rtol=1e-6, atol=1e-7)
+        weight64 = weight.detach().double().requires_grad_()
+        (weight64 / (1e-4 + torch.linalg.vector_norm(weight64, dim=[1, 2, 3], keepdim=True) / 6) * u.double()).sum().backward()
+        assert torch.allclose(weight.grad.double(), weight64.grad, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(weights[1].grad[2], upstream[1][2] / 1e-4)
+
+def test_grouped_weight_norm_normalises_each_level_group_once(speed_options):
+    """Under grouped_weight_norm a training pass of G normalises each group of same-shaped layers with one norm and
+    keeps no more for its backward pass, and no group spans two UNet levels (a level's gradients are ready as its
+    backward pass ends: DDP overlaps them); the projection after a step equals the per-layer one; a constant network
+    (cached) is grouped in inference mode only."""
+    teacher, (G, _S, _D) = teacher_and_students()
+    groups = level_weight_groups(G)
+    names = {layer: name for name, layer in G.named_modules()}
+    assert groups and all(len(group) > 1 for group in groups)
+    for group in groups:
+        assert len({names[layer].split('_')[0] for layer in group}) == 1, [names[layer] for layer in group]
+        assert len({layer.weight.shape[1:] for layer in group}) == 1          # Rows may differ: concatenated along them.
+    norms = {}
+    for grouped in (False, True):
+        set_speed_options(grouped_weight_norm=grouped)
+        ops = OpNames()
+        with ops:
+            G(*explain_inputs(G)).sum().backward()
+        norms[grouped] = ops.names['linalg_vector_norm.default']
+    assert norms[False] - norms[True] == sum(len(group) - 1 for group in groups)
+    assert saved_mib(G, explain_inputs(G), grouped_weight_norm=True) <= saved_mib(G, explain_inputs(G), grouped_weight_norm=False)
+    projected = {}
+    for grouped in (False, True):
+        set_speed_options(grouped_weight_norm=grouped)
+        net = copy.deepcopy(G)
+        with torch.no_grad():
+            for param in net.parameters():
+                param.mul_(torch.rand(param.shape, generator=torch.Generator().manual_seed(3)) + 0.5)
+        net.project_()
+        projected[grouped] = net.state_dict()
+    for name, weight in projected[False].items():
+        assert torch.allclose(projected[True][name], weight, rtol=1e-6, atol=1e-7), name
+    assert not level_weight_groups(teacher)
+    with torch.inference_mode():
+        assert level_weight_groups(teacher)

@@ -314,34 +314,58 @@ def test_non_finite_gradients_are_zeroed(loss_scaling):
     assert net.weight.grad[0, 0] == 0 and net.weight.grad[1, 2] == 0 and net.bias.grad[0] == 0
     assert net.weight.grad[0, 1] == 2.0 and net.bias.grad[1] == 2.0
 
-def test_gradients_are_averaged_across_ranks(tmp_path):
-    """Two gloo ranks with identical batches: the reduced gradient is each rank's own (the mean, not the sum)."""
+NETWORKS_FOR_AVERAGING = dict(
+    linear="""
+        net = torch.nn.Linear(4, 3)
+        net.img_resolution = net.img_channels = net.label_dim = 0
+        inputs, kwargs = (torch.randn(5, 4, generator=torch.Generator().manual_seed(1)),), {}
+    """,
+    grouped_student="""
+        from training.networks_ncvsd import ConditionalPrecond
+        from training.speed import set_speed_options
+        set_speed_options(grouped_weight_norm=True)
+        net = ConditionalPrecond(img_resolution=8, img_channels=3, label_dim=0, use_fp16=False, model_channels=16,
+            channel_mult=[1, 2], num_blocks=2, attn_resolutions=[4]).prepare_for_training()
+        gen = torch.Generator().manual_seed(1)
+        inputs = (torch.randn(2, 3, 8, 8, generator=gen), torch.tensor([0.5, 2.0]), torch.randn(2, 3, 8, 8, generator=gen), torch.tensor([0.1, 0.3]))
+        kwargs = dict(return_logvar=True)                                 # Every parameter in use, as in training.
+    """)
+
+@pytest.mark.parametrize('network', list(NETWORKS_FOR_AVERAGING))
+def test_gradients_are_averaged_across_ranks(tmp_path, network):
+    """Two gloo ranks with identical batches: the reduced gradient is each rank's own (the mean, not the sum), in the
+    first step and after DDP has rebuilt its buckets; the student normalises its weights by group (grouped_weight_norm),
+    whose backward nodes ready a UNet level's gradients at once."""
     script = tmp_path / 'average.py'
     script.write_text(textwrap.dedent(f'''
-        import sys, torch
+        import copy, sys, torch
         sys.path.insert(0, {ROOT!r})
         from torch_utils import distributed as dist
         from training.training_loop import gradient_averaging, finish_gradients_
         dist.init('cpu')
         torch.manual_seed(0)
-        net = torch.nn.Linear(4, 3)
-        net.img_resolution = net.img_channels = net.label_dim = 0
-        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
-        (net(x).square().sum() * 8.0).backward()                       # Loss scaling 8.
-        own = [p.grad.clone() / 8.0 for p in net.parameters()]
-        net.zero_grad(set_to_none=True)
-        (gradient_averaging(net, torch.device('cpu'))(x).square().sum() * 8.0).backward()
-        finish_gradients_(net, loss_scaling=8.0)
-        torch.save(dict(own=own, reduced=[p.grad for p in net.parameters()]), {str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.pt')
+    ''') + textwrap.dedent(NETWORKS_FOR_AVERAGING[network]) + textwrap.dedent(f'''
+        reference, averaging = copy.deepcopy(net), gradient_averaging(net, torch.device('cpu'))
+        squares = lambda outputs: sum(output.square().sum() for output in (outputs if isinstance(outputs, tuple) else (outputs,)))
+        steps = []
+        for step in range(2):
+            reference.zero_grad(set_to_none=True)
+            (squares(reference(*inputs, **kwargs)) * 8.0).backward()   # Loss scaling 8.
+            own = [p.grad.clone() / 8.0 for p in reference.parameters()]
+            net.zero_grad(set_to_none=True)
+            (squares(averaging(*inputs, **kwargs)) * 8.0).backward()
+            finish_gradients_(net, loss_scaling=8.0)
+            steps.append(dict(own=own, reduced=[p.grad.clone() for p in net.parameters()]))
+        torch.save(steps, {str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.pt')
         dist.shutdown()
     '''))
     result = run_python(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)], env={'OMP_NUM_THREADS': '1'})
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'deprecated' not in result.stderr, result.stderr[-3000:]           # DDP's arguments as this torch names them.
     for rank in range(2):
-        saved = torch.load(tmp_path / f'rank{rank}.pt')
-        for own, reduced in zip(saved['own'], saved['reduced']):
-            assert torch.allclose(reduced, own, rtol=1e-6), (own, reduced)
+        for saved in torch.load(tmp_path / f'rank{rank}.pt'):
+            for own, reduced in zip(saved['own'], saved['reduced']):
+                assert torch.allclose(reduced, own, rtol=1e-6, atol=1e-9), (own, reduced)
 
 def test_rerunning_a_finished_run_changes_nothing(assets, tmp_path):
     assert train_cli(assets, tmp_path, '--duration=8', '--snapshot=8').returncode == 0

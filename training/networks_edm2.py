@@ -5,6 +5,8 @@ teacher pickles and our students share one implementation. The UNet can be built
 half, its decoder half or both, so the NCVSD networks reuse the same layers.
 """
 
+import collections
+import functools
 import math
 import weakref
 
@@ -21,7 +23,10 @@ FAST_PIXEL_NORM = True          # Pixel normalisation as one autograd node (Norm
 CHANNELS_LAST = True            # UNet activations in channels-last memory (NHWC): faster convolutions, no layout reorders.
 FOLDED_SCALES = True            # Constant activation scales (mp_silu's, mp_sum's) applied to the next layer's weight.
 MASKED_CLIP = True              # Activation clipping as one autograd node keeping a one-byte mask, not a copy of x.
+GROUPED_WEIGHT_NORM = False     # Normalise the same-shaped weights of a UNet level together: one node per group.
 _normalized_weights = weakref.WeakKeyDictionary()       # MPConv -> ((version, pointer), normalised weight)
+_pending_groups = {}                                    # MPConv -> its group, in a grouped forward pass until first used
+_grouped_weights = {}                                   # MPConv -> normalised weight, computed with its group's
 _constant_layers = weakref.WeakSet()                    # MPConvs of networks that never train (mark_constant)
 
 #----------------------------------------------------------------------------
@@ -85,6 +90,30 @@ class MaskedClip(torch.autograd.Function):
 
 def clip_activation(x, limit):
     return MaskedClip.apply(x, limit) if MASKED_CLIP else x.clip_(-limit, limit)
+
+class GroupNormalize(torch.autograd.Function):
+    """normalize() of same-shaped float32 weights [N_i, ...] (over all but the first dimension) as one concatenation,
+    norm and division for the group, and one backward node that recomputes the normalised rows from the weights: it
+    keeps no normalised copy, only the norms."""
+
+    @staticmethod
+    def forward(ctx, eps, *weights):
+        x = torch.cat(weights)                                                          # [ΣN_i, ...], our own copy
+        ctx.dim = list(range(1, x.ndim))
+        norm = torch.linalg.vector_norm(x, dim=ctx.dim, keepdim=True, dtype=torch.float32)       # r = ‖x‖ per row
+        ctx.alpha = math.sqrt(norm.numel() / x.numel())
+        denominator = torch.add(eps, norm, alpha=ctx.alpha)                              # n = eps + α·r
+        ctx.sizes = [weight.shape[0] for weight in weights]
+        ctx.save_for_backward(norm, denominator, *weights)
+        return x.div_(denominator).split(ctx.sizes)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        norm, denominator, *weights = ctx.saved_tensors
+        grad, y = torch.cat(grads), torch.cat(weights).div_(denominator)              # Our own copies: updated in place.
+        # dL/dx = g/n − y·α·Σ(g·y)/r, as Normalize's; zero rows (y = 0) keep r from 0.
+        coefficient = (grad * y).sum(dim=ctx.dim, keepdim=True).mul_(ctx.alpha).div_(norm.clamp_min(1e-30))
+        return None, *grad.div_(denominator).addcmul_(y, coefficient, value=-1).split(ctx.sizes)
 
 def resample(x, f=(1, 1), mode='keep'):
     """Down- or upsample by 2 with the separable filter `f` (depthwise conv)."""
@@ -181,7 +210,11 @@ class MPConv(torch.nn.Module):
         return CACHE_FROZEN_WEIGHTS or (CACHE_CONSTANT_WEIGHTS and self in _constant_layers)
 
     def normalized_weight(self):
-        """normalize(weight) in float32, reused until the weight changes where keeps_normalized_weight()."""
+        """normalize(weight) in float32: with its group's (normalizes_weights_by_group), reused until the weight
+        changes where keeps_normalized_weight(), or on its own."""
+        grouped = take_grouped_weight(self)
+        if grouped is not None:
+            return grouped
         if not self.keeps_normalized_weight():
             return normalize(self.weight.to(torch.float32))
         key = (self.weight._version, self.weight.data_ptr())
@@ -208,10 +241,65 @@ def mark_constant(net):
 
 @torch.no_grad()
 def normalize_weights_(module):
-    """Forced weight normalisation of every MPConv in `module`, outside autograd."""
-    for layer in module.modules():
-        if isinstance(layer, MPConv):
+    """Forced weight normalisation of every MPConv in `module`, outside autograd (GROUPED_WEIGHT_NORM: all
+    same-shaped weights at once)."""
+    layers = [layer for layer in module.modules() if isinstance(layer, MPConv)]
+    groups = same_shaped(layers, lambda layer: ()) if GROUPED_WEIGHT_NORM else []
+    for group in groups:
+        torch._foreach_copy_([layer.weight for layer in group], GroupNormalize.apply(1e-4, *[layer.weight for layer in group]))
+    grouped = {layer for group in groups for layer in group}
+    for layer in layers:
+        if layer not in grouped:
             layer.weight.copy_(normalize(layer.weight.to(torch.float32)))
+
+def same_shaped(layers, place):
+    """Lists of two or more of the MPConvs `layers` with float32 weights of the same shape but for the rows (they
+    are concatenated along them), device and requires_grad, and the same place(layer)."""
+    groups = collections.defaultdict(list)
+    for layer in layers:
+        weight = layer.weight
+        if weight.dtype == torch.float32:
+            groups[(place(layer), weight.shape[1:], weight.device, weight.requires_grad)].append(layer)
+    return [group for group in groups.values() if len(group) > 1]
+
+def level_weight_groups(net):
+    """same_shaped() groups of the MPConvs in `net` that normalise in forward (not cached, not forced), within one
+    UNet level (encoder or decoder, one resolution): a level's weight gradients are ready as its backward pass ends,
+    so data-parallel training still exchanges them while the rest runs."""
+    places = {}
+    for unet in (module for module in net.modules() if isinstance(module, UNet)):
+        for part in ('enc', 'dec'):
+            for name, layer_or_block in getattr(unet, part, {}).items():
+                for layer in layer_or_block.modules():
+                    if isinstance(layer, MPConv):
+                        places[layer] = (id(unet), part, name.split('_')[0])
+    layers = [layer for layer in places if not layer.keeps_normalized_weight() and not (layer.training and layer.forced_normalization)]
+    return same_shaped(layers, places.get)
+
+def normalizes_weights_by_group(forward):
+    """Decorator of a network's forward: under GROUPED_WEIGHT_NORM, each of its level_weight_groups() is normalised
+    at once when the pass first uses one of its layers (eager only: compiled graphs fuse the normalisation)."""
+    @functools.wraps(forward)
+    def grouped_forward(net, *args, **kwargs):
+        if torch.compiler.is_compiling() or not GROUPED_WEIGHT_NORM or _pending_groups or _grouped_weights:
+            return forward(net, *args, **kwargs)
+        try:
+            _pending_groups.update((layer, group) for group in level_weight_groups(net) for layer in group)
+            return forward(net, *args, **kwargs)
+        finally:
+            _pending_groups.clear()
+            _grouped_weights.clear()
+    return grouped_forward
+
+def take_grouped_weight(layer):
+    """The layer's normalised weight from its group, normalising the group at its first use (so only the groups in
+    use hold float32 copies), or None outside a grouped pass."""
+    group = _pending_groups.get(layer)
+    if group is not None:
+        for member, normalized in zip(group, GroupNormalize.apply(1e-4, *[member.weight for member in group])):
+            del _pending_groups[member]
+            _grouped_weights[member] = normalized
+    return _grouped_weights.pop(layer, None)
 
 def disable_forward_normalization_(module):
     """Leave the weights untouched in forward (normalize_weights_ is then called after each optimizer step)."""
@@ -467,6 +555,7 @@ class Precond(torch.nn.Module):
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
 
+    @normalizes_weights_by_group
     def forward(self, x, sigma, class_labels=None, force_fp32=False, return_logvar=False, **unet_kwargs):
         x, sigma, class_labels = prepare_inputs(x, sigma, class_labels, self.label_dim)
         dtype = compute_dtype(self.use_fp16, x.device, force_fp32, self.reduced_dtype)

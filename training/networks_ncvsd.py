@@ -8,7 +8,7 @@ import torch
 
 from torch_utils import persistence
 from training.networks_edm2 import (UNet, MPConv, MPFourier, mp_sum, mp_cat, precond_coefficients,
-    prepare_inputs, compute_dtype, normalize_weights_, disable_forward_normalization_)
+    prepare_inputs, compute_dtype, normalize_weights_, disable_forward_normalization_, normalizes_weights_by_group)
 from training.noise_levels import as_sigma, combine_conditions, sampling_grid, parse_ts, DEFAULT_TS
 
 #----------------------------------------------------------------------------
@@ -126,6 +126,7 @@ class ConditionalPrecond(_TwoEncoderNetwork):
             self.logvar_linear.load_state_dict(teacher.logvar_linear.state_dict())
         return self
 
+    @normalizes_weights_by_group
     def forward(self, x, sigma, condition_x, condition_sigma, class_labels=None, force_fp32=False, return_logvar=False):
         h = self._encode_both(x, sigma, condition_x, condition_sigma, class_labels, force_fp32)
         emb = self.dec.embed(h['c_noise'], h['class_labels'])
@@ -153,6 +154,7 @@ class ConditionalDiscriminator(_TwoEncoderNetwork):
     def _pretrained_parts(self):
         return [self.ctrl, self.enc]
 
+    @normalizes_weights_by_group
     def forward(self, x, sigma, condition_x, condition_sigma, class_labels=None, force_fp32=False):
         h = self._encode_both(x, sigma, condition_x, condition_sigma, class_labels, force_fp32)
         features = mp_cat(h['ctrl_x'], h['enc_x']).to(torch.float32).mean(dim=(2, 3))  # [N, 2C]
