@@ -18,8 +18,8 @@
 #       beside it), then off=all, the default and compile=True alternating in one process (ms/iter, img/s, each
 #       variant's peak memory; then one profiled iteration each: where the time goes), then the compiled sampler
 #       (and one profiled batch of its 1-step student) if time is left.
-#   bash bench/gpu_check.sh options  the default against each of the fast pixel norm, fused
-#       attention, masked clip, folded scales and cached constant weights off, and bf16; then against CUDA graphs in a process of its own
+#   bash bench/gpu_check.sh options  the default against each of the grouped weight normalisation, fast pixel norm,
+#       fused attention, masked clip, folded scales and cached constant weights off, and bf16; then against CUDA graphs in a process of its own
 #       (their recorded graphs keep their memory: beside other variants an H100 could run out).
 #
 # DEVICE=cpu rehearses the script's own plumbing (time limits, file names, the kill and resume) on a machine without
@@ -171,7 +171,7 @@ elif [ "$MODE" = timing ]; then
     OPTIONAL=1 step "bench/sample.py compiled" "$(limit 60)" python bench/sample.py "${BENCH[@]}" --repeats=3 --compile=True --profile=12
 else
     step "bench/train_step.py options" "$(limit 220)" python bench/train_step.py "${BENCH[@]}" --iters=4 --warmup=1 \
-        --variant=default --variant=off=fast_pixel_norm --variant=off=fused_attention --variant=off=masked_clip \
+        --variant=default --variant=off=grouped_weight_norm --variant=off=fast_pixel_norm --variant=off=fused_attention --variant=off=masked_clip \
         --variant=off=folded_scales --variant=off=cache_constant_weights --variant=precision=bf16
     [ "$DEVICE" = cuda ] && step "bench/train_step.py CUDA graphs" "$(limit 75)" python bench/train_step.py "${BENCH[@]}" \
         --iters=4 --warmup=1 --variant=default --variant=cuda_graphs=True
