@@ -246,11 +246,15 @@ def normalize_weights_(module):
     layers = [layer for layer in module.modules() if isinstance(layer, MPConv)]
     groups = same_shaped(layers, lambda layer: ()) if GROUPED_WEIGHT_NORM else []
     for group in groups:
-        torch._foreach_copy_([layer.weight for layer in group], GroupNormalize.apply(1e-4, *[layer.weight for layer in group]))
+        torch._foreach_copy_([layer.weight for layer in group], normalize_group(group))
     grouped = {layer for group in groups for layer in group}
     for layer in layers:
         if layer not in grouped:
             layer.weight.copy_(normalize(layer.weight.to(torch.float32)))
+
+def normalize_group(layers, eps=1e-4):
+    """normalize() of the weights of same_shaped() `layers`, as one GroupNormalize."""
+    return GroupNormalize.apply(eps, *[layer.weight for layer in layers])
 
 def same_shaped(layers, place):
     """Lists of two or more of the MPConvs `layers` with float32 weights of the same shape but for the rows (they
@@ -296,7 +300,7 @@ def take_grouped_weight(layer):
     use hold float32 copies), or None outside a grouped pass."""
     group = _pending_groups.get(layer)
     if group is not None:
-        for member, normalized in zip(group, GroupNormalize.apply(1e-4, *[member.weight for member in group])):
+        for member, normalized in zip(group, normalize_group(group)):
             del _pending_groups[member]
             _grouped_weights[member] = normalized
     return _grouped_weights.pop(layer, None)
@@ -341,7 +345,7 @@ class Block(torch.nn.Module):
         residual, gain = mp_silu_for_layer(x)
         residual = self.conv_res0(residual, gain=gain)
         scale = self.emb_linear(emb, gain=self.emb_gain) + 1
-        residual, gain = mp_silu_for_layer(residual * scale.unsqueeze(2).unsqueeze(3).to(residual.dtype))
+        residual, gain = mp_silu_for_layer(residual * scale.view(*scale.shape, 1, 1).to(residual.dtype))
         if self.training and self.dropout != 0:
             residual = torch.nn.functional.dropout(residual, p=self.dropout)
 
