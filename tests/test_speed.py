@@ -203,10 +203,13 @@ def test_fused_discriminator_pass_equals_two_passes(speed_options):
     assert torch.allclose(joint[:5], disc(x, sigma, y, sy, labels), rtol=1e-5, atol=1e-6)
     assert torch.allclose(joint[5:], disc(x2, sigma, y, sy, labels), rtol=1e-5, atol=1e-6)
 
-def test_a_compiled_iteration_equals_an_eager_one():
+@pytest.mark.parametrize('grouped', [False, True])
+def test_a_compiled_iteration_equals_an_eager_one(speed_options, grouped):
     """torch.compile traces each network as one graph (no graph breaks) and changes no mathematics: the update
-    of a compiled iteration is within 1e-3 of the eager one (fp32). The aot_eager backend keeps the test short;
-    inductor (the --compile default) differs from it only in generated kernels."""
+    of a compiled iteration is within 1e-3 of the eager one (fp32), with the grouped weight normalisation (CUDA's
+    default: eager passes normalise by group, compiled graphs per layer, projections by group) or without. The
+    aot_eager backend keeps the test short; inductor (the --compile default) differs from it only in generated kernels."""
+    set_speed_options(grouped_weight_norm=grouped)
     teacher, nets = teacher_and_students()
     for net in (*nets, teacher):
         assert torch._dynamo.explain(net.forward)(*explain_inputs(net)).graph_break_count == 0, type(net).__name__
