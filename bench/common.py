@@ -33,11 +33,12 @@ def bench_preset(preset):
             'img_channels, label_dim): the benchmarks build a random teacher from one of bench-a, bench-b, bench-s64')
     return config
 
-def random_teacher(preset, device):
-    """An EDM2 Precond with the preset's network_arch and non-zero gains (so every layer contributes), pickled and
-    loaded back the way a training run gets its teacher (network_io.load_network, then frozen on the device)."""
+def random_teacher(preset, device, **arch_overrides):
+    """An EDM2 Precond with the preset's network_arch (updated by arch_overrides) and non-zero gains (so every layer
+    contributes), pickled and loaded back the way a training run gets its teacher (network_io.load_network, then
+    frozen on the device)."""
     config = bench_preset(preset)
-    arch = dict(config.network_arch)
+    arch = dict(config.network_arch, **arch_overrides)
     torch.manual_seed(0)
     net = Precond(img_resolution=arch.pop('img_resolution'), img_channels=arch.pop('img_channels'),
         label_dim=arch.pop('label_dim'), use_fp16=bool(config.get('fp16', False)), **arch)

@@ -1,6 +1,7 @@
 """The benchmark scripts run and report (their figures are not asserted: wall-clock time is not a test)."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,6 +47,23 @@ def test_train_step_profiles_each_variant():
     for label in ('off=all', 'default'):
         table = result.stdout.split(f'[{label}] profiled once: ')[1].splitlines()
         assert 'ms of cpu time, the 3 largest shares:' in table[0] and all(' calls  aten::' in line for line in table[1:4])
+
+def test_ops_counts_each_variants_operations_per_phase():
+    """bench/ops.py: per-phase operation counts of one eager iteration under CUDA's defaults (no GPU needed), the
+    optimizer apart; the grouped weight normalisation issues fewer operations than without it; compile is refused."""
+    result = run_python(['bench/ops.py', '--preset=bench-a', '--defaults=cuda', '--variant=default',
+        '--variant=off=grouped_weight_norm', '--top=3'])
+    assert result.returncode == 0, result.stderr[-2000:]
+    totals = {}
+    for label in ('default', 'off=grouped_weight_norm'):
+        line = result.stdout.split(f'[{label}] ')[1].splitlines()[0]
+        counts = dict(re.findall(r'(score|discriminator|generator|total) ([\d,]+)', line))
+        totals[label] = int(counts.pop('total').replace(',', ''))
+        assert set(counts) == {'score', 'discriminator', 'generator'} and 'optimizer steps ' in line
+        assert totals[label] == sum(int(value.replace(',', '')) for value in counts.values())
+    assert totals['default'] < totals['off=grouped_weight_norm']
+    refused = run_python(['bench/ops.py', '--preset=bench-a', '--variant=compile=True'])
+    assert refused.returncode == 2 and 'counted eagerly' in refused.stderr
 
 def test_train_step_reports_when_stopped_while_compiling():
     """SIGTERM during torch.compile reaches the script wrapped in the compiler's own error: still a report, exit 0."""

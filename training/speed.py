@@ -34,9 +34,9 @@ OPTIONS = dict(
 # (`off=fast_pixel_norm,fused_attention`). The folded scales and the masked clip keep less and take fewer passes:
 # on everywhere, not yet timed on CUDA.
 #
-# The grouped weight normalisation (session 13) cuts the operations of an iteration under the CUDA defaults from
-# 37,530 to 27,790 (bench-s64, counted on the CPU; bench/README.md), so it is on there, untimed on a GPU; on the CPU, where those
-# operations are cheap, bench-a measured no gain (1.00-1.01x at batch 32 and 2, alternating), so it is off.
+# The grouped weight normalisation (session 13) cuts the operations of the networks' passes in an iteration under the
+# CUDA defaults from 35,576 to 25,836 (bench-s64, bench/ops.py), so it is on there, untimed on a GPU; on the CPU,
+# where those operations are cheap, bench-a measured no gain (1.00-1.01x at batch 32 and 2, alternating): off.
 DEVICE_OFF = dict(
     cuda=('cache_frozen_weights',),
     cpu=('grouped_weight_norm',),
