@@ -430,3 +430,22 @@ def test_sec_per_kimg_after_a_resume_is_measured_from_the_resume(assets, tmp_pat
     assert resumed.returncode == 0, resumed.stderr
     rate = lambda out: [float(v) for v in re.findall(r'sec/kimg (\S+)', out)]
     assert len(rate(resumed.stdout)) == 1 and rate(resumed.stdout)[0] < 3 * max(rate(first.stdout)) + 200, (first.stdout, resumed.stdout)
+
+def test_the_run_sets_the_published_backends_before_fitting_the_toy_init(tmp_path):
+    """The toy's initial network is fitted under the run's backend settings (no TF32 on a GPU), which launch sets
+    first: torch's default lets cuDNN use TF32 for float32 convolutions."""
+    script = tmp_path / 'fit.py'
+    script.write_text(textwrap.dedent(f'''
+        import sys, torch
+        sys.path.insert(0, {ROOT!r})
+        import train_ncvsd
+        from training import train_setup
+        def fit(*args, **kwargs):
+            print('cudnn TF32 at the fit:', torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            sys.exit(0)
+        train_setup.fit_denoiser_network = fit
+        train_ncvsd.main(['--preset=toy', '--outdir={tmp_path / "run"}', '--device=cpu'])
+    '''))
+    result = run_python([str(script)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'cudnn TF32 at the fit: False False' in result.stdout, result.stdout[-2000:]

@@ -12,7 +12,7 @@ from torch_utils import distributed as dist
 from training import network_io, run_config, speed
 from training.encoders import StandardRGBEncoder, StabilityVAEEncoder
 from training.toy import fit_denoiser_network
-from training.training_loop import training_loop
+from training.training_loop import training_loop, use_published_backends
 
 def check_data_matches(dataset, encoder, teacher, cond):
     """Clear errors when the data cannot feed the teacher (resolution, channels, labels)."""
@@ -101,6 +101,7 @@ def launch(opts, dry_run=False):
     device = dist.init(config.device)
     check_device_options(config, opts, device)
     speed.use_device_defaults(device, compiled=config.compile)
+    use_published_backends()                                # From the start: the toy's initial fit runs under them too.
     teacher, encoder = load_teacher(config)
     dataset, encoder, dataset_kwargs = make_data(config, teacher, encoder)
     check_data_matches(dataset, encoder, teacher, bool(config.cond))
