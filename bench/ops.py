@@ -7,7 +7,8 @@ Runs on the CPU. A variant is as in bench/train_step.py (default, off=LIST, on=L
 starting from the speed options of --defaults (the device whose defaults to count: a GPU is not needed). The counts
 do not depend on the batch, nor on the widths while the same layers have attention (64 channels per head), so
 --batch=2 and --channels=64 keep a bench-s64 count small. The optimizers' steps are counted apart: on the CPU they
-are foreach Adam, on CUDA the fused kernel (a few operations per step).
+are foreach Adam, on CUDA the fused kernel (a few operations per step). Each variant also counts a teacher evaluation
+and a 1-step student sample as the sampling scripts run them (networks prepared for sampling, no autograd).
 """
 
 import collections
@@ -19,8 +20,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from common import bench_preset, random_teacher
 from train_step import parse_variant, random_batches
+from training import networks_edm2
 from training.loss import NCVSDLoss
+from training.network_io import prepare_frozen
 from training.networks_edm2 import set_precision
+from training.networks_ncvsd import ConditionalPrecond, GenerativeDenoiser
+from training.noise_levels import PAPER_CHAINS
 from training.speed import set_speed_options
 from training.training_loop import NCVSDIteration, PHASES, build_optimizers, build_students
 
@@ -65,6 +70,31 @@ def optimizer_apart(count, optimizer):
     finally:
         del optimizer.step                                  # The class's method again.
 
+def count_calls(fn):
+    """Operations of the second of two calls of fn() (the first fills caches)."""
+    fn()
+    count = OperationCount()
+    with count:
+        fn()
+    return sum(count.buckets.values())
+
+def kept_mib(net):
+    """MiB of the weights that `net`'s layers keep (networks_edm2's weight caches)."""
+    return sum(entry.untyped_storage().nbytes() for layer, (_key, entry) in networks_edm2._normalized_weights.items()
+        if any(layer is module for module in net.modules())) / 2**20
+
+def count_sampling(teacher, precision, shape):
+    """(operations of a teacher evaluation, of a 1-step student sample), the student prepared as generate_images.py
+    prepares what it loads; no autograd, as they sample."""
+    networks_edm2._normalized_weights.clear()              # What an earlier variant kept is not this one's.
+    student = prepare_frozen(GenerativeDenoiser(ConditionalPrecond(**teacher.init_kwargs).init_from_pretrained(teacher)), torch.device('cpu'))
+    set_precision(student, precision)
+    noise = torch.randn(shape)
+    labels = torch.eye(teacher.label_dim)[:shape[0]] if teacher.label_dim else None
+    with torch.no_grad():
+        return (count_calls(lambda: teacher(noise, torch.ones(shape[0]), labels)),
+            count_calls(lambda: student.sample(noise, labels, ts=PAPER_CHAINS[1])))
+
 @click.command()
 @click.option('--preset', default='bench-s64', show_default=True)
 @click.option('--batch', type=int, default=2, show_default=True)
@@ -84,23 +114,31 @@ def main(preset, batch, channels, defaults, variants, top):
         f'defaults; aten operations of one eager iteration (torch {torch.__version__})')
     reference = None
     for variant in variants:
-        set_speed_options(**variant.speed)
-        G, S, D = build_students(teacher, dict(use_fp16=default_precision != 'fp32'), device)
-        for net in (G, S, D, teacher):
-            set_precision(net, variant.precision)
-        optimizers = build_optimizers(G, S, D)
-        step = NCVSDIteration(G, S, D, teacher, NCVSDLoss(P_mean=config.P_mean, P_std=config.P_std), optimizers, config.gamma,
-            num_rounds=1, batch_gpu_total=batch, g_lr_scaling=config.g_lr_scaling, d_lr_scaling=config.d_lr_scaling,
-            rng=torch.Generator(device).manual_seed(0))
-        count = count_iteration(step, random_batches(shape, teacher.label_dim, device, torch.Generator(device).manual_seed(1)), optimizers)
+        count = count_training(variant, teacher, config, shape, default_precision)
         networks = sum(count.buckets[name] for name in PHASES)
         reference = reference or networks
         off = [name for name, value in variant.speed.items() if not value]
         print(f'[{variant.label}] ' + '  '.join(f'{name} {count.buckets[name]:,}' for name in PHASES) +
             f'  total {networks:,} ({networks / reference:.2f}x [{variants[0].label}]); optimizer steps {count.buckets["optimizer"]:,}; '
             f'precision {variant.precision}, speed options off: {", ".join(off) or "none"}')
+        teacher_ops, student_ops = count_sampling(teacher, variant.precision, shape)
+        print(f'    sampling: a teacher evaluation {teacher_ops:,}, a 1-step student sample {student_ops:,}; '
+            f'weights the teacher keeps {kept_mib(teacher):.0f} MiB')
         if top:
             print('    ' + ', '.join(f'{name} {n:,}' for name, n in count.operators.most_common(top)))
+
+def count_training(variant, teacher, config, shape, default_precision):
+    """OperationCount of an iteration of fresh students under the variant's settings (freed on return)."""
+    device = torch.device('cpu')
+    set_speed_options(**variant.speed)
+    G, S, D = build_students(teacher, dict(use_fp16=default_precision != 'fp32'), device)
+    for net in (G, S, D, teacher):
+        set_precision(net, variant.precision)
+    optimizers = build_optimizers(G, S, D)
+    step = NCVSDIteration(G, S, D, teacher, NCVSDLoss(P_mean=config.P_mean, P_std=config.P_std), optimizers, config.gamma,
+        num_rounds=1, batch_gpu_total=shape[0], g_lr_scaling=config.g_lr_scaling, d_lr_scaling=config.d_lr_scaling,
+        rng=torch.Generator(device).manual_seed(0))
+    return count_iteration(step, random_batches(shape, teacher.label_dim, device, torch.Generator(device).manual_seed(1)), optimizers)
 
 if __name__ == '__main__':
     main()

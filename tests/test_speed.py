@@ -174,8 +174,9 @@ def test_weight_cache_follows_weight_updates(speed_options):
 
 def test_constant_networks_keep_their_normalised_weights(speed_options):
     """With only the constant-weight cache (CUDA's default), a network prepared as a teacher or for sampling reuses
-    its normalised weights (the same outputs, bitwise) while a student frozen for a phase recomputes them; a change
-    to a constant network's weight is noticed."""
+    its normalised weights (the same outputs, bitwise) while a student frozen for a phase recomputes them; where the
+    gain is a number it keeps them as applied (scaled, cast, a linear layer's transposed), four or more operations
+    fewer per layer; a change to a constant network's weight is noticed."""
     from training.network_io import prepare_frozen
     set_speed_options(cache_frozen_weights=False, cache_constant_weights=True)
     data = load_fixture('edm2_precond_small.pt')
@@ -184,11 +185,21 @@ def test_constant_networks_keep_their_normalised_weights(speed_options):
     for net in (frozen, constant):
         net.load_state_dict(data['state_dict'])
     constant = prepare_frozen(constant, 'cpu')
-    cached = lambda net: [layer in networks_edm2._normalized_weights for layer in net.modules() if isinstance(layer, MPConv)]
+    layers_of = lambda net: [layer for layer in net.modules() if isinstance(layer, MPConv)]
+    cached = lambda net: [layer in networks_edm2._normalized_weights for layer in layers_of(net)]
     before = constant(*args)
     assert torch.equal(frozen(*args), before) and torch.equal(constant(*args), before)
     assert sum(cached(constant)) == len(cached(constant)) - 1       # All but the logvar head, which D(x; σ) does not run.
     assert not any(cached(frozen))
+    applied = [(layer, entry) for layer, (key, entry) in networks_edm2._normalized_weights.items() if len(key) > 2 and layer in layers_of(constant)]
+    assert applied and any(entry.shape == layer.weight.t().shape for layer, entry in applied if layer.weight.ndim == 2)
+    operations = {}
+    for name, net in (('frozen', frozen), ('constant', constant)):
+        ops = OpNames()
+        with ops:
+            net(*args)
+        operations[name] = sum(ops.names.values())
+    assert operations['frozen'] - operations['constant'] >= 4 * len(applied), operations
     with torch.no_grad():
         constant.unet.enc['16x16_conv'].weight.mul_(-1)
     assert not torch.allclose(constant(*args), before)

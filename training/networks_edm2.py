@@ -24,7 +24,7 @@ CHANNELS_LAST = True            # UNet activations in channels-last memory (NHWC
 FOLDED_SCALES = True            # Constant activation scales (mp_silu's, mp_sum's) applied to the next layer's weight.
 MASKED_CLIP = True              # Activation clipping as one autograd node keeping a one-byte mask, not a copy of x.
 GROUPED_WEIGHT_NORM = False     # Normalise the same-shaped weights of a UNet level together: one node per group.
-_normalized_weights = weakref.WeakKeyDictionary()       # MPConv -> ((version, pointer), normalised weight)
+_normalized_weights = weakref.WeakKeyDictionary()       # MPConv -> ((version, pointer, ...), weight it keeps)
 _pending_groups = {}                                    # MPConv -> its group, in a grouped forward pass until first used
 _grouped_weights = {}                                   # MPConv -> normalised weight, computed with its group's
 _constant_layers = weakref.WeakSet()                    # MPConvs of networks that never train (mark_constant)
@@ -217,20 +217,37 @@ class MPConv(torch.nn.Module):
             return grouped
         if not self.keeps_normalized_weight():
             return normalize(self.weight.to(torch.float32))
-        key = (self.weight._version, self.weight.data_ptr())
-        cached = _normalized_weights.get(self, None)
-        if cached is None or cached[0] != key:
+        return self.kept((), lambda: normalize(self.weight.to(torch.float32)))
+
+    def applied_weight(self, gain, dtype):
+        """effective_weight(gain) in `dtype` as the layer applies it (a linear layer's transposed); where
+        keeps_normalized_weight() and the gain is a number (constant per call site), kept in place of the normalised
+        weight: the cast and scaled copy costs no more memory than the float32 one and saves their operations."""
+        apply_form = lambda: transpose_linear(self.effective_weight(gain).to(dtype))
+        if isinstance(gain, torch.Tensor) or not self.keeps_normalized_weight():
+            return apply_form()
+        return self.kept((gain, dtype), apply_form)
+
+    def kept(self, key, compute):
+        """compute() outside autograd, reused while the weight and `key` stay the same (one entry per layer)."""
+        key = (self.weight._version, self.weight.data_ptr(), *key)
+        entry = _normalized_weights.get(self, None)
+        if entry is None or entry[0] != key:
             with torch.no_grad():
-                cached = (key, normalize(self.weight.to(torch.float32)))
-            _normalized_weights[self] = cached
-        return cached[1]
+                entry = (key, compute())
+            _normalized_weights[self] = entry
+        return entry[1]
 
     def forward(self, x, gain=1):
-        weight = self.effective_weight(gain).to(x.dtype)
+        weight = self.applied_weight(gain, x.dtype)
         if weight.ndim == 2:
-            return x @ weight.t()
+            return x @ weight
         assert weight.ndim == 4
         return torch.nn.functional.conv2d(x, weight, padding=(weight.shape[-1] // 2,))
+
+def transpose_linear(weight):
+    """A linear layer's weight [out, in] as x @ weight applies it ([in, out], a view); a convolution's as it is."""
+    return weight.t() if weight.ndim == 2 else weight
 
 def mark_constant(net):
     """Declare that `net` never trains (a teacher, a network loaded for sampling): under CACHE_CONSTANT_WEIGHTS its
