@@ -21,8 +21,8 @@ OPTIONS = dict(
 )
 
 # Off on CUDA: the cached frozen weights cost 4.7 GiB on an H100 (EDM2 img64-s, batch 64, fp16) for no gain (the
-# students' weights change every iteration); the cached constant weights (teacher, sampled networks: 1069 MiB at that
-# size) stay on, since the H200 step's time follows its count of operations (bench/README.md, session 12).
+# students' weights change every iteration); the cached constant weights (teacher, sampled networks: 562 MiB at that
+# size in float16, kept as applied) stay on, since the H200 step's time follows its count of operations (bench/README.md).
 # Channels-last activations made the H200 step 11% faster (1041 vs 1169 ms/iter). On the CPU they made no clear
 # change in session 6 (two runs disagreeing); measured again in session 9, with the pixel norm now taking torch's
 # one-pass norm over NHWC channels, bench-a's step is 6-8% faster with them (two alternating runs: 0.73x against
