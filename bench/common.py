@@ -17,8 +17,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dnnlib
 from training import network_io
+from training.loss import NCVSDLoss
 from training.networks_edm2 import Precond
+from training.networks_ncvsd import ConditionalPrecond, GenerativeDenoiser
 from training.run_config import load_preset
+from training.training_loop import NCVSDIteration
 
 torch.backends.cudnn.benchmark = True                  # As the training loop sets it: cuDNN picks its fastest kernels.
 
@@ -52,6 +55,17 @@ def random_teacher(preset, device, **arch_overrides):
             pickle.dump(dnnlib.EasyDict(ema=net), f)
         teacher, _encoder = network_io.load_network(path, device, role='teacher', verbose=False)
     return network_io.prepare_frozen(teacher, device), config
+
+def sampling_student(teacher, device):
+    """The conditional network built from `teacher`, as a GenerativeDenoiser prepared as generate_images.py prepares a
+    loaded network (frozen, marked constant)."""
+    return network_io.prepare_frozen(GenerativeDenoiser(ConditionalPrecond(**teacher.init_kwargs).init_from_pretrained(teacher)), device)
+
+def bench_iteration(G, S, D, teacher, config, optimizers, batch, device, compile_options=None):
+    """The training loop's iteration with the preset's loss settings: one accumulation round of `batch` images."""
+    return NCVSDIteration(G, S, D, teacher, NCVSDLoss(P_mean=config.P_mean, P_std=config.P_std), optimizers, config.gamma,
+        num_rounds=1, batch_gpu_total=batch, g_lr_scaling=config.g_lr_scaling, d_lr_scaling=config.d_lr_scaling,
+        rng=torch.Generator(device).manual_seed(0), compile_options=compile_options)
 
 # Vendor datasheet figures, dense tensor-core FP16/BF16 (no sparsity), TFLOP/s; matched against the device name.
 DENSE_FP16_TFLOPS = {'H200': 989.4, 'H100 PCIe': 756.0, 'H100': 989.4, 'A100': 312.0, 'L40S': 362.1, 'A10G': 125.0}

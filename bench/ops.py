@@ -18,16 +18,13 @@ import click
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from common import bench_preset, random_teacher
+from common import bench_iteration, bench_preset, random_teacher, sampling_student
 from train_step import parse_variant, random_batches
 from training import networks_edm2
-from training.loss import NCVSDLoss
-from training.network_io import prepare_frozen
 from training.networks_edm2 import set_precision
-from training.networks_ncvsd import ConditionalPrecond, GenerativeDenoiser
 from training.noise_levels import PAPER_CHAINS
 from training.speed import set_speed_options
-from training.training_loop import NCVSDIteration, PHASES, build_optimizers, build_students
+from training.training_loop import PHASES, build_optimizers, build_students
 
 class OperationCount(TorchDispatchMode):
     """aten operations run while active, tallied under `self.bucket` and by operator."""
@@ -80,14 +77,15 @@ def count_calls(fn):
 
 def kept_mib(net):
     """MiB of the weights that `net`'s layers keep (networks_edm2's weight caches)."""
+    layers = set(net.modules())
     return sum(entry.untyped_storage().nbytes() for layer, (_key, entry) in networks_edm2._normalized_weights.items()
-        if any(layer is module for module in net.modules())) / 2**20
+        if layer in layers) / 2**20
 
 def count_sampling(teacher, precision, shape):
     """(operations of a teacher evaluation, of a 1-step student sample), the student prepared as generate_images.py
     prepares what it loads; no autograd, as they sample."""
     networks_edm2._normalized_weights.clear()              # What an earlier variant kept is not this one's.
-    student = prepare_frozen(GenerativeDenoiser(ConditionalPrecond(**teacher.init_kwargs).init_from_pretrained(teacher)), torch.device('cpu'))
+    student = sampling_student(teacher, torch.device('cpu'))
     set_precision(student, precision)
     noise = torch.randn(shape)
     labels = torch.eye(teacher.label_dim)[:shape[0]] if teacher.label_dim else None
@@ -135,9 +133,7 @@ def count_training(variant, teacher, config, shape, default_precision):
     for net in (G, S, D, teacher):
         set_precision(net, variant.precision)
     optimizers = build_optimizers(G, S, D)
-    step = NCVSDIteration(G, S, D, teacher, NCVSDLoss(P_mean=config.P_mean, P_std=config.P_std), optimizers, config.gamma,
-        num_rounds=1, batch_gpu_total=shape[0], g_lr_scaling=config.g_lr_scaling, d_lr_scaling=config.d_lr_scaling,
-        rng=torch.Generator(device).manual_seed(0))
+    step = bench_iteration(G, S, D, teacher, config, optimizers, shape[0], device)
     return count_iteration(step, random_batches(shape, teacher.label_dim, device, torch.Generator(device).manual_seed(1)), optimizers)
 
 if __name__ == '__main__':

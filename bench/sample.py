@@ -15,11 +15,9 @@ import time
 import click
 import torch
 
-from common import random_teacher, synchronize, peak_tflops, count_flops, flops_report, device_name, reset_peak_memory, peak_memory_mb, print_profile
+from common import random_teacher, sampling_student, synchronize, peak_tflops, count_flops, flops_report, device_name, reset_peak_memory, peak_memory_mb, print_profile
 import dnnlib
-from training.network_io import prepare_frozen
 from training.networks_edm2 import set_precision
-from training.networks_ncvsd import ConditionalPrecond, GenerativeDenoiser
 from training.noise_levels import PAPER_CHAINS
 from training.sampling import edm_heun_sampler, StackedRandomGenerator
 from training.speed import OPTIONS, set_speed_options, device_defaults, option_names, compile_network
@@ -61,7 +59,7 @@ def main(preset, batch, repeats, heun_steps, device, off, precision, compile_net
         raise click.BadParameter(str(err))
     teacher, config = random_teacher(preset, device)
     precision = precision or ('fp16' if config.get('fp16', False) else 'fp32')
-    student = prepare_frozen(GenerativeDenoiser(ConditionalPrecond(**teacher.init_kwargs).init_from_pretrained(teacher)), device)
+    student = sampling_student(teacher, device)
     for net in (teacher, student):
         set_precision(net, precision)
     shape = [batch, teacher.img_channels, teacher.img_resolution, teacher.img_resolution]

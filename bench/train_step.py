@@ -20,13 +20,12 @@ import statistics
 import click
 import torch
 
-from common import bench_preset, random_teacher, PhaseTimer, peak_memory_mb, reset_peak_memory, peak_tflops, count_flops, flops_report, device_name, print_profile
+from common import bench_iteration, bench_preset, random_teacher, PhaseTimer, peak_memory_mb, reset_peak_memory, peak_tflops, count_flops, flops_report, device_name, print_profile
 import dnnlib
-from training.loss import NCVSDLoss
 from training.networks_edm2 import set_precision
 from training.speed import OPTIONS, set_speed_options, device_defaults, option_names
 from training.train_setup import compile_options
-from training.training_loop import NCVSDIteration, PHASES, build_optimizers, build_students, use_published_backends
+from training.training_loop import PHASES, build_optimizers, build_students, use_published_backends
 
 def random_batches(shape, label_dim, device, generator):
     """Endless random (images, one-hot labels): the step without data loading."""
@@ -94,10 +93,7 @@ def main(preset, batch, iters, warmup, device, threads, off, on, precision, comp
     # One set of networks for all variants (the timing does not depend on the weights), each with its own iteration.
     G, S, D = build_students(teacher, dict(use_fp16=default_precision != 'fp32'), device)
     optimizers = build_optimizers(G, S, D)
-    def make_step(options):
-        return NCVSDIteration(G, S, D, teacher, NCVSDLoss(P_mean=config.P_mean, P_std=config.P_std), optimizers, config.gamma,
-            num_rounds=1, batch_gpu_total=batch, g_lr_scaling=config.g_lr_scaling, d_lr_scaling=config.d_lr_scaling,
-            rng=torch.Generator(device).manual_seed(0), compile_options=options)
+    make_step = lambda options: bench_iteration(G, S, D, teacher, config, optimizers, batch, device, options)
     def activate(variant):
         set_speed_options(**variant.speed)
         for net in (G, S, D, teacher):
