@@ -23,8 +23,6 @@ from training.networks_ncvsd import ConditionalPrecond, GenerativeDenoiser
 from training.run_config import load_preset
 from training.training_loop import NCVSDIteration
 
-torch.backends.cudnn.benchmark = True                  # As the training loop sets it: cuDNN picks its fastest kernels.
-
 def bench_preset(preset):
     """The preset's config; a click usage error (one line) for a name that is unknown or lacks the teacher's architecture."""
     try:

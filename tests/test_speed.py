@@ -172,6 +172,14 @@ def test_weight_cache_follows_weight_updates(speed_options):
     net.load_state_dict(data['state_dict'])
     assert torch.equal(net(*args), before)
 
+def test_networks_prepared_for_sampling_let_cudnn_time_its_kernels(monkeypatch):
+    """A network loaded for sampling (or as a teacher) turns on cuDNN's benchmark mode, as bench/sample.py times it:
+    the sampling scripts set nothing themselves."""
+    from training.network_io import prepare_frozen
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
+    prepare_frozen(Precond(img_resolution=8, img_channels=1, label_dim=0, model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[]), 'cpu')
+    assert torch.backends.cudnn.benchmark
+
 def test_constant_networks_keep_their_normalised_weights(speed_options):
     """With only the constant-weight cache (CUDA's default), a network prepared as a teacher or for sampling reuses
     its normalised weights (the same outputs, bitwise) while a student frozen for a phase recomputes them; where the

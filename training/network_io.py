@@ -114,7 +114,10 @@ def check_diffusion_network(net, path_or_url):
 
 def prepare_frozen(net, device):
     """float32 copy in eval mode without gradients (published checkpoints store float16), marked constant: a teacher
-    or a network loaded for sampling never trains, so its normalised weights can be kept (CACHE_CONSTANT_WEIGHTS)."""
+    or a network loaded for sampling never trains, so its normalised weights can be kept (CACHE_CONSTANT_WEIGHTS).
+    It runs on batches of one shape, so cuDNN may time its kernels once and keep the fastest (process-wide, as the
+    training loop sets it; no effect off CUDA): sampling runs as bench/sample.py times it."""
+    torch.backends.cudnn.benchmark = True
     return mark_constant(net.to(torch.float32).eval().requires_grad_(False).to(device))
 
 #----------------------------------------------------------------------------
