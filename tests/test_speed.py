@@ -1,6 +1,7 @@
 """The speed options change how things are computed, not what: before/after equivalence."""
 
 import collections
+import contextlib
 import copy
 
 import numpy as np
@@ -381,22 +382,55 @@ def test_fused_attention_runs_a_fused_kernel(speed_options, device, channels_las
     assert attention and all('flash' in name or 'efficient' in name or 'cudnn' in name for name in attention), attention
 
 @pytest.mark.parametrize('device', DEVICES)
-def test_grouped_weight_norm_is_normalize(device):
-    """One GroupNormalize over same-shaped weights (a row of zeros among them) gives each weight's normalize() and
-    the gradient of the plain formula (autograd in float64 as reference; 1/eps on the zero row)."""
+@pytest.mark.parametrize('scales, dtype', [([1, 1, 1], torch.float32), ([0.3, 1.7, 0.05], torch.float32), ([0.3, 1.7, 0.05], torch.bfloat16)])
+def test_grouped_weight_norm_is_normalize(device, scales, dtype):
+    """One GroupNormalize over same-shaped weights (a row of zeros among them) gives each weight's normalize() times
+    its scale, cast, bitwise as the per-layer path computes it, and the gradient of the plain formula (autograd in
+    float64 as reference; 1/eps on the zero row)."""
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(rows, 4, 3, 3, generator=gen) for rows in (2, 5, 3)]
     weights[1][2] = 0
-    upstream = [torch.randn(weight.shape, generator=gen).to(device) for weight in weights]
+    upstream = [torch.randn(weight.shape, generator=gen).to(device, dtype) for weight in weights]
     weights = [weight.to(device).requires_grad_() for weight in weights]
-    outputs = GroupNormalize.apply(1e-4, *weights)
+    outputs = GroupNormalize.apply(1e-4, scales, dtype, *weights)
     sum((y * u).sum() for y, u in zip(outputs, upstream)).backward()
-    for weight, y, u in zip(weights, outputs, upstream):
-        assert torch.allclose(y, networks_edm2.normalize(weight.detach()), rtol=1e-6, atol=1e-7)
+    for weight, scale, y, u in zip(weights, scales, outputs, upstream):
+        assert torch.equal(y, (networks_edm2.normalize(weight.detach()) * scale).to(dtype))
         weight64 = weight.detach().double().requires_grad_()
-        (weight64 / (1e-4 + torch.linalg.vector_norm(weight64, dim=[1, 2, 3], keepdim=True) / 6) * u.double()).sum().backward()
+        (weight64 / (1e-4 + torch.linalg.vector_norm(weight64, dim=[1, 2, 3], keepdim=True) / 6) * scale * u.double()).sum().backward()
         assert torch.allclose(weight.grad.double(), weight64.grad, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(weights[1].grad[2], upstream[1][2] / 1e-4)
+    assert torch.allclose(weights[1].grad[2], upstream[1][2].float() * scales[1] / 1e-4)
+
+@pytest.mark.parametrize('precision', ['fp32', 'bf16'])
+def test_grouped_passes_prepare_weights_as_their_layers_apply_them(speed_options, precision):
+    """A grouped pass scales (and in bf16 casts) each group's weights at once, in the form its layers applied in the
+    pass before (a first pass has none: its layers scale and cast their own): the outputs and gradients of per-layer
+    weights (bitwise but for the rounding of learned gains), with fewer multiplications and casts."""
+    _teacher, (G, _S, _D) = teacher_and_students()
+    set_precision(G, precision)
+    inputs = explain_inputs(G)
+    results, operations = {}, {}
+    for grouped in (False, True):
+        set_speed_options(grouped_weight_norm=grouped)
+        net = copy.deepcopy(G)
+        for counted in (False, True):
+            ops = OpNames()
+            with ops if counted else contextlib.nullcontext():
+                out = net(*inputs)
+                out.square().sum().backward()
+        results[grouped] = [out] + [param.grad for param in net.parameters() if param.grad is not None]
+        operations[grouped] = ops.names
+    assert len(results[True]) == len(results[False]) > 50
+    for grouped_result, result in zip(results[True], results[False]):
+        assert torch.allclose(grouped_result, result, rtol=1e-5, atol=1e-6)
+    assert operations[True]['mul.Tensor'] < operations[False]['mul.Tensor']
+    assert (operations[True]['_to_copy.default'] < operations[False]['_to_copy.default']) == (precision == 'bf16')
+    if precision == 'bf16':                     # Forms that no longer match (float32 now): the layers' own weights.
+        set_precision(net, 'fp32')
+        set_speed_options(grouped_weight_norm=False)
+        reference = copy.deepcopy(net)(*inputs)
+        set_speed_options(grouped_weight_norm=True)
+        assert torch.allclose(net(*inputs), reference, rtol=1e-5, atol=1e-6)
 
 def test_grouped_weight_norm_normalises_each_level_group_once(speed_options):
     """Under grouped_weight_norm a training pass of G normalises each group of same-shaped layers with one norm and

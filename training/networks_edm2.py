@@ -23,10 +23,13 @@ FAST_PIXEL_NORM = True          # Pixel normalisation as one autograd node (Norm
 CHANNELS_LAST = True            # UNet activations in channels-last memory (NHWC): faster convolutions, no layout reorders.
 FOLDED_SCALES = True            # Constant activation scales (mp_silu's, mp_sum's) applied to the next layer's weight.
 MASKED_CLIP = True              # Activation clipping as one autograd node keeping a one-byte mask, not a copy of x.
-GROUPED_WEIGHT_NORM = False     # Normalise the same-shaped weights of a UNet level together: one node per group.
+GROUPED_WEIGHT_NORM = False     # Normalise (scale, cast) the same-shaped weights of a UNet level together: one node per group.
 _normalized_weights = weakref.WeakKeyDictionary()       # MPConv -> ((version, pointer, ...), weight it keeps)
 _pending_groups = {}                                    # MPConv -> its group, in a grouped forward pass until first used
-_grouped_weights = {}                                   # MPConv -> normalised weight, computed with its group's
+_grouped_weights = {}                                   # MPConv -> (weight as its group prepared it, (scale, dtype))
+_applied_forms = weakref.WeakKeyDictionary()            # MPConv -> (scale, dtype) its last call applied (prepared_form)
+NORMALIZED_ONLY = (1, torch.float32)                    # The (scale, dtype) form of a weight normalised and no more
+_row_scales = {}                                        # (device, ndim, sizes, scales) -> a group's scales per row
 _constant_layers = weakref.WeakSet()                    # MPConvs of networks that never train (mark_constant)
 
 #----------------------------------------------------------------------------
@@ -92,28 +95,39 @@ def clip_activation(x, limit):
     return MaskedClip.apply(x, limit) if MASKED_CLIP else x.clip_(-limit, limit)
 
 class GroupNormalize(torch.autograd.Function):
-    """normalize() of same-shaped float32 weights [N_i, ...] (over all but the first dimension) as one concatenation,
-    norm and division for the group, and one backward node that recomputes the normalised rows from the weights: it
-    keeps no normalised copy, only the norms."""
+    """normalize() of same-shaped float32 weights [N_i, ...] (over all but the first dimension), each then multiplied
+    by its scale and all cast to `dtype`, as one concatenation, norm, division, scaling and cast for the group, and one
+    backward node that recomputes the normalised rows from the weights: it keeps no normalised copy, only the norms.
+    The products and casts are those of the per-layer path (normalize(w) · scale, then cast), bitwise."""
 
     @staticmethod
-    def forward(ctx, eps, *weights):
+    def forward(ctx, eps, scales, dtype, *weights):
         x = torch.cat(weights)                                                          # [ΣN_i, ...], our own copy
         ctx.dim = list(range(1, x.ndim))
         norm = torch.linalg.vector_norm(x, dim=ctx.dim, keepdim=True, dtype=torch.float32)       # r = ‖x‖ per row
         ctx.alpha = math.sqrt(norm.numel() / x.numel())
         denominator = torch.add(eps, norm, alpha=ctx.alpha)                              # n = eps + α·r
-        ctx.sizes = [weight.shape[0] for weight in weights]
+        ctx.sizes, ctx.scales = [weight.shape[0] for weight in weights], scales
         ctx.save_for_backward(norm, denominator, *weights)
-        return x.div_(denominator).split(ctx.sizes)
+        return scale_rows_(x.div_(denominator), ctx.sizes, scales).to(dtype).split(ctx.sizes)
 
     @staticmethod
     def backward(ctx, *grads):
         norm, denominator, *weights = ctx.saved_tensors
-        grad, y = torch.cat(grads), torch.cat(weights).div_(denominator)              # Our own copies: updated in place.
+        grad = scale_rows_(torch.cat(grads).to(torch.float32), ctx.sizes, ctx.scales)     # g: our own copy
+        y = torch.cat(weights).div_(denominator)
         # dL/dx = g/n − y·α·Σ(g·y)/r, as Normalize's; zero rows (y = 0) keep r from 0.
         coefficient = (grad * y).sum(dim=ctx.dim, keepdim=True).mul_(ctx.alpha).div_(norm.clamp_min(1e-30))
-        return None, *grad.div_(denominator).addcmul_(y, coefficient, value=-1).split(ctx.sizes)
+        return None, None, None, *grad.div_(denominator).addcmul_(y, coefficient, value=-1).split(ctx.sizes)
+
+def scale_rows_(x, sizes, scales):
+    """x with its row blocks of `sizes` multiplied in place by `scales` (one multiplication; none if all are 1)."""
+    if all(scale == 1 for scale in scales):
+        return x
+    key = (x.device, x.ndim, tuple(sizes), tuple(scales))
+    if key not in _row_scales:                                  # Made on the device once per group and form.
+        _row_scales[key] = torch.cat([torch.full([size] + [1] * (x.ndim - 1), scale, device=x.device) for size, scale in zip(sizes, scales)])
+    return x.mul_(_row_scales[key])
 
 def resample(x, f=(1, 1), mode='keep'):
     """Down- or upsample by 2 with the separable filter `f` (depthwise conv)."""
@@ -198,8 +212,11 @@ class MPConv(torch.nn.Module):
         if self.training and self.forced_normalization:
             with torch.no_grad():
                 self.weight.copy_(normalize(self.weight.to(torch.float32)))
-        fan_in = math.prod(self.weight.shape[1:])
-        return self.normalized_weight() * (gain / math.sqrt(fan_in))
+        return self.normalized_weight() * self.weight_scale(gain)
+
+    def weight_scale(self, gain):
+        """gain / sqrt(fan_in): the factor of the normalised weight (a number, or a tensor for a learned gain)."""
+        return gain / math.sqrt(math.prod(self.weight.shape[1:]))
 
     def keeps_normalized_weight(self):
         """Whether the normalised weight is cached: frozen, outside inference mode and compiled graphs (which fuse the
@@ -210,21 +227,29 @@ class MPConv(torch.nn.Module):
         return CACHE_FROZEN_WEIGHTS or (CACHE_CONSTANT_WEIGHTS and self in _constant_layers)
 
     def normalized_weight(self):
-        """normalize(weight) in float32: with its group's (normalizes_weights_by_group), reused until the weight
-        changes where keeps_normalized_weight(), or on its own."""
-        grouped = take_grouped_weight(self)
-        if grouped is not None:
-            return grouped
+        """normalize(weight) in float32: reused until the weight changes where keeps_normalized_weight(), or on its
+        own."""
         if not self.keeps_normalized_weight():
             return normalize(self.weight.to(torch.float32))
         return self.kept((), lambda: normalize(self.weight.to(torch.float32)))
 
     def applied_weight(self, gain, dtype):
-        """effective_weight(gain) in `dtype` as the layer applies it (a linear layer's transposed); where
+        """effective_weight(gain) in `dtype` as the layer applies it (a linear layer's transposed): in a grouped pass
+        from its group, which prepared it in the form of the layer's last call (prepared_form); where
         keeps_normalized_weight() and the gain is a number (constant per call site), kept in place of the normalised
-        weight: the cast and scaled copy costs no more memory than the float32 one and saves their operations."""
+        weight: the cast and scaled copy costs no more memory than the float32 one and saves their operations; else
+        computed."""
+        learned = isinstance(gain, torch.Tensor)
+        form = (self.weight_scale(1), torch.float32) if learned else (self.weight_scale(gain), dtype)
+        grouped = None if torch.compiler.is_compiling() else take_grouped_weight(self, form)   # Compiled: ungrouped.
+        if grouped is not None:
+            weight, prepared = grouped
+            if prepared == form:                                # A learned gain multiplies the scaled weight.
+                return transpose_linear((weight * gain).to(dtype) if learned else weight)
+            if prepared == NORMALIZED_ONLY:                     # Scaled and cast as effective_weight() would.
+                return transpose_linear((weight * self.weight_scale(gain)).to(dtype))
         apply_form = lambda: transpose_linear(self.effective_weight(gain).to(dtype))
-        if isinstance(gain, torch.Tensor) or not self.keeps_normalized_weight():
+        if learned or not self.keeps_normalized_weight():
             return apply_form()
         return self.kept((gain, dtype), apply_form)
 
@@ -269,9 +294,16 @@ def normalize_weights_(module):
         if layer not in grouped:
             layer.weight.copy_(normalize(layer.weight.to(torch.float32)))
 
-def normalize_group(layers, eps=1e-4):
-    """normalize() of the weights of same_shaped() `layers`, as one GroupNormalize."""
-    return GroupNormalize.apply(eps, *[layer.weight for layer in layers])
+def normalize_group(layers, forms=None, eps=1e-4):
+    """normalize() of the weights of same_shaped() `layers`, as one GroupNormalize; forms: each layer's (scale,
+    dtype) to apply (one dtype for all), default NORMALIZED_ONLY."""
+    forms = forms or [NORMALIZED_ONLY] * len(layers)
+    return GroupNormalize.apply(eps, [scale for scale, _dtype in forms], forms[0][1], *[layer.weight for layer in layers])
+
+def prepared_form(layer):
+    """(scale, dtype) in which a grouped pass prepares the layer's weight: as its last call applied it (the gain is
+    constant per call site; a learned gain's layer gets 1/sqrt(fan_in) in float32), NORMALIZED_ONLY before any."""
+    return _applied_forms.get(layer) or NORMALIZED_ONLY
 
 def same_shaped(layers, place):
     """Lists of two or more of the MPConvs `layers` with float32 weights of the same shape but for the rows (they
@@ -293,7 +325,7 @@ def level_weight_groups(net):
             for name, layer_or_block in getattr(unet, part, {}).items():
                 for layer in layer_or_block.modules():
                     if isinstance(layer, MPConv):
-                        places[layer] = (id(unet), part, name.split('_')[0])
+                        places[layer] = (id(unet), part, name.split('_')[0], prepared_form(layer)[1])
     layers = [layer for layer in places if not layer.keeps_normalized_weight() and not (layer.training and layer.forced_normalization)]
     return same_shaped(layers, places.get)
 
@@ -312,14 +344,17 @@ def normalizes_weights_by_group(forward):
             _grouped_weights.clear()
     return grouped_forward
 
-def take_grouped_weight(layer):
-    """The layer's normalised weight from its group, normalising the group at its first use (so only the groups in
-    use hold float32 copies), or None outside a grouped pass."""
+def take_grouped_weight(layer, form):
+    """(weight, its (scale, dtype) form) from the layer's group, normalising the group at its first use (so only the
+    groups in use hold copies), or None outside a grouped pass; remembers `form` for the passes to come (after
+    preparing the group in the forms its grouping saw: one dtype)."""
     group = _pending_groups.get(layer)
     if group is not None:
-        for member, normalized in zip(group, normalize_group(group)):
+        forms = [prepared_form(member) for member in group]
+        for member, prepared, weight in zip(group, forms, normalize_group(group, forms)):
             del _pending_groups[member]
-            _grouped_weights[member] = normalized
+            _grouped_weights[member] = (weight, prepared)
+    _applied_forms[layer] = form
     return _grouped_weights.pop(layer, None)
 
 def disable_forward_normalization_(module):
