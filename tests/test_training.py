@@ -334,8 +334,9 @@ NETWORKS_FOR_AVERAGING = dict(
 @pytest.mark.parametrize('network', list(NETWORKS_FOR_AVERAGING))
 def test_gradients_are_averaged_across_ranks(tmp_path, network):
     """Two gloo ranks with identical batches: the reduced gradient is each rank's own (the mean, not the sum), in the
-    first step and after DDP has rebuilt its buckets; the student normalises its weights by group (grouped_weight_norm),
-    whose backward nodes ready a UNet level's gradients at once."""
+    first step and after DDP has rebuilt its buckets, unscaled in DDP's buckets; the student normalises its weights by
+    group (grouped_weight_norm), whose backward nodes ready a UNet level's gradients at once. Where a rank's gradients
+    are not finite, the reduced ones are zeroed on every rank."""
     script = tmp_path / 'average.py'
     script.write_text(textwrap.dedent(f'''
         import copy, sys, torch
@@ -345,7 +346,7 @@ def test_gradients_are_averaged_across_ranks(tmp_path, network):
         dist.init('cpu')
         torch.manual_seed(0)
     ''') + textwrap.dedent(NETWORKS_FOR_AVERAGING[network]) + textwrap.dedent(f'''
-        reference, averaging = copy.deepcopy(net), gradient_averaging(net, torch.device('cpu'))
+        reference, averaging = copy.deepcopy(net), gradient_averaging(net, torch.device('cpu'), loss_scaling=8.0)
         squares = lambda outputs: sum(output.square().sum() for output in (outputs if isinstance(outputs, tuple) else (outputs,)))
         steps = []
         for step in range(2):
@@ -354,8 +355,12 @@ def test_gradients_are_averaged_across_ranks(tmp_path, network):
             own = [p.grad.clone() / 8.0 for p in reference.parameters()]
             net.zero_grad(set_to_none=True)
             (squares(averaging(*inputs, **kwargs)) * 8.0).backward()
-            finish_gradients_(net, loss_scaling=8.0)
+            finish_gradients_(averaging, loss_scaling=8.0)
             steps.append(dict(own=own, reduced=[p.grad.clone() for p in net.parameters()]))
+        net.zero_grad(set_to_none=True)                                   # Rank 1's gradients all non-finite:
+        (squares(averaging(*inputs, **kwargs)) * (float('inf') if dist.get_rank() == 1 else 8.0)).backward()
+        finish_gradients_(averaging, loss_scaling=8.0)
+        steps.append(dict(own=[torch.zeros_like(p) for p in net.parameters()], reduced=[p.grad.clone() for p in net.parameters()]))
         torch.save(steps, {str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.pt')
         dist.shutdown()
     '''))

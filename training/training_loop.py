@@ -79,25 +79,41 @@ class RandomState:
 FIXED_BUFFERS = (dict(forward_sync_buffers=False)
     if 'forward_sync_buffers' in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters else dict(broadcast_buffers=False))
 
-def gradient_averaging(net, device):
+def gradient_averaging(net, device, loss_scaling=1.0, force_finite=True):
     """`net` in DistributedDataParallel when there are several ranks: gradients averaged across ranks in buckets
-    that are all-reduced while the backward pass goes on; `net` itself on one rank."""
+    that are all-reduced while the backward pass goes on, and finished there (finish_buckets); `net` itself on one
+    rank."""
     if dist.get_world_size() == 1:
         return net
     wrapper = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None,
         gradient_as_bucket_view=True, **FIXED_BUFFERS)
+    wrapper.register_comm_hook(dnnlib.EasyDict(loss_scaling=loss_scaling, force_finite=force_finite), finish_buckets)
     for name in ('img_resolution', 'img_channels', 'label_dim'):            # What GenerativeDenoiser reads.
         setattr(wrapper, name, getattr(net, name))
     return wrapper
 
-@torch.no_grad()
+def finish_buckets(state, bucket):
+    """DDP communication hook: a bucket's gradients divided by the number of ranks and summed across them (DDP's own
+    averaging), then finished as finish_gradients_ finishes them on one rank: one operation per bucket, not per
+    parameter."""
+    gradients = bucket.buffer().div_(dist.get_world_size())
+    exchange = torch.distributed.all_reduce(gradients, async_op=True).get_future()
+    return exchange.then(lambda done: finish_(done.value()[0:1], state.loss_scaling, state.force_finite)[0])
+
 def finish_gradients_(module, loss_scaling, force_finite=True):
-    """Undo loss scaling and zero non-finite values of the (averaged) gradients."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if grads and loss_scaling != 1:
-        torch._foreach_div_(grads, loss_scaling)
-    for grad in grads if force_finite else ():
-        torch.nan_to_num(grad, nan=0, posinf=0, neginf=0, out=grad)
+    """Undo loss scaling and zero non-finite values of the gradients of `module` on one rank; a DistributedDataParallel
+    module has done so in its buckets (gradient_averaging)."""
+    if not isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        finish_([p.grad for p in module.parameters() if p.grad is not None], loss_scaling, force_finite)
+
+@torch.no_grad()
+def finish_(gradients, loss_scaling, force_finite):
+    """The (averaged) `gradients` divided by the loss scaling and their non-finite values zeroed, in place."""
+    if gradients and loss_scaling != 1:
+        torch._foreach_div_(gradients, loss_scaling)
+    for gradient in gradients if force_finite else ():
+        torch.nan_to_num(gradient, nan=0, posinf=0, neginf=0, out=gradient)
+    return gradients
 
 def infinite_batches(data_loader, encoder, device):
     """Endless (images in network space [N, C, H, W], labels [N, L]) on `device`; copied from pinned memory without
@@ -145,7 +161,7 @@ class NCVSDIteration:
         d_lr_scaling=0.01, loss_scaling=1.0, force_finite=True, rng=None, compile_options=None):
         self.nets = phase_networks(G, S, D)
         device = next(G.parameters()).device
-        self.averaging = {phase: gradient_averaging(net, device) for phase, net in self.nets.items()}
+        self.averaging = {phase: gradient_averaging(net, device, loss_scaling, force_finite) for phase, net in self.nets.items()}
         self.compiled = compile_options is not None
         run = (lambda net: compile_network(net, **compile_options)) if self.compiled else (lambda net: net)
         # What the losses call (compiled or not): each network as it trains in its own phase (through its gradient
@@ -182,7 +198,7 @@ class NCVSDIteration:
                 images, labels = next(batches)
                 loss = self.phase_loss(name, images, labels if self.teacher.label_dim else None, use_gan)
                 loss.sum().mul(self.loss_scaling / self.batch_gpu_total).backward()
-        finish_gradients_(net, self.loss_scaling, self.force_finite)
+        finish_gradients_(self.averaging[name], self.loss_scaling, self.force_finite)
         for group in optimizer.param_groups:
             group['lr'] = lr
         optimizer.step()
