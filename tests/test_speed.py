@@ -116,6 +116,22 @@ def saved_mib(net, args, **options):
     set_speed_options(**options)
     return kept_for_backward_mib(net, *args)
 
+def test_folded_blends_are_mp_sums(speed_options):
+    """mp_sum with a learned (tensor) blend, and mp_sums with a vector of them, as folded weights (one hypot for
+    all) equal lerp / balance_norm, values and gradients, at the ends of [0, 1] and inside."""
+    from training.networks_edm2 import mp_sum, mp_sums
+    gen = torch.Generator().manual_seed(0)
+    pairs = [(torch.randn(2, 4, 3, 3, generator=gen), torch.randn(2, 4, 3, 3, generator=gen)) for _ in range(4)]
+    results = {}
+    for folded in (False, True):
+        set_speed_options(folded_scales=folded)
+        blends = torch.tensor([0.0, 0.3, 0.8, 1.0], requires_grad=True)
+        outputs = mp_sums(pairs, blends) + [mp_sum(*pairs[1], t=blends[1])]
+        sum((output * (index + 1)).sum() for index, output in enumerate(outputs)).backward()
+        results[folded] = [*outputs, blends.grad]
+    for folded, plain in zip(results[True], results[False]):
+        assert torch.allclose(folded, plain, rtol=1e-6, atol=1e-6)
+
 @pytest.mark.parametrize('name', ['masked_clip', 'fast_pixel_norm', 'folded_scales'])
 def test_options_keep_less_for_the_backward_pass(speed_options, name):
     """The options that change what autograd keeps (the clip's mask, the normalised q/k/v in attention's own layout,

@@ -152,9 +152,25 @@ def mp_sum(a, b, t=0.5):
     a tensor t (a learned weight) goes into two scalar weights, a·(1−t)/n + b·t/n, whose backward keeps a and b
     only, not the interpolation too."""
     if FOLDED_SCALES and isinstance(t, torch.Tensor):
-        norm = balance_norm(t)
-        return torch.addcmul(a * ((1 - t) / norm), b, t / norm)
+        return weighted_sum(a, b, *blend_weights(t))
     return a.lerp(b, t) / balance_norm(t)
+
+def mp_sums(pairs, t):
+    """[mp_sum(a, b, t_i) for (a, b), t_i in zip(pairs, t)] for a tensor t of blends: with FOLDED_SCALES their weights
+    computed for all at once."""
+    if not FOLDED_SCALES:
+        return [mp_sum(a, b, t=blend) for (a, b), blend in zip(pairs, t)]
+    return [weighted_sum(a, b, weight_a, weight_b) for (a, b), weight_a, weight_b in zip(pairs, *blend_weights(t))]
+
+def blend_weights(t):
+    """The weights (1 − t)/n and t/n of mp_sum's a and b for a tensor t of blends (elementwise; n as one hypot, fewer
+    operations than balance_norm's)."""
+    rest = 1 - t
+    norm = torch.hypot(rest, t)
+    return rest / norm, t / norm
+
+def weighted_sum(a, b, weight_a, weight_b):
+    return torch.addcmul(a * weight_a, b, weight_b)
 
 def balance_norm(t):
     """RMS gain of the blend (1 − t)·a + t·b of unit-RMS uncorrelated a and b (t a float or a tensor)."""

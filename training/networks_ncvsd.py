@@ -7,7 +7,7 @@ All of them reuse the EDM2 UNet halves of networks_edm2 and start from a teacher
 import torch
 
 from torch_utils import persistence
-from training.networks_edm2 import (UNet, MPConv, MPFourier, mp_sum, mp_cat, precond_coefficients,
+from training.networks_edm2 import (UNet, MPConv, MPFourier, mp_sum, mp_sums, mp_cat, precond_coefficients,
     prepare_inputs, compute_dtype, normalize_weights_, disable_forward_normalization_, normalizes_weights_by_group)
 from training.noise_levels import as_sigma, combine_conditions, sampling_grid, parse_ts, DEFAULT_TS
 
@@ -33,7 +33,7 @@ class ControlledDecoder(UNet):
         x_weight = self.additional_x_weight.clip(0, 1).to(x.dtype)
         skip_weights = self.additional_skips_weight.clip(0, 1).to(x.dtype)
         x = mp_sum(x, ctrl_x, t=x_weight)
-        skips = [mp_sum(skip, ctrl_skip, t=weight) for skip, ctrl_skip, weight in zip(skips, ctrl_skips, skip_weights)]
+        skips = mp_sums(list(zip(skips, ctrl_skips)), skip_weights)
         return self.decode(x, skips, emb)
 
 class _TwoEncoderNetwork(torch.nn.Module):
