@@ -200,8 +200,8 @@ def test_networks_prepared_for_sampling_let_cudnn_time_its_kernels(monkeypatch):
 def test_constant_networks_keep_their_normalised_weights(speed_options):
     """With only the constant-weight cache (CUDA's default), a network prepared as a teacher or for sampling reuses
     its normalised weights (the same outputs, bitwise) while a student frozen for a phase recomputes them; where the
-    gain is a number it keeps them as applied (scaled, cast, a linear layer's transposed), four or more operations
-    fewer per layer; a change to a constant network's weight is noticed."""
+    gain is a number or a frozen learned gain it keeps them as applied (scaled, cast, a linear layer's transposed),
+    four or more operations fewer per layer; a change to a constant network's weight or learned gain is noticed."""
     from training.network_io import prepare_frozen
     set_speed_options(cache_frozen_weights=False, cache_constant_weights=True)
     data = load_fixture('edm2_precond_small.pt')
@@ -225,6 +225,14 @@ def test_constant_networks_keep_their_normalised_weights(speed_options):
             net(*args)
         operations[name] = sum(ops.names.values())
     assert operations['frozen'] - operations['constant'] >= 4 * len(applied), operations
+    learned = [layer for layer, (key, _entry) in networks_edm2._normalized_weights.items() if len(key) == 5 and layer in layers_of(constant)]
+    assert constant.unet.out_conv in learned and len(learned) > 2                 # out_gain's and the blocks' emb_gain's
+    with torch.no_grad():
+        constant.unet.out_gain.mul_(2)                     # in-place change of a learned gain: noticed
+    assert not torch.allclose(constant(*args), before)
+    with torch.no_grad():
+        constant.unet.out_gain.div_(2)
+    assert torch.equal(constant(*args), before)
     with torch.no_grad():
         constant.unet.enc['16x16_conv'].weight.mul_(-1)
     assert not torch.allclose(constant(*args), before)

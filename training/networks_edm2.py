@@ -252,9 +252,9 @@ class MPConv(torch.nn.Module):
     def applied_weight(self, gain, dtype):
         """effective_weight(gain) in `dtype` as the layer applies it (a linear layer's transposed): in a grouped pass
         from its group, which prepared it in the form of the layer's last call (prepared_form); where
-        keeps_normalized_weight() and the gain is a number (constant per call site), kept in place of the normalised
-        weight: the cast and scaled copy costs no more memory than the float32 one and saves their operations; else
-        computed."""
+        keeps_normalized_weight() and the gain is a number (constant per call site) or a frozen parameter, kept in
+        place of the normalised weight: the cast and scaled copy costs no more memory than the float32 one and saves
+        their operations; else computed."""
         learned = isinstance(gain, torch.Tensor)
         form = (self.weight_scale(1), torch.float32) if learned else (self.weight_scale(gain), dtype)
         grouped = None if torch.compiler.is_compiling() else take_grouped_weight(self, form)   # Compiled: ungrouped.
@@ -265,9 +265,9 @@ class MPConv(torch.nn.Module):
             if prepared == NORMALIZED_ONLY:                     # Scaled and cast as effective_weight() would.
                 return transpose_linear((weight * self.weight_scale(gain)).to(dtype))
         apply_form = lambda: transpose_linear(self.effective_weight(gain).to(dtype))
-        if learned or not self.keeps_normalized_weight():
+        if not self.keeps_normalized_weight() or (learned and not constant_parameter(gain)):
             return apply_form()
-        return self.kept((gain, dtype), apply_form)
+        return self.kept((gain._version, gain.data_ptr(), dtype) if learned else (gain, dtype), apply_form)
 
     def kept(self, key, compute):
         """compute() outside autograd, reused while the weight and `key` stay the same (one entry per layer)."""
@@ -285,6 +285,11 @@ class MPConv(torch.nn.Module):
             return x @ weight
         assert weight.ndim == 4
         return torch.nn.functional.conv2d(x, weight, padding=(weight.shape[-1] // 2,))
+
+def constant_parameter(gain):
+    """Whether a learned gain is a frozen parameter (its network's, frozen with it: its value changes only in place,
+    which its version tells), so that a weight scaled by it can be kept as the weight is."""
+    return isinstance(gain, torch.nn.Parameter) and not gain.requires_grad
 
 def transpose_linear(weight):
     """A linear layer's weight [out, in] as x @ weight applies it ([in, out], a view); a convolution's as it is."""
