@@ -144,7 +144,7 @@ def test_options_keep_less_for_the_backward_pass(speed_options, name):
 
 def test_masked_clip_has_the_gradient_of_clip(speed_options):
     """The one-node clip equals torch's in-place clip, forward and backward, bitwise: at the bounds (gradient
-    passes), beyond them (none), and at NaN (none)."""
+    passes), beyond them (none), and at NaN (none); without a gradient to compute it makes no mask."""
     from training.networks_edm2 import clip_activation
     x = torch.tensor([-300.0, -256.0, -1.5, 0.0, 2.0, 256.0, 300.0, float('nan'), float('inf')])
     grad = torch.arange(1.0, 10.0)
@@ -159,6 +159,11 @@ def test_masked_clip_has_the_gradient_of_clip(speed_options):
     assert torch.equal(y_masked.nan_to_num(-1), y_plain.nan_to_num(-1))
     assert torch.equal(grad_masked, grad_plain)
     assert grad_masked.tolist() == [0, 2, 3, 4, 5, 6, 0, 0, 0]
+    set_speed_options(masked_clip=True)
+    ops = OpNames()
+    with ops:                                           # No gradient wanted (a frozen pass): the clip alone, no mask.
+        y = clip_activation(x, 256)
+    assert ops.names == {'clamp.default': 1} and torch.equal(y.nan_to_num(-1), y_plain.nan_to_num(-1))
 
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_attention_inputs_need_no_copy(speed_options, monkeypatch, channels_last):

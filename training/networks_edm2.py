@@ -53,7 +53,7 @@ class Normalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dim, eps, layout=None):
-        accumulation = torch.promote_types(x.dtype, torch.float32)
+        accumulation = torch.float64 if x.dtype == torch.float64 else torch.float32     # promote_types, without its op
         if x.stride(dim) == 1:
             norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=accumulation)                    # r = ‖x‖
         else:
@@ -78,12 +78,13 @@ class Normalize(torch.autograd.Function):
 class MaskedClip(torch.autograd.Function):
     """x.clip(-limit, limit) keeping for the backward pass the one-byte mask of the unclipped elements (where the
     result equals x: the bounds included, NaN excluded, as torch's own backward), where torch's in-place clip keeps
-    a copy of x, and masking the gradient in one pass instead of four."""
+    a copy of x, and masking the gradient in one pass instead of four; no mask where no gradient is wanted."""
 
     @staticmethod
     def forward(ctx, x, limit):
         y = x.clip(-limit, limit)
-        ctx.save_for_backward(y == x)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(y == x)
         return y
 
     @staticmethod
