@@ -257,8 +257,10 @@ class MPConv(torch.nn.Module):
         place of the normalised weight: the cast and scaled copy costs no more memory than the float32 one and saves
         their operations; else computed."""
         learned = isinstance(gain, torch.Tensor)
-        form = (self.weight_scale(1), torch.float32) if learned else (self.weight_scale(gain), dtype)
-        grouped = None if torch.compiler.is_compiling() else take_grouped_weight(self, form)   # Compiled: ungrouped.
+        grouped = None
+        if not torch.compiler.is_compiling() and GROUPED_WEIGHT_NORM:                   # Compiled: ungrouped.
+            form = (self.weight_scale(1), torch.float32) if learned else (self.weight_scale(gain), dtype)
+            grouped = take_grouped_weight(self, form)
         if grouped is not None:
             weight, prepared = grouped
             if prepared == form:                                # A learned gain multiplies the scaled weight.
