@@ -13,6 +13,7 @@ from test_speed import teacher_and_students
 from training.encoders import StabilityVAEEncoder, StandardRGBEncoder
 from training.loss import NCVSDLoss
 from training.phema import PowerFunctionEMA
+from training.speed import set_speed_options, use_device_defaults
 from training.training_loop import NCVSDIteration, infinite_batches, phase_networks
 
 TENSOR = torch.Tensor
@@ -37,12 +38,21 @@ class HostSyncs(TorchFunctionMode):
             self.sites.append(f'{func.__name__} at {caller.filename}:{caller.lineno}')
         return func(*args, **kwargs)
 
+@pytest.fixture
+def speed_options():
+    previous = set_speed_options()
+    yield
+    set_speed_options(**previous)
+
+@pytest.mark.parametrize('defaults', ['cpu', 'cuda'])
 @pytest.mark.parametrize('device', DEVICES)
-def test_an_iteration_never_waits_for_the_device(device):
+def test_an_iteration_never_waits_for_the_device(device, defaults, speed_options):
     """After a warm-up, one iteration (data copied to the device, three phases with their losses reported and fused
-    Adam steps, the EMA update) reads nothing back and copies nothing from the host but its pinned batches. On
-    CUDA torch's sync debug mode sees every synchronising call as well."""
+    Adam steps, the EMA update) reads nothing back and copies nothing from the host but its pinned batches, under
+    either device's speed options (CUDA's group the weight normalisation: checked here on the CPU too). On CUDA
+    torch's sync debug mode sees every synchronising call as well."""
     device = torch.device(device)
+    use_device_defaults(torch.device(defaults))                 # A device object needs no GPU.
     teacher, nets = teacher_and_students()
     teacher, (G, S, D) = teacher.to(device), [net.to(device) for net in nets]
     optimizers = {phase: torch.optim.Adam(net.parameters(), lr=0, fused=True) for phase, net in phase_networks(G, S, D).items()}
