@@ -1,4 +1,5 @@
-"""The training iteration never makes the host wait for the device (no .item() outside the status lines)."""
+"""The training iteration never makes the host wait for the device (no .item() outside the status lines), and makes
+every tensor on the device of its data."""
 
 import itertools
 import traceback
@@ -7,6 +8,8 @@ import warnings
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from conftest import DEVICES
 from test_speed import teacher_and_students
@@ -14,6 +17,8 @@ from training.encoders import StabilityVAEEncoder, StandardRGBEncoder
 from training.loss import NCVSDLoss
 from training.phema import PowerFunctionEMA
 from training.speed import set_speed_options, use_device_defaults
+from training.networks_ncvsd import GenerativeDenoiser
+from training.sampling import edm_heun_sampler
 from training.training_loop import NCVSDIteration, infinite_batches, phase_networks
 
 TENSOR = torch.Tensor
@@ -98,3 +103,44 @@ def test_vae_latents_are_scaled_without_host_copies(device):
         again = encoder.encode_latents(moments)
     assert not syncs.sites, syncs.sites
     assert again.shape == expected.shape == (2, 4, 4, 4) and again.device == moments.device
+
+class DeviceMixes(TorchDispatchMode):
+    """Records the operations (but copies) given tensors on two devices, as CUDA refuses them: a CPU tensor beside
+    CUDA ones is an error there unless it holds a single number (0-dim)."""
+
+    COPIES = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default}
+
+    def __init__(self):
+        super().__init__()
+        self.sites = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+        if func not in self.COPIES and len({t.device for t in tensors if t.ndim > 0 or t.device.type != 'cpu'}) > 1:
+            self.sites.append(f'{func.__name__} of {sorted(str(t.device) for t in tensors)} at {traceback.format_stack(limit=4)[0].strip()}')
+        return func(*args, **kwargs)
+
+@pytest.mark.parametrize('defaults', ['cpu', 'cuda'])
+def test_every_tensor_is_made_on_the_data_device(defaults, speed_options):
+    """Two iterations (the second reusing cached and grouped weights) and the samplers, run on the meta device (no
+    kernel runs): no operation meets a tensor left on the CPU (made without a device, or kept from construction
+    outside the modules' buffers) beside the data, which CUDA would refuse; the CPU suite's check of what breaks on
+    a GPU, under either device's speed options."""
+    meta = torch.device('meta')
+    use_device_defaults(torch.device(defaults))
+    teacher, nets = teacher_and_students()
+    teacher, (G, S, D) = teacher.to(meta), [net.to(meta) for net in nets]
+    optimizers = {phase: torch.optim.Adam(net.parameters(), lr=0, foreach=True) for phase, net in phase_networks(G, S, D).items()}
+    step = NCVSDIteration(G, S, D, teacher, NCVSDLoss(), optimizers, 0.414, num_rounds=2, batch_gpu_total=8)
+    noise, labels = torch.randn(4, 3, 16, 16, device=meta), torch.eye(10, device=meta)[:4]
+    student = GenerativeDenoiser(G)
+    mixes = DeviceMixes()
+    with mixes:
+        for _ in range(2):
+            step.run(itertools.repeat((noise, labels)), lr=1e-3)
+        G.eval().requires_grad_(False)
+        with torch.no_grad():
+            samples = [edm_heun_sampler(teacher, noise, labels, num_steps=3), student.sample(noise, labels, ts=[0, 10, 20, 30, 39])]
+    assert not mixes.sites, sorted(set(mixes.sites))
+    assert all(tensor.device == meta for tensor in [*samples, *G.parameters(), *S.parameters(), *D.parameters()])
