@@ -32,12 +32,12 @@ def teacher_and_students():
     torch.manual_seed(0)
     return teacher, build_students(teacher, {'use_fp16': False}, 'cpu')
 
-def one_iteration(teacher, nets, compile_options=None, iterations=1, device='cpu'):
+def one_iteration(teacher, nets, compile_options=None, iterations=1, device='cpu', loss_scaling=1.0):
     """(G, S, D) after `iterations` iterations of two accumulation rounds from copies of `nets`."""
     G, S, D = [copy.deepcopy(net).to(device) for net in nets]
     step = NCVSDIteration(G, S, D, teacher.to(device), NCVSDLoss(), build_optimizers(G, S, D), 0.414, num_rounds=2,
-        batch_gpu_total=8, g_lr_scaling=0.1, d_lr_scaling=0.1, rng=torch.Generator(device).manual_seed(0),
-        compile_options=compile_options)
+        batch_gpu_total=8, g_lr_scaling=0.1, d_lr_scaling=0.1, loss_scaling=loss_scaling,
+        rng=torch.Generator(device).manual_seed(0), compile_options=compile_options)
     gen = torch.Generator().manual_seed(1)
     def batches():
         while True:
@@ -289,13 +289,13 @@ def test_speed_options_follow_the_device(speed_options):
     from training.speed import use_device_defaults, get_speed_options
     use_device_defaults(torch.device('cuda'))                       # A device object needs no GPU.
     assert get_speed_options() == dict(cache_frozen_weights=False, cache_constant_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
-        channels_last=True, folded_scales=True, masked_clip=True, grouped_weight_norm=True)
+        channels_last=True, folded_scales=True, masked_clip=True, grouped_weight_norm=True, flat_gradients=True)
     use_device_defaults(torch.device('cpu'))
     assert get_speed_options() == dict(cache_frozen_weights=True, cache_constant_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
-        channels_last=True, folded_scales=True, masked_clip=True, grouped_weight_norm=False)
+        channels_last=True, folded_scales=True, masked_clip=True, grouped_weight_norm=False, flat_gradients=True)
     use_device_defaults(torch.device('cpu'), compiled=True)         # Inductor's CPU kernels: NCHW measured faster.
     assert get_speed_options() == dict(cache_frozen_weights=True, cache_constant_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
-        channels_last=False, folded_scales=True, masked_clip=True, grouped_weight_norm=False)
+        channels_last=False, folded_scales=True, masked_clip=True, grouped_weight_norm=False, flat_gradients=True)
     use_device_defaults(torch.device('cuda'), compiled=True)
     assert get_speed_options()['channels_last']
 
@@ -395,6 +395,25 @@ class OpNames(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names[func.__name__] += 1
         return func(*args, **(kwargs or {}))
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_flat_gradients_change_no_bit(speed_options, device):
+    """On one rank, gradients kept as views of one buffer per network (flat_gradients) give bitwise the weights of
+    per-parameter gradients after two iterations of two accumulation rounds under loss scaling, each phase
+    finishing its gradients with one nan_to_num, not one per parameter."""
+    teacher, nets = teacher_and_students()
+    counts = {}
+    for flat in (False, True):
+        set_speed_options(flat_gradients=flat)
+        operations = OpNames()
+        with operations:
+            counts[flat] = (operations, one_iteration(teacher, nets, iterations=2, device=device, loss_scaling=8.0))
+    (per_parameter, reference), (flat_operations, flat_nets) = counts[False], counts[True]
+    for reference_net, flat_net in zip(reference, flat_nets):
+        for (name, a), b in zip(reference_net.state_dict().items(), flat_net.state_dict().values()):
+            assert torch.equal(a, b), name
+    assert flat_operations.names['nan_to_num.out'] == 2 * 3
+    assert per_parameter.names['nan_to_num.out'] == 2 * sum(len(list(net.parameters())) for net in nets)
 
 @pytest.mark.parametrize('channels_last', [False, True])
 @pytest.mark.parametrize('device', DEVICES)

@@ -1,3 +1,4 @@
+import copy
 import os
 import pickle
 import textwrap
@@ -305,7 +306,7 @@ def test_first_update_of_a_rampup_runs_at_learning_rate_zero(assets, tmp_path, m
 
 @pytest.mark.parametrize('loss_scaling', [1.0, 8.0])
 def test_non_finite_gradients_are_zeroed(loss_scaling):
-    from training.training_loop import finish_gradients_
+    from training.gradients import finish_gradients_
     net = torch.nn.Linear(3, 2)
     for param in net.parameters():
         param.grad = torch.full_like(param, 2.0 * loss_scaling)
@@ -313,6 +314,29 @@ def test_non_finite_gradients_are_zeroed(loss_scaling):
     finish_gradients_(net, loss_scaling)
     assert net.weight.grad[0, 0] == 0 and net.weight.grad[1, 2] == 0 and net.bias.grad[0] == 0
     assert net.weight.grad[0, 1] == 2.0 and net.bias.grad[1] == 2.0
+
+def test_flat_gradients_accumulate_and_finish_in_their_parameters():
+    """FlatGradients: after zero_(), backward passes accumulate into the parameters' views of the buffer (the values of
+    per-parameter gradients); finish_ unscales and zeroes non-finite values there, and zero_() gives a view back to a
+    parameter whose gradient was unset."""
+    from training.gradients import FlatGradients
+    net, gen = torch.nn.Linear(3, 2), torch.Generator().manual_seed(0)
+    inputs = [torch.randn(4, 3, generator=gen) for _ in range(2)]
+    reference = copy.deepcopy(net)
+    for x in inputs:
+        reference(x).square().sum().backward()
+    flat = FlatGradients(net.parameters())
+    flat.zero_()
+    for x in inputs:
+        (net(x).square().sum() * 8.0).backward()
+    assert all(param.grad.data_ptr() == view.data_ptr() for param, view in zip(net.parameters(), flat.views))
+    net.weight.grad[0, 0], net.bias.grad[1] = float('nan'), float('-inf')
+    flat.finish_(loss_scaling=8.0)
+    assert net.weight.grad[0, 0] == 0 and net.bias.grad[1] == 0
+    assert torch.equal(net.weight.grad[1], reference.weight.grad[1]) and torch.equal(net.bias.grad[:1], reference.bias.grad[:1])
+    net.bias.grad = None
+    flat.zero_()
+    assert net.bias.grad is flat.views[1] and not flat.buffer.any()
 
 NETWORKS_FOR_AVERAGING = dict(
     linear="""
@@ -342,7 +366,7 @@ def test_gradients_are_averaged_across_ranks(tmp_path, network):
         import copy, sys, torch
         sys.path.insert(0, {ROOT!r})
         from torch_utils import distributed as dist
-        from training.training_loop import gradient_averaging, finish_gradients_
+        from training.gradients import gradient_averaging, finish_gradients_
         dist.init('cpu')
         torch.manual_seed(0)
     ''') + textwrap.dedent(NETWORKS_FOR_AVERAGING[network]) + textwrap.dedent(f'''

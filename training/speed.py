@@ -5,7 +5,7 @@ Used by the before/after equivalence test and by bench/train_step.py to measure 
 
 import torch
 
-from training import networks_edm2
+from training import gradients, networks_edm2
 from training.loss import NCVSDLoss
 
 OPTIONS = dict(
@@ -18,6 +18,7 @@ OPTIONS = dict(
     folded_scales=(networks_edm2, 'FOLDED_SCALES'),
     masked_clip=(networks_edm2, 'MASKED_CLIP'),
     grouped_weight_norm=(networks_edm2, 'GROUPED_WEIGHT_NORM'),
+    flat_gradients=(gradients, 'FLAT_GRADIENTS'),
 )
 
 # Off on CUDA: the cached frozen weights cost 4.7 GiB on an H100 (EDM2 img64-s, batch 64, fp16) for no gain (the
@@ -37,6 +38,8 @@ OPTIONS = dict(
 # The grouped weight normalisation (session 13) cuts the operations of the networks' passes in an iteration under the
 # CUDA defaults from 35,576 to 25,836 (bench-s64, bench/ops.py), so it is on there, untimed on a GPU; on the CPU,
 # where those operations are cheap, bench-a measured no gain (1.00-1.01x at batch 32 and 2, alternating): off.
+# The flat gradients (session 15) cut an iteration's operations on one rank by 991 at bench-s64 (bench/ops.py) and
+# leave the CPU step unchanged (bench-a, alternating: 1.00x at batch 32 and 2): on everywhere, untimed on a GPU.
 DEVICE_OFF = dict(
     cuda=('cache_frozen_weights',),
     cpu=('grouped_weight_norm',),

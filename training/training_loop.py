@@ -2,7 +2,6 @@
 
 import contextlib
 import copy
-import inspect
 import json
 import os
 import pickle
@@ -23,6 +22,8 @@ from training.networks_ncvsd import ConditionalPrecond, ConditionalDiscriminator
 from training.noise_levels import PAPER_CHAINS, DEFAULT_TS
 from training.phema import PowerFunctionEMA
 from training.sampling import StackedRandomGenerator, random_labels, save_image_grid
+from training import gradients
+from training.gradients import FlatGradients, finish_gradients_, gradient_averaging
 from training.speed import compile_network
 
 #----------------------------------------------------------------------------
@@ -74,47 +75,6 @@ class RandomState:
         if 'cuda' in state:
             torch.cuda.set_rng_state(state['cuda'], self.device)
 
-# The networks' buffers (Fourier features) are fixed and equal on every rank: not re-sent at each forward pass.
-# torch 2.13 renamed DDP's argument (the old name warns there); older versions, the GPU machine's 2.11 included, lack the new one.
-FIXED_BUFFERS = (dict(forward_sync_buffers=False)
-    if 'forward_sync_buffers' in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters else dict(broadcast_buffers=False))
-
-def gradient_averaging(net, device, loss_scaling=1.0, force_finite=True):
-    """`net` in DistributedDataParallel when there are several ranks: gradients averaged across ranks in buckets
-    that are all-reduced while the backward pass goes on, and finished there (finish_buckets); `net` itself on one
-    rank."""
-    if dist.get_world_size() == 1:
-        return net
-    wrapper = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None,
-        gradient_as_bucket_view=True, **FIXED_BUFFERS)
-    wrapper.register_comm_hook(dnnlib.EasyDict(loss_scaling=loss_scaling, force_finite=force_finite), finish_buckets)
-    for name in ('img_resolution', 'img_channels', 'label_dim'):            # What GenerativeDenoiser reads.
-        setattr(wrapper, name, getattr(net, name))
-    return wrapper
-
-def finish_buckets(state, bucket):
-    """DDP communication hook: a bucket's gradients divided by the number of ranks and summed across them (DDP's own
-    averaging), then finished as finish_gradients_ finishes them on one rank: one operation per bucket, not per
-    parameter."""
-    gradients = bucket.buffer().div_(dist.get_world_size())
-    exchange = torch.distributed.all_reduce(gradients, async_op=True).get_future()
-    return exchange.then(lambda done: finish_(done.value()[0:1], state.loss_scaling, state.force_finite)[0])
-
-def finish_gradients_(module, loss_scaling, force_finite=True):
-    """Undo loss scaling and zero non-finite values of the gradients of `module` on one rank; a DistributedDataParallel
-    module has done so in its buckets (gradient_averaging)."""
-    if not isinstance(module, torch.nn.parallel.DistributedDataParallel):
-        finish_([p.grad for p in module.parameters() if p.grad is not None], loss_scaling, force_finite)
-
-@torch.no_grad()
-def finish_(gradients, loss_scaling, force_finite):
-    """The (averaged) `gradients` divided by the loss scaling and their non-finite values zeroed, in place."""
-    if gradients and loss_scaling != 1:
-        torch._foreach_div_(gradients, loss_scaling)
-    for gradient in gradients if force_finite else ():
-        torch.nan_to_num(gradient, nan=0, posinf=0, neginf=0, out=gradient)
-    return gradients
-
 def infinite_batches(data_loader, encoder, device):
     """Endless (images in network space [N, C, H, W], labels [N, L]) on `device`; copied from pinned memory without
     making the host wait for the device."""
@@ -162,6 +122,7 @@ class NCVSDIteration:
         self.nets = phase_networks(G, S, D)
         device = next(G.parameters()).device
         self.averaging = {phase: gradient_averaging(net, device, loss_scaling, force_finite) for phase, net in self.nets.items()}
+        self.flat_gradients = {}                                    # phase -> FlatGradients, on one rank.
         self.compiled = compile_options is not None
         run = (lambda net: compile_network(net, **compile_options)) if self.compiled else (lambda net: net)
         # What the losses call (compiled or not): each network as it trains in its own phase (through its gradient
@@ -191,18 +152,33 @@ class NCVSDIteration:
     def run_phase(self, net, optimizer, lr, name, batches, use_gan):
         for other in self.nets.values():
             other.requires_grad_(other is net)
-        optimizer.zero_grad(set_to_none=True)
+        flat = self.zero_gradients(name, optimizer)
         for round_idx in range(self.num_rounds):
             synchronize = round_idx == self.num_rounds - 1 or not hasattr(self.averaging[name], 'no_sync')
             with (contextlib.nullcontext() if synchronize else self.averaging[name].no_sync()):    # Exchange once, at the end.
                 images, labels = next(batches)
                 loss = self.phase_loss(name, images, labels if self.teacher.label_dim else None, use_gan)
                 loss.sum().mul(self.loss_scaling / self.batch_gpu_total).backward()
-        finish_gradients_(self.averaging[name], self.loss_scaling, self.force_finite)
+        if flat is not None:
+            flat.finish_(self.loss_scaling, self.force_finite)
+        else:
+            finish_gradients_(self.averaging[name], self.loss_scaling, self.force_finite)
         for group in optimizer.param_groups:
             group['lr'] = lr
         optimizer.step()
         net.project_()
+
+    def zero_gradients(self, name, optimizer):
+        """Zeroed gradients for the phase: its network's FlatGradients (returned) on one rank under FLAT_GRADIENTS,
+        made at first use; else unset, per parameter or in DDP's buckets (None)."""
+        net = self.averaging[name]
+        if not (gradients.FLAT_GRADIENTS and FlatGradients.applies_to(net)):
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        if name not in self.flat_gradients:
+            self.flat_gradients[name] = FlatGradients(net.parameters())
+        self.flat_gradients[name].zero_()
+        return self.flat_gradients[name]
 
     def phase_loss(self, name, images, labels, use_gan):
         if name == 'score':
