@@ -108,6 +108,23 @@ def test_saved_memory_compares_variants():
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count('generator phase (G + frozen D)') == 2 and '1.00x [off=all]' in result.stdout
 
+def test_iteration_memory_tallies_live_storages():
+    """bench/iteration_memory.py: the tally holds a storage from the operation that made it until it is freed (views
+    add nothing); the iteration's figures come per variant, flat gradients holding none between phases."""
+    sys.path.insert(0, os.path.join(ROOT, 'bench'))
+    from iteration_memory import LiveStorage
+    tally, mib = LiveStorage(), 2**18                                 # float32 elements per MiB
+    with tally:
+        first, second = torch.zeros(mib), torch.zeros(2 * mib)
+        view = second[:mib]
+        del first
+        third = torch.ones(mib)
+    assert (tally.peak, tally.live) == (3 * 2**20, 3 * 2**20) and view.numel() + third.numel() == 2 * mib
+    result = run_python(['bench/iteration_memory.py', '--preset=bench-a', '--batch=2', '--variant=off=flat_gradients', '--variant=default'])
+    assert result.returncode == 0, result.stderr[-2000:]
+    held = dict(re.findall(r'\[(.*)\] peak \d+ MiB .* gradients held at the start (\d+) MiB', result.stdout))
+    assert int(held['off=flat_gradients']) > 0 and int(held['default']) == 0, result.stdout
+
 def test_variant_settings_apply_in_order():
     sys.path.insert(0, os.path.join(ROOT, 'bench'))
     from train_step import parse_variant

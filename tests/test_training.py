@@ -317,8 +317,8 @@ def test_non_finite_gradients_are_zeroed(loss_scaling):
 
 def test_flat_gradients_accumulate_and_finish_in_their_parameters():
     """FlatGradients: after zero_(), backward passes accumulate into the parameters' views of the buffer (the values of
-    per-parameter gradients); finish_ unscales and zeroes non-finite values there, and zero_() gives a view back to a
-    parameter whose gradient was unset."""
+    per-parameter gradients); finish_ unscales and zeroes non-finite values there; release() unsets the gradients and
+    frees the buffer's memory, which the next zero_() takes again, zeroed, with the views set as gradients."""
     from training.gradients import FlatGradients
     net, gen = torch.nn.Linear(3, 2), torch.Generator().manual_seed(0)
     inputs = [torch.randn(4, 3, generator=gen) for _ in range(2)]
@@ -334,9 +334,12 @@ def test_flat_gradients_accumulate_and_finish_in_their_parameters():
     flat.finish_(loss_scaling=8.0)
     assert net.weight.grad[0, 0] == 0 and net.bias.grad[1] == 0
     assert torch.equal(net.weight.grad[1], reference.weight.grad[1]) and torch.equal(net.bias.grad[:1], reference.bias.grad[:1])
-    net.bias.grad = None
+    flat.release()
+    assert net.weight.grad is None and net.bias.grad is None and flat.buffer.untyped_storage().nbytes() == 0
     flat.zero_()
-    assert net.bias.grad is flat.views[1] and not flat.buffer.any()
+    assert net.weight.grad is flat.views[0] and net.bias.grad is flat.views[1] and not flat.buffer.any()
+    net(inputs[0]).square().sum().backward()
+    assert net.bias.grad.data_ptr() == flat.views[1].data_ptr() and flat.buffer.any()
 
 NETWORKS_FOR_AVERAGING = dict(
     linear="""

@@ -56,11 +56,12 @@ class FlatGradients:
     """One rank's gradients of a network's parameters as views of one flat buffer, as DDP's buckets hold them on
     several ranks: zeroed, unscaled and made finite in one operation each, not one per parameter. The backward pass
     adds into the views (autograd accumulates into an existing gradient in place), so the values are those of
-    per-parameter gradients, bitwise."""
+    per-parameter gradients, bitwise. Between its phases the buffer holds no memory (release)."""
 
     def __init__(self, parameters):
         self.parameters = list(parameters)
         self.buffer = self.parameters[0].new_zeros([sum(param.numel() for param in self.parameters)])
+        self.nbytes = self.buffer.untyped_storage().nbytes()
         sizes = [param.numel() for param in self.parameters]
         self.views = [view.view_as(param) for param, view in zip(self.parameters, self.buffer.split(sizes))]
 
@@ -71,10 +72,18 @@ class FlatGradients:
         return not isinstance(module, torch.nn.parallel.DistributedDataParallel) and len(kinds) == 1
 
     def zero_(self):
-        """Zeroed gradients for a phase's accumulation rounds (given back to parameters whose gradient was unset)."""
+        """Zeroed gradients, set as the parameters', for a phase's accumulation rounds."""
+        self.buffer.untyped_storage().resize_(self.nbytes)         # Storage operations: no kernel, views kept.
         self.buffer.zero_()
         for param, view in zip(self.parameters, self.views):
             param.grad = view
 
     def finish_(self, loss_scaling, force_finite=True):
         finish_([self.buffer], loss_scaling, force_finite)
+
+    def release(self):
+        """After the optimizer step: the gradients unset and their memory given back until the phase comes again
+        (a network's gradients held only in its own phase: less than per parameter, where they stayed until then)."""
+        for param in self.parameters:
+            param.grad = None
+        self.buffer.untyped_storage().resize_(0)

@@ -166,6 +166,8 @@ class NCVSDIteration:
         for group in optimizer.param_groups:
             group['lr'] = lr
         optimizer.step()
+        if flat is not None:
+            flat.release()
         net.project_()
 
     def zero_gradients(self, name, optimizer):
