@@ -19,7 +19,7 @@
 #       variant's peak memory; then one profiled iteration each: where the time goes), then the compiled sampler
 #       (and one profiled batch of its 1-step student) if time is left.
 #   bash bench/gpu_check.sh options  the default against each of the grouped weight normalisation, fast pixel norm,
-#       fused attention, masked clip, folded scales and cached constant weights off, and bf16; then against CUDA graphs in a process of its own
+#       fused attention, masked clip, folded scales, cached constant weights and flat gradients off, and bf16; then against CUDA graphs in a process of its own
 #       (their recorded graphs keep their memory: beside other variants an H100 could run out).
 #
 # DEVICE=cpu rehearses the script's own plumbing (time limits, file names, the kill and resume) on a machine without
@@ -172,7 +172,7 @@ elif [ "$MODE" = timing ]; then
 else
     step "bench/train_step.py options" "$(limit 220)" python bench/train_step.py "${BENCH[@]}" --iters=4 --warmup=1 \
         --variant=default --variant=off=grouped_weight_norm --variant=off=fast_pixel_norm --variant=off=fused_attention --variant=off=masked_clip \
-        --variant=off=folded_scales --variant=off=cache_constant_weights --variant=precision=bf16
+        --variant=off=folded_scales --variant=off=cache_constant_weights --variant=off=flat_gradients --variant=precision=bf16
     [ "$DEVICE" = cuda ] && step "bench/train_step.py CUDA graphs" "$(limit 75)" python bench/train_step.py "${BENCH[@]}" \
         --iters=4 --warmup=1 --variant=default --variant=cuda_graphs=True
 fi
