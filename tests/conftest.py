@@ -20,6 +20,14 @@ def _isolated_cache(tmp_path, monkeypatch):
     """Never touch the user's download cache from a test."""
     monkeypatch.setenv('NCVSD_CACHE_DIR', str(tmp_path / 'cache'))
 
+@pytest.fixture
+def speed_options():
+    """The speed options as the test found them, restored after it."""
+    from training.speed import set_speed_options
+    previous = set_speed_options()
+    yield
+    set_speed_options(**previous)
+
 def run_python(args, cwd=None, env=None, timeout=300):
     """Run `python args...` in a fresh process from the repository root; returns CompletedProcess."""
     import subprocess

@@ -17,7 +17,7 @@ from test_speed import teacher_and_students
 from training.encoders import StabilityVAEEncoder, StandardRGBEncoder
 from training.loss import NCVSDLoss
 from training.phema import PowerFunctionEMA
-from training.speed import set_speed_options, use_device_defaults
+from training.speed import use_device_defaults
 from training.networks_ncvsd import GenerativeDenoiser
 from training.sampling import edm_heun_sampler
 from training.training_loop import NCVSDIteration, infinite_batches, phase_networks
@@ -43,12 +43,6 @@ class HostSyncs(TorchFunctionMode):
             caller = traceback.extract_stack(limit=2)[0]
             self.sites.append(f'{func.__name__} at {caller.filename}:{caller.lineno}')
         return func(*args, **kwargs)
-
-@pytest.fixture
-def speed_options():
-    previous = set_speed_options()
-    yield
-    set_speed_options(**previous)
 
 @pytest.mark.parametrize('defaults', ['cpu', 'cuda'])
 @pytest.mark.parametrize('device', DEVICES)

@@ -19,12 +19,6 @@ from training.networks_ncvsd import ConditionalDiscriminator, ConditionalPrecond
 from training.speed import OPTIONS, set_speed_options
 from training.training_loop import NCVSDIteration, build_optimizers, build_students
 
-@pytest.fixture
-def speed_options():
-    previous = set_speed_options()
-    yield
-    set_speed_options(**previous)
-
 def teacher_and_students():
     data = load_fixture('ncvsd_networks_small.pt')
     teacher = mark_constant(Precond(**data['config']).eval().requires_grad_(False))      # As network_io.prepare_frozen.
