@@ -3,8 +3,8 @@ gradients, temporaries), per speed-option variant, counted on any device, the CP
 
     python bench/iteration_memory.py --preset=bench-s64 --batch=2 --variant=off=flat_gradients --variant=default
 
-The second of two eager iterations runs under a tally of tensor storages: each storage an operation returns counts
-from then until it is freed, and the gradients held when the iteration starts count from the start. FlatGradients
+The second of two eager iterations runs under a tally of tensor storages: each storage an operation makes counts
+from then until it is freed (in-place results and views are not new), and the gradients held when the iteration starts count from the start. FlatGradients
 buffers, which the loop resizes outside torch's dispatcher, count at their current size. What CUDA's caching
 allocator holds is more (rounding, fragmentation), so compare variants, not devices. Speed options start from
 --defaults (the device whose defaults to measure: a GPU is not needed).
@@ -24,8 +24,8 @@ from training.speed import set_speed_options
 from training.training_loop import build_optimizers, build_students
 
 class LiveStorage(TorchDispatchMode):
-    """Bytes of the live storages that operations returned (or track() was given), and their peak; `resized`: buffers
-    counted at their current size instead."""
+    """Bytes of the live storages that operations made (not their inputs': in-place results, views), or that track()
+    was given, and their peak; `resized`: buffers counted at their current size instead."""
 
     def __init__(self, resized=()):
         super().__init__()
@@ -47,9 +47,10 @@ class LiveStorage(TorchDispatchMode):
         self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {leaf.untyped_storage().data_ptr() for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)}
         out = func(*args, **(kwargs or {}))
-        for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
+        for leaf in tree_leaves(out):                              # In-place results and views are their inputs'.
+            if isinstance(leaf, torch.Tensor) and leaf.untyped_storage().data_ptr() not in inputs:
                 self.track(leaf)
         self.peak = max(self.peak, self.live + sum(buffer.untyped_storage().nbytes() for buffer in self.resized))
         return out

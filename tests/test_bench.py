@@ -108,15 +108,17 @@ def test_saved_memory_compares_variants():
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count('generator phase (G + frozen D)') == 2 and '1.00x [off=all]' in result.stdout
 
-def test_iteration_memory_tallies_live_storages():
+def test_iteration_memory_tallies_live_storages(monkeypatch):
     """bench/iteration_memory.py: the tally holds a storage from the operation that made it until it is freed (views
-    add nothing); the iteration's figures come per variant, flat gradients holding none between phases."""
-    sys.path.insert(0, os.path.join(ROOT, 'bench'))
+    and in-place results add nothing); the iteration's figures come per variant, flat gradients holding none between phases."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, 'bench'))
     from iteration_memory import LiveStorage
     tally, mib = LiveStorage(), 2**18                                 # float32 elements per MiB
+    weights = torch.zeros(mib)                                        # Made before: not the iteration's.
     with tally:
         first, second = torch.zeros(mib), torch.zeros(2 * mib)
         view = second[:mib]
+        weights.add_(1)
         del first
         third = torch.ones(mib)
     assert (tally.peak, tally.live) == (3 * 2**20, 3 * 2**20) and view.numel() + third.numel() == 2 * mib

@@ -396,13 +396,13 @@ def test_flat_gradients_change_no_bit(speed_options, device):
     per-parameter gradients after two iterations of two accumulation rounds under loss scaling, each phase
     finishing its gradients with one nan_to_num, not one per parameter."""
     teacher, nets = teacher_and_students()
-    counts = {}
+    runs = {}
     for flat in (False, True):
         set_speed_options(flat_gradients=flat)
         operations = OpNames()
         with operations:
-            counts[flat] = (operations, one_iteration(teacher, nets, iterations=2, device=device, loss_scaling=8.0))
-    (per_parameter, reference), (flat_operations, flat_nets) = counts[False], counts[True]
+            runs[flat] = (operations, one_iteration(teacher, nets, iterations=2, device=device, loss_scaling=8.0))
+    (per_parameter, reference), (flat_operations, flat_nets) = runs[False], runs[True]
     for reference_net, flat_net in zip(reference, flat_nets):
         for (name, a), b in zip(reference_net.state_dict().items(), flat_net.state_dict().values()):
             assert torch.equal(a, b), name
