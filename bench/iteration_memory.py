@@ -17,11 +17,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from common import bench_iteration, bench_preset, random_teacher
-from train_step import parse_variant, random_batches
-from training.networks_edm2 import set_precision
-from training.speed import set_speed_options
-from training.training_loop import build_optimizers, build_students
+from common import bench_preset, random_teacher
+from ops import variant_iteration
+from train_step import parse_variant
 
 class LiveStorage(TorchDispatchMode):
     """Bytes of the live storages that operations made (not their inputs': in-place results, views), or that track()
@@ -52,23 +50,21 @@ class LiveStorage(TorchDispatchMode):
         for leaf in tree_leaves(out):                              # In-place results and views are their inputs'.
             if isinstance(leaf, torch.Tensor) and leaf.untyped_storage().data_ptr() not in inputs:
                 self.track(leaf)
-        self.peak = max(self.peak, self.live + sum(buffer.untyped_storage().nbytes() for buffer in self.resized))
+        self.peak = max(self.peak, self.total())
         return out
+
+    def total(self):
+        """Bytes live now."""
+        return self.live + sum(buffer.untyped_storage().nbytes() for buffer in self.resized)
 
 def iteration_peak_mib(variant, teacher, config, shape, default_precision):
     """(peak MiB of the second iteration, MiB of gradients held at its start) under the variant's settings."""
-    device = torch.device('cpu')
-    set_speed_options(**variant.speed)
-    G, S, D = build_students(teacher, dict(use_fp16=default_precision != 'fp32'), device)
-    for net in (G, S, D, teacher):
-        set_precision(net, variant.precision)
-    step = bench_iteration(G, S, D, teacher, config, build_optimizers(G, S, D), shape[0], device)
-    batches = random_batches(shape, teacher.label_dim, device, torch.Generator(device).manual_seed(1))
+    step, batches, _optimizers = variant_iteration(variant, teacher, config, shape, default_precision)
     step.run(batches, lr=1e-4)
     tally = LiveStorage(flat.buffer for flat in step.flat_gradients.values())
-    for param in (param for net in (G, S, D) for param in net.parameters() if param.grad is not None):
+    for param in (param for net in step.nets.values() for param in net.parameters() if param.grad is not None):
         tally.track(param.grad)
-    held = tally.live + sum(buffer.untyped_storage().nbytes() for buffer in tally.resized)
+    held = tally.total()
     with tally:
         step.run(batches, lr=1e-4)
     return tally.peak / 2**20, held / 2**20

@@ -127,6 +127,12 @@ def main(preset, batch, channels, defaults, variants, top):
 
 def count_training(variant, teacher, config, shape, default_precision):
     """OperationCount of an iteration of fresh students under the variant's settings (freed on return)."""
+    step, batches, optimizers = variant_iteration(variant, teacher, config, shape, default_precision)
+    return count_iteration(step, batches, optimizers)
+
+def variant_iteration(variant, teacher, config, shape, default_precision):
+    """(the eager iteration of fresh students on the CPU under the variant's settings, its random batches of
+    `shape`, its optimizers)."""
     device = torch.device('cpu')
     set_speed_options(**variant.speed)
     G, S, D = build_students(teacher, dict(use_fp16=default_precision != 'fp32'), device)
@@ -134,7 +140,7 @@ def count_training(variant, teacher, config, shape, default_precision):
         set_precision(net, variant.precision)
     optimizers = build_optimizers(G, S, D)
     step = bench_iteration(G, S, D, teacher, config, optimizers, shape[0], device)
-    return count_iteration(step, random_batches(shape, teacher.label_dim, device, torch.Generator(device).manual_seed(1)), optimizers)
+    return step, random_batches(shape, teacher.label_dim, device, torch.Generator(device).manual_seed(1)), optimizers
 
 if __name__ == '__main__':
     main()
