@@ -390,17 +390,30 @@ class OpNames(TorchDispatchMode):
         self.names[func.__name__] += 1
         return func(*args, **(kwargs or {}))
 
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """torch's deterministic kernels (where an operation has none, a warning), then the previous choice."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
 @pytest.mark.parametrize('device', DEVICES)
-def test_flat_gradients_change_no_bit(speed_options, device):
+def test_flat_gradients_change_no_bit(speed_options, device, monkeypatch):
     """On one rank, gradients kept as views of one buffer per network (flat_gradients) give bitwise the weights of
     per-parameter gradients after two iterations of two accumulation rounds under loss scaling, each phase
-    finishing its gradients with one nan_to_num, not one per parameter."""
+    finishing its gradients with one nan_to_num, not one per parameter. CUDA runs deterministic kernels: cuDNN's
+    benchmarked or atomic ones differ between two runs of the same iteration (seen on an H200)."""
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
+    monkeypatch.setattr(torch.backends.cudnn, 'deterministic', True)
     teacher, nets = teacher_and_students()
     runs = {}
     for flat in (False, True):
         set_speed_options(flat_gradients=flat)
         operations = OpNames()
-        with operations:
+        with operations, deterministic_algorithms():
             runs[flat] = (operations, one_iteration(teacher, nets, iterations=2, device=device, loss_scaling=8.0))
     (per_parameter, reference), (flat_operations, flat_nets) = runs[False], runs[True]
     for reference_net, flat_net in zip(reference, flat_nets):
