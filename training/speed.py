@@ -22,24 +22,16 @@ OPTIONS = dict(
 )
 
 # Off on CUDA: the cached frozen weights cost 4.7 GiB on an H100 (EDM2 img64-s, batch 64, fp16) for no gain (the
-# students' weights change every iteration); the cached constant weights (teacher, sampled networks: 562 MiB at that
-# size in float16, kept as applied) stay on, since the H200 step's time follows its count of operations (bench/README.md).
-# Channels-last activations made the H200 step 11% faster (1041 vs 1169 ms/iter). On the CPU they made no clear
-# change in session 6 (two runs disagreeing); measured again in session 9, with the pixel norm now taking torch's
-# one-pass norm over NHWC channels, bench-a's step is 6-8% faster with them (two alternating runs: 0.73x against
-# 0.79-0.80x off=all) and sampling 10-30%, so they are on (eager; compiled: below). The fast pixel norm and fused
-# attention were off on CUDA after session 5 (1.9 GiB and 10% on the H200), measured in their old forms: attention
-# then fell back to its unfused kernel, materialising the attention matrix. In their present forms they keep 2.3 GiB
-# less for the generator phase at that size (bench/saved_memory.py; counted by autograd's saved tensors, so the same
-# on any device), so they are on; their time on CUDA is for the GPU check to measure against the old default
-# (`off=fast_pixel_norm,fused_attention`). The folded scales and the masked clip keep less and take fewer passes:
-# on everywhere, not yet timed on CUDA.
-#
-# The grouped weight normalisation (session 13) cuts the operations of the networks' passes in an iteration under the
-# CUDA defaults from 35,576 to 25,836 (bench-s64, bench/ops.py), so it is on there, untimed on a GPU; on the CPU,
-# where those operations are cheap, bench-a measured no gain (1.00-1.01x at batch 32 and 2, alternating): off.
-# The flat gradients (session 15) cut an iteration's operations on one rank by 991 at bench-s64 (bench/ops.py) and
-# leave the CPU step unchanged (bench-a, alternating: 1.00x at batch 32 and 2): on everywhere, untimed on a GPU.
+# students' weights change every iteration). Everything else measures as a win on CUDA in time or memory. Each group
+# turned on alone from off=all on the H200 (bench-s64, batch 64, alternating; session 16, bench/README.md): channels-
+# last, the fused discriminator and the cached constant weights (the teacher's and sampled networks' weights kept as
+# applied: 562 MiB in float16 at that size) 0.85x; the masked clip and folded scales 0.95x and 2.0 GiB less; the
+# grouped weight normalisation 0.95x; the fast pixel norm and fused attention 1.00x and 2.3 GiB less; the flat
+# gradients 1.00x and 0.7 GiB less. On the CPU, channels-last made bench-a's step 6-8% faster (session 9, two
+# alternating runs: 0.73x against 0.79-0.80x off=all) and sampling 10-30%, so it is on (eager; compiled: below). The
+# grouped weight normalisation is off on the CPU, where the operations it removes are cheap: bench-a measured no gain
+# (1.00-1.01x at batch 32 and 2, alternating). The flat gradients leave the CPU step unchanged (bench-a, alternating:
+# 1.00x at batch 32 and 2) and keep less: on everywhere.
 DEVICE_OFF = dict(
     cuda=('cache_frozen_weights',),
     cpu=('grouped_weight_norm',),
