@@ -1,8 +1,10 @@
 """Shared set-up of the benchmarks: a random teacher of a preset's architecture, timing helpers."""
 
+import collections
 import contextlib
 import os
 import pickle
+import re
 import resource
 import statistics
 import sys
@@ -13,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import click
 import torch
+from torch.autograd import DeviceType
 from torch.utils.flop_counter import FlopCounterMode
 
 import dnnlib
@@ -95,18 +98,47 @@ def synchronize(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
 
-def print_profile(label, fn, device, top):
-    """Run fn once under torch.profiler; print its `top` operators and kernels by their own time on the device."""
+# Kinds of device work, matched in order against kernel (CUDA) or operator (CPU) names: cuDNN names its convolution
+# kernels fprop / dgrad / wgrad, inductor its fused kernels triton_* (CUDA) or cpp_fused_* (CPU); the rest is
+# elementwise operations, reductions and copies.
+WORK_KINDS = (('convolution', r'conv|fprop|dgrad|wgrad'), ('attention', r'attention|flash|fmha|sdpa'),
+    ('matmul', r'gemm|matmul|\bmm\b|::mm\b|addmm|bmm|cublas|nvjet'), ('fused by inductor', r'triton_|cpp_fused'))
+
+def work_kind(name):
+    return next((kind for kind, pattern in WORK_KINDS if re.search(pattern, name)), 'elementwise and other')
+
+def print_profile(label, fn, device, top, step_ms=None):
+    """Run fn once under torch.profiler and print profile_lines() of it."""
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     with torch.profiler.profile(activities=activities) as profile:
         fn()
         synchronize(device)
-    own_time = lambda event: event.self_device_time_total if device.type == 'cuda' else event.self_cpu_time_total
-    events = sorted(profile.key_averages(), key=own_time, reverse=True)
-    total = sum(map(own_time, events))
-    print(f'[{label}] profiled once: {total / 1000:.1f} ms of {device.type} time, the {top} largest shares:')
-    for event in events[:top]:
-        print(f'    {own_time(event) / 1000:8.1f} ms {100 * own_time(event) / max(total, 1):5.1f}%  {event.count:6d} calls  {event.key[:110]}')
+    print(f'[{label}] profiled once: ' + '\n'.join(profile_lines(profile.key_averages(), device.type, top, step_ms)))
+
+def profile_lines(events, device_type, top, step_ms=None):
+    """The busy time of the profiled device (CUDA: its kernels'; the CPU: its operators' own time) against `step_ms`
+    (the profiled call's time unprofiled, where known), split by kind of work, and its `top` kernels (CUDA: then the
+    `top` operators that launched the most kernel time)."""
+    if device_type == 'cuda':       # An operator's device time is that of the kernels it launched: count kernels once.
+        own_time = lambda event: event.self_device_time_total
+        work = [event for event in events if event.device_type != DeviceType.CPU and not event.is_user_annotation]
+        launchers = [event for event in events if event.device_type == DeviceType.CPU]
+    else:
+        own_time = lambda event: event.self_cpu_time_total
+        work, launchers = list(events), []
+    total = sum(map(own_time, work))
+    busy = f', {100 * total / 1000 / step_ms:.0f}% of the {step_ms:.1f} ms it takes unprofiled' if step_ms else ''
+    kinds = collections.Counter()
+    for event in work:
+        kinds[work_kind(event.key)] += own_time(event)
+    lines = [f'{total / 1000:.1f} ms of {device_type} time{busy}',
+        '    by kind: ' + ', '.join(f'{kind} {time / 1000:.1f} ms ({100 * time / max(total, 1):.0f}%)' for kind, time in kinds.most_common())]
+    for title, listed in (('kernels' if launchers else 'operators', work), ('operators launching them', launchers)):
+        if listed:
+            lines.append(f'    the {top} largest {title}:')
+            lines += [f'    {own_time(event) / 1000:8.1f} ms {100 * own_time(event) / max(total, 1):5.1f}%  {event.count:6d} calls  {event.key[:110]}'
+                for event in sorted(listed, key=own_time, reverse=True)[:top]]
+    return lines
 
 class PhaseTimer:
     """Collects wall-clock milliseconds per named phase."""

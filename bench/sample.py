@@ -49,7 +49,7 @@ def speed_line(speed, batch):
 @click.option('--precision', type=click.Choice(['fp32', 'fp16', 'bf16']), help='UNet bodies [default: the preset\'s fp16 flag]')
 @click.option('--compile', 'compile_nets', type=bool, default=False, show_default=True, help='torch.compile the networks (inductor)')
 @click.option('--peak-tflops', 'given_peak', type=float, default=None, help='Dense FP16 peak of the device (default: known GPUs)')
-@click.option('--profile', 'profile_top', type=int, default=0, metavar='N', help='Then profile one batch of the 1-step student: its N largest operators and kernels')
+@click.option('--profile', 'profile_top', type=int, default=0, metavar='N', help='Then profile one batch of the 1-step student: busy time by kind of work, its N largest kernels (CUDA: and operators)')
 def main(preset, batch, repeats, heun_steps, device, off, precision, compile_nets, given_peak, profile_top):
     torch.set_grad_enabled(False)
     device = torch.device(device)
@@ -74,14 +74,16 @@ def main(preset, batch, repeats, heun_steps, device, off, precision, compile_net
         f'{torch.get_num_threads()} threads, precision {precision}, compile {compile_nets}')
     heun = measure(lambda: edm_heun_sampler(teacher, noise, labels, heun_steps), batch, repeats, device)
     print(f'teacher Heun {heun_steps} steps ({2 * heun_steps - 1} NFE): {speed_line(heun, batch)}')
+    speeds = {}
     for nfe, ts in PAPER_CHAINS.items():
-        speed = measure(lambda: student.sample(noise, labels, ts=ts, randn_like=rnd.randn_like), batch, repeats, device)
+        speeds[nfe] = speed = measure(lambda: student.sample(noise, labels, ts=ts, randn_like=rnd.randn_like), batch, repeats, device)
         rate = f'   {flops_report(one_step_flops, speed.ms / 1000, peak)}' if nfe == 1 else ''
         print(f'student {nfe} step(s) --ts={",".join(map(str, ts))}: {speed_line(speed, batch)}   speed-up x{speed.img_s / heun.img_s:.1f}{rate}')
     if device.type != 'cuda':                               # CUDA: each sampler's own peak, above.
         print(f'peak memory {peak_memory_mb(device):.0f} MiB (the whole process)')
     if profile_top:
-        print_profile('student 1 step', lambda: student.sample(noise, labels, ts=PAPER_CHAINS[1], randn_like=rnd.randn_like), device, profile_top)
+        print_profile('student 1 step', lambda: student.sample(noise, labels, ts=PAPER_CHAINS[1], randn_like=rnd.randn_like), device, profile_top,
+            step_ms=speeds[1].ms)
 
 if __name__ == '__main__':
     main()

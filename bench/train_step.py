@@ -76,7 +76,7 @@ def parse_variant(spec, device, default_precision):
 @click.option('--cuda-graphs', type=bool, default=False, show_default=True, help='Replay the networks as CUDA graphs (with --compile: of inductor\'s kernels)')
 @click.option('--variant', 'variants', multiple=True, metavar='SPEC', help='A configuration to compare (repeatable; replaces --off/--on/--precision/--compile/--cuda-graphs)')
 @click.option('--peak-tflops', 'given_peak', type=float, default=None, help='Dense FP16 peak of the device (default: known GPUs)')
-@click.option('--profile', 'profile_top', type=int, default=0, metavar='N', help='Then profile one more iteration of each variant: its N largest operators and kernels')
+@click.option('--profile', 'profile_top', type=int, default=0, metavar='N', help='Then profile one more iteration of each variant: busy time by kind of work, its N largest kernels (CUDA: and operators)')
 def main(preset, batch, iters, warmup, device, threads, off, on, precision, compile_nets, cuda_graphs, variants, given_peak, profile_top):
     if threads:
         torch.set_num_threads(threads)
@@ -138,7 +138,8 @@ def main(preset, batch, iters, warmup, device, threads, off, on, precision, comp
     if profile_top and not stopped:
         for variant in timed:
             activate(variant)
-            print_profile(variant.label, lambda: variant.step.run(batches, lr=1e-4, use_gan=True), device, profile_top)
+            print_profile(variant.label, lambda: variant.step.run(batches, lr=1e-4, use_gan=True), device, profile_top,
+                step_ms=variant.timer.median('iteration'))
 
 class Stopped(Exception):
     """SIGTERM (e.g. a time limit ran out): report what was measured so far."""

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import torch
 
@@ -40,13 +41,38 @@ def test_train_step_reports_what_it_measured_when_stopped():
     assert 'Stopped by SIGTERM' in stdout and stdout.count('median ms/iter') == 2 and '1.00x [off=all]' in stdout
     assert 'per round 1.00x (1.00-1.00)' in stdout
 
+def assert_profile_table(lines, top):
+    """bench/common.print_profile's lines on the CPU: the busy time against the unprofiled time, its split by kind
+    of work (adding up to it, convolutions among them) and the `top` largest operators."""
+    total, busy = re.match(r'([\d.]+) ms of cpu time, (\d+)% of the ([\d.]+) ms it takes unprofiled', lines[0]).group(1, 2)
+    kinds = {kind.strip(): float(ms) for kind, ms in re.findall(r'([a-z ]+) ([\d.]+) ms \(\d+%\)', lines[1].split('by kind: ')[1])}
+    assert abs(sum(kinds.values()) - float(total)) <= 0.05 * (len(kinds) + 1) + 1e-9, lines[1]
+    assert 'convolution' in kinds and set(kinds) <= {'convolution', 'attention', 'matmul', 'fused by inductor', 'elementwise and other'}, lines[1]
+    assert 0 < int(busy) and lines[2].strip() == f'the {top} largest operators:' and all(' calls  ' in line for line in lines[3:3 + top])
+
+def test_profile_counts_cuda_kernel_time_once(monkeypatch):
+    """On CUDA an operator's device time is that of the kernels it launched: the busy time counts the kernels alone
+    (not operators, not user annotations spanning them), split by kind, with the launching operators listed apart."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, 'bench'))
+    from common import profile_lines
+    from torch.autograd import DeviceType
+    event = lambda key, ms, device_type, annotation=False: types.SimpleNamespace(key=key, count=1,
+        self_device_time_total=ms * 1000, device_type=device_type, is_user_annotation=annotation)
+    events = [event('aten::convolution', 100, DeviceType.CPU), event('sm90_xmma_fprop_implicit_gemm_f16f16', 100, DeviceType.CUDA),
+        event('aten::mul', 20, DeviceType.CPU), event('vectorized_elementwise_kernel<4, MulFunctor>', 20, DeviceType.CUDA),
+        event('ProfilerStep#1', 120, DeviceType.CUDA, annotation=True)]
+    lines = profile_lines(events, 'cuda', 1, step_ms=200)
+    assert lines[0] == '120.0 ms of cuda time, 60% of the 200.0 ms it takes unprofiled'
+    assert lines[1] == '    by kind: convolution 100.0 ms (83%), elementwise and other 20.0 ms (17%)'
+    assert lines[2:] == ['    the 1 largest kernels:', '       100.0 ms  83.3%       1 calls  sm90_xmma_fprop_implicit_gemm_f16f16',
+        '    the 1 largest operators launching them:', '       100.0 ms  83.3%       1 calls  aten::convolution']
+
 def test_train_step_profiles_each_variant():
     result = run_python(['bench/train_step.py', '--preset=bench-a', '--batch=2', '--iters=1', '--warmup=0', '--device=cpu',
         '--variant=off=all', '--variant=default', '--profile=3'])
     assert result.returncode == 0, result.stderr[-2000:]
     for label in ('off=all', 'default'):
-        table = result.stdout.split(f'[{label}] profiled once: ')[1].splitlines()
-        assert 'ms of cpu time, the 3 largest shares:' in table[0] and all(' calls  aten::' in line for line in table[1:4])
+        assert_profile_table(result.stdout.split(f'[{label}] profiled once: ')[1].splitlines(), 3)
 
 def test_ops_counts_each_variants_operations_per_phase():
     """bench/ops.py: per-phase operation counts of one eager iteration under CUDA's defaults (no GPU needed), the
@@ -99,8 +125,7 @@ def test_sample_compares_students_with_heun():
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'teacher Heun 2 steps (3 NFE)' in result.stdout and result.stdout.count('speed-up x') == 3
     assert result.stdout.count('ms per batch of 2') == 4 and 'peak memory' in result.stdout
-    table = result.stdout.split('[student 1 step] profiled once: ')[1].splitlines()
-    assert 'the 2 largest shares:' in table[0] and all(' calls  ' in line for line in table[1:3])
+    assert_profile_table(result.stdout.split('[student 1 step] profiled once: ')[1].splitlines(), 2)
 
 def test_saved_memory_compares_variants():
     result = run_python(['bench/saved_memory.py', '--preset=bench-a', '--batch=32', '--precision=fp32', '--device=cpu',
