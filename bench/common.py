@@ -99,10 +99,10 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 # Kinds of device work, matched in order against kernel (CUDA) or operator (CPU) names: cuDNN names its convolution
-# kernels fprop / dgrad / wgrad, inductor its fused kernels triton_* (CUDA) or cpp_fused_* (CPU); the rest is
-# elementwise operations, reductions and copies.
+# kernels fprop / dgrad / wgrad, inductor its fused kernels triton_* on CUDA (on the CPU they run inside its
+# 'Call CompiledFxGraph' regions); the rest is elementwise operations, reductions and copies.
 WORK_KINDS = (('convolution', r'conv|fprop|dgrad|wgrad'), ('attention', r'attention|flash|fmha|sdpa'),
-    ('matmul', r'gemm|matmul|\bmm\b|::mm\b|addmm|bmm|cublas|nvjet'), ('fused by inductor', r'triton_|cpp_fused'))
+    ('matmul', r'gemm|matmul|\bmm\b|::mm\b|addmm|bmm|cublas|nvjet'), ('fused by inductor', r'triton_|CompiledFxGraph'))
 
 def work_kind(name):
     return next((kind for kind, pattern in WORK_KINDS if re.search(pattern, name)), 'elementwise and other')
@@ -116,8 +116,8 @@ def print_profile(label, fn, device, top, step_ms=None):
     print(f'[{label}] profiled once: ' + '\n'.join(profile_lines(profile.key_averages(), device.type, top, step_ms)))
 
 def profile_lines(events, device_type, top, step_ms=None):
-    """The busy time of the profiled device (CUDA: its kernels'; the CPU: its operators' own time) against `step_ms`
-    (the profiled call's time unprofiled, where known), split by kind of work, and its `top` kernels (CUDA: then the
+    """The busy time of the profiled device (CUDA: its kernels', also as a share of `step_ms`, the profiled call's
+    time unprofiled; the CPU: its operators' own time), split by kind of work, and its `top` kernels (CUDA: then the
     `top` operators that launched the most kernel time)."""
     if device_type == 'cuda':       # An operator's device time is that of the kernels it launched: count kernels once.
         own_time = lambda event: event.self_device_time_total
@@ -127,7 +127,8 @@ def profile_lines(events, device_type, top, step_ms=None):
         own_time = lambda event: event.self_cpu_time_total
         work, launchers = list(events), []
     total = sum(map(own_time, work))
-    busy = f', {100 * total / 1000 / step_ms:.0f}% of the {step_ms:.1f} ms it takes unprofiled' if step_ms else ''
+    # Kernels run apart from the host, whose profiling overhead does not lengthen them; operators on the CPU it does.
+    busy = f', {100 * total / 1000 / step_ms:.0f}% of the {step_ms:.1f} ms it takes unprofiled' if step_ms and launchers else ''
     kinds = collections.Counter()
     for event in work:
         kinds[work_kind(event.key)] += own_time(event)
