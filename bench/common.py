@@ -102,7 +102,7 @@ def synchronize(device):
 # kernels fprop / dgrad / wgrad, inductor its fused kernels triton_* on CUDA (on the CPU they run inside its
 # 'Call CompiledFxGraph' regions); the rest is elementwise operations, reductions and copies.
 WORK_KINDS = (('convolution', r'conv|fprop|dgrad|wgrad'), ('attention', r'attention|flash|fmha|sdpa'),
-    ('matmul', r'gemm|matmul|\bmm\b|::mm\b|addmm|bmm|cublas|nvjet'), ('fused by inductor', r'triton_|CompiledFxGraph'))
+    ('matmul', r'gemm|matmul|\bmm\b|addmm|bmm|cublas|nvjet'), ('fused by inductor', r'triton_|CompiledFxGraph'))
 
 def work_kind(name):
     return next((kind for kind, pattern in WORK_KINDS if re.search(pattern, name)), 'elementwise and other')
