@@ -363,13 +363,14 @@ def test_gradients_are_averaged_across_ranks(tmp_path, network):
     """Two gloo ranks with identical batches: the reduced gradient is each rank's own (the mean, not the sum), in the
     first step and after DDP has rebuilt its buckets, unscaled in DDP's buckets; the student normalises its weights by
     group (grouped_weight_norm), whose backward nodes ready a UNet level's gradients at once. Where a rank's gradients
-    are not finite, the reduced ones are zeroed on every rank."""
+    are not finite, the reduced ones are zeroed on every rank. The DDP wrapper is freed before the group is destroyed."""
     script = tmp_path / 'average.py'
     script.write_text(textwrap.dedent(f'''
-        import copy, sys, torch
+        import copy, gc, sys, weakref, torch
         sys.path.insert(0, {ROOT!r})
         from torch_utils import distributed as dist
         from training.gradients import gradient_averaging, finish_gradients_
+        gc.disable()                        # Only shutdown() may free the cycles that keep the DDP wrapper alive.
         dist.init('cpu')
         torch.manual_seed(0)
     ''') + textwrap.dedent(NETWORKS_FOR_AVERAGING[network]) + textwrap.dedent(f'''
@@ -389,7 +390,11 @@ def test_gradients_are_averaged_across_ranks(tmp_path, network):
         finish_gradients_(averaging, loss_scaling=8.0)
         steps.append(dict(own=[torch.zeros_like(p) for p in net.parameters()], reduced=[p.grad.clone() for p in net.parameters()]))
         torch.save(steps, {str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.pt')
+        wrapper = weakref.ref(averaging)
+        del averaging
         dist.shutdown()
+        assert wrapper() is None, 'the DDP wrapper outlived the process group'
+
     '''))
     result = run_python(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)], env={'OMP_NUM_THREADS': '1'})
     assert result.returncode == 0, result.stderr[-3000:]

@@ -3,6 +3,7 @@
 The backend follows the device: nccl when every local rank owns a GPU, gloo on the CPU otherwise.
 """
 
+import gc
 import os
 import re
 
@@ -73,7 +74,11 @@ def barrier():
         torch.distributed.barrier()
 
 def shutdown():
+    """Destroy the process group, after collecting the garbage: uncollected reference cycles can keep a DDP wrapper
+    and its reducer's gloo work alive past the group, until the interpreter's finalisation, where freeing them can
+    abort the process (a two-rank test ended so once, exit -6, 'terminate called without an active exception')."""
     if is_distributed():
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 def print0(*args, **kwargs):
