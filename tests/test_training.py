@@ -394,7 +394,6 @@ def test_gradients_are_averaged_across_ranks(tmp_path, network):
         del averaging
         dist.shutdown()
         assert wrapper() is None, 'the DDP wrapper outlived the process group'
-
     '''))
     result = run_python(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)], env={'OMP_NUM_THREADS': '1'})
     assert result.returncode == 0, result.stderr[-3000:]
