@@ -60,9 +60,9 @@ class FlatGradients:
 
     def __init__(self, parameters):
         self.parameters = list(parameters)
-        self.buffer = self.parameters[0].new_zeros([sum(param.numel() for param in self.parameters)])
-        self.nbytes = self.buffer.untyped_storage().nbytes()
         sizes = [param.numel() for param in self.parameters]
+        self.buffer = self.parameters[0].new_zeros([sum(sizes)])
+        self.nbytes = self.buffer.untyped_storage().nbytes()
         self.views = [view.view_as(param) for param, view in zip(self.parameters, self.buffer.split(sizes))]
 
     @staticmethod
