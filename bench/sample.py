@@ -17,6 +17,7 @@ import torch
 
 from common import random_teacher, sampling_student, synchronize, peak_tflops, count_flops, flops_report, device_name, reset_peak_memory, peak_memory_mb, print_profile
 import dnnlib
+from training.network_io import emulated_precision_note
 from training.networks_edm2 import set_precision
 from training.noise_levels import PAPER_CHAINS
 from training.sampling import edm_heun_sampler, StackedRandomGenerator
@@ -72,6 +73,9 @@ def main(preset, batch, repeats, heun_steps, device, off, precision, compile_net
     peak = peak_tflops(device, given_peak)
     print(f'{preset}: batch {batch}, {shape[2]}x{shape[3]}x{shape[1]}, device {device_name(device)}, torch {torch.__version__}, '
         f'{torch.get_num_threads()} threads, precision {precision}, compile {compile_nets}')
+    note = emulated_precision_note(precision, device)
+    if note:
+        print(note)
     heun = measure(lambda: edm_heun_sampler(teacher, noise, labels, heun_steps), batch, repeats, device)
     print(f'teacher Heun {heun_steps} steps ({2 * heun_steps - 1} NFE): {speed_line(heun, batch)}')
     speeds = {}

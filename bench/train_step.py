@@ -22,6 +22,7 @@ import torch
 
 from common import bench_iteration, bench_preset, random_teacher, PhaseTimer, peak_memory_mb, reset_peak_memory, peak_tflops, count_flops, flops_report, device_name, print_profile
 import dnnlib
+from training.network_io import emulated_precision_note
 from training.networks_edm2 import set_precision
 from training.speed import OPTIONS, set_speed_options, device_defaults, option_names
 from training.train_setup import compile_options
@@ -106,6 +107,8 @@ def main(preset, batch, iters, warmup, device, threads, off, on, precision, comp
     print(f'{preset}: batch {batch}, {teacher.img_resolution}x{teacher.img_resolution}x{teacher.img_channels}, device {device_name(device)}, '
         f'torch {torch.__version__}, {torch.get_num_threads()} threads; {flops / batch / 1e9:.1f} GFLOP per image per iteration; '
         f'median of {iters} iterations after {warmup} warm-up{" per variant, alternating" if len(variants) > 1 else ""}', flush=True)
+    for note in {emulated_precision_note(variant.precision, device) for variant in variants} - {None}:
+        print(note)
     signal.signal(signal.SIGTERM, stop)
     stopped = False
     try:

@@ -228,6 +228,27 @@ def test_device_choice_and_its_errors(monkeypatch):
     with pytest.raises(UserError, match='CUDA is not available'):
         choose_device('cuda')
 
+@pytest.mark.parametrize('native', [False, True])
+def test_emulated_bfloat16_is_noted_and_not_suggested(assets, monkeypatch, capsys, native):
+    """bf16 on a CPU without AVX-512 BF16 or AMX (oneDNN's check) computes correctly but several times slower (an AVX2
+    CPU: bench-a's step 8x): training and the sampling loads note it at start-up, and the fp16-on-CPU error suggests
+    bf16 only where the CPU has it."""
+    from dnnlib import EasyDict
+    from dnnlib.util import UserError
+    from training.network_io import load_network
+    from training.train_setup import check_device_options
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: native)
+    cpu = torch.device('cpu')
+    check_device_options(EasyDict(cuda_graphs=False, precision='bf16', preset='tiny'), {'precision': 'bf16'}, cpu)
+    assert ('--precision=bf16 is emulated' in capsys.readouterr().out) != native
+    load_network(assets['teacher'], cpu, precision='bf16')
+    assert ('--precision=bf16 is emulated' in capsys.readouterr().out) != native
+    load_network(assets['teacher'], cpu, precision='fp32')
+    assert 'emulated' not in capsys.readouterr().out
+    with pytest.raises(UserError, match='--precision=fp16 needs CUDA') as error:
+        check_device_options(EasyDict(cuda_graphs=False, precision='fp16', preset='tiny'), {'precision': 'fp16'}, cpu)
+    assert ('use --precision=bf16' in str(error.value)) == native
+
 def test_checkpoint_from_another_device_is_refused():
     from dnnlib.util import UserError
     from training.training_loop import RandomState

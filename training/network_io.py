@@ -18,7 +18,7 @@ import torch
 import dnnlib
 from dnnlib.util import UserError
 from training.encoders import StandardRGBEncoder, StabilityVAEEncoder
-from training.networks_edm2 import Precond, set_precision, network_precision, mark_constant
+from training.networks_edm2 import Precond, set_precision, network_precision, mark_constant, computes_natively
 from training.networks_ncvsd import GenerativeDenoiser, is_generative_denoiser
 from training import speed
 
@@ -62,12 +62,25 @@ def load_network(path_or_url, device, role='sampling', vae=None, precision=None,
     speed.use_device_defaults(device, compiled=compile_backend == 'inductor')
     if precision is not None:
         set_precision(net, precision)
+    body = net.model if is_generative_denoiser(net) else net
+    note = emulated_precision_note(network_precision(body), device) if hasattr(body, 'use_fp16') else None
+    if verbose and note:
+        print(note, flush=True)
     net = prepare_frozen(net, device)
     if compile_backend is not None and is_generative_denoiser(net):
         net.model = speed.compile_network(net.model, backend=compile_backend)
     elif compile_backend is not None:
         net = speed.compile_network(net, backend=compile_backend)
     return net, encoder
+
+def emulated_precision_note(precision, device):
+    """A one-line note where `device` has no arithmetic units for `precision` (it computes correctly, only slowly),
+    else None."""
+    if computes_natively(precision, device):
+        return None
+    return (f'Note: --precision=bf16 is emulated on this {device.type} (native bfloat16 needs AVX-512 BF16 or AMX on a CPU, '
+        'compute capability 8.0 on a GPU), several times slower than fp32 (bench-a on an AVX2 CPU: training step 8x, '
+        'sampling 4-5x); use --precision=fp32')
 
 def load_network_data(path_or_url, verbose=True):
     """The stored dict of a snapshot (keys ema, encoder, ...) as an EasyDict; pickles and exports alike."""

@@ -599,6 +599,18 @@ def compute_dtype(use_fp16, device, force_fp32, reduced='float16'):
 
 PRECISIONS = dict(fp32=None, fp16='float16', bf16='bfloat16')     # --precision -> reduced dtype of the UNet bodies.
 
+def computes_natively(precision, device):
+    """Whether `device` has arithmetic units for `precision` (fp32, fp16, bf16): bf16 needs AVX-512 BF16 or AMX on a
+    CPU (oneDNN's own check; without them oneDNN converts every element) and compute capability 8.0 on CUDA; other
+    precisions and devices count as native (fp16 computes in float32 off CUDA)."""
+    if precision != 'bf16':
+        return True
+    if device.type == 'cuda':
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == 'cpu':
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return True
+
 def set_precision(net, precision):
     """Make every network inside `net` compute its UNet body in `precision` (fp32, fp16 or bf16)."""
     for module in net.modules():

@@ -11,6 +11,7 @@ from dnnlib.util import UserError
 from torch_utils import distributed as dist
 from training import network_io, run_config, speed
 from training.encoders import StandardRGBEncoder, StabilityVAEEncoder
+from training.networks_edm2 import computes_natively
 from training.toy import fit_denoiser_network
 from training.training_loop import training_loop, use_published_backends
 
@@ -81,14 +82,19 @@ def make_init_net(config, teacher):
 
 def check_device_options(config, opts, device):
     """float16 bodies and CUDA graphs exist on CUDA only: an explicit --fp16=True, --precision=fp16 or
-    --cuda-graphs=True elsewhere is an error, a preset's float16 is noted (and computed in float32)."""
+    --cuda-graphs=True elsewhere is an error, a preset's float16 is noted (and computed in float32), and so is
+    bfloat16 on a device that only emulates it (suggested in the error only where native)."""
     if config.cuda_graphs and device.type != 'cuda':
         raise UserError(f'--cuda-graphs=True needs CUDA but this run is on {device.type}; drop it (--compile=True works everywhere)')
+    note = network_io.emulated_precision_note(config.precision, device)
+    if note:
+        dist.print0(note)
     if device.type == 'cuda' or config.precision != 'fp16':
         return
     if opts.get('fp16') or opts.get('precision') == 'fp16':
         given = '--fp16=True' if opts.get('fp16') else '--precision=fp16'
-        raise UserError(f'{given} needs CUDA but this run is on {device.type}; drop it, or use --precision=bf16 '
+        alternative = ', or use --precision=bf16' if computes_natively('bf16', device) else ''
+        raise UserError(f'{given} needs CUDA but this run is on {device.type}; drop it{alternative} '
             f'(on {device.type} the networks otherwise compute in float32)')
     dist.print0(f'Note: preset "{config.preset}" asks for float16, which runs on CUDA only; computing in float32 on {device.type}')
 
