@@ -271,6 +271,13 @@ def final_exact_metrics(ema, gamma, teacher, device, num=2000, batch=500, seed=0
             results.update({f'Final{suffix}/{steps}-step/{name}': value for name, value in metrics.items()})
     return results
 
+@contextlib.contextmanager
+def reported_phase(name):
+    """Prints the time a phase took: in the first compiled iteration, where each phase compiles its graphs."""
+    start = time.time()
+    yield
+    dist.print0(f'torch.compile: {name} phase {time.time() - start:.1f} s', flush=True)
+
 def report0_from_rank0(values):
     """report0() a {name: value} that only rank 0 computed: every rank must report the same names."""
     for name, value in dist.all_gather_object(values)[0].items():
@@ -409,15 +416,18 @@ def training_loop(
             break
 
         lr = learning_rate_schedule(state.cur_nimg, batch_size, **lr_kwargs)     # At the images seen before this iteration.
+        first_compiled = compile_options and state.cur_nimg == start_nimg
+        if first_compiled:
+            dist.print0(f'torch.compile ({", ".join(map(str, compile_options.values()))}): the first iteration compiles '
+                'the networks of each phase (minutes on a cold cache)', flush=True)
         iteration_start = time.time()
         try:
-            iteration.run(batches, lr, use_gan=state.cur_nimg >= gan_warmup_nimg)
+            iteration.run(batches, lr, use_gan=state.cur_nimg >= gan_warmup_nimg, timer=reported_phase if first_compiled else None)
         except torch.cuda.OutOfMemoryError:
             raise UserError(f'{device} ran out of memory at --batch-gpu={batch_gpu}; use a smaller --batch-gpu '
                 '(gradient accumulation keeps the results the same)') from None
-        if compile_options and state.cur_nimg == start_nimg:
-            dist.print0(f'torch.compile ({", ".join(map(str, compile_options.values()))}): first iteration '
-                f'{time.time() - iteration_start:.1f} s, compilation included')
+        if first_compiled:
+            dist.print0(f'torch.compile: first iteration {time.time() - iteration_start:.1f} s, compilation included')
         state.cur_nimg += batch_size
         ema.update(cur_nimg=state.cur_nimg, batch_size=batch_size)
 
