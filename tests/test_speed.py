@@ -248,16 +248,16 @@ def test_fused_discriminator_pass_equals_two_passes(speed_options):
 
 @pytest.mark.parametrize('grouped', [False, True])
 def test_a_compiled_iteration_equals_an_eager_one(speed_options, grouped):
-    """torch.compile traces each network as one graph (no graph breaks) and changes no mathematics: the update
-    of a compiled iteration is within 1e-3 of the eager one (fp32), with the grouped weight normalisation (CUDA's
-    default: eager passes normalise by group, compiled graphs per layer, projections by group) or without. The
-    aot_eager backend keeps the test short; inductor (the --compile default) differs from it only in generated kernels."""
+    """torch.compile traces each network as one graph in every call of the iteration (fullgraph: a graph break is an
+    error) and changes no mathematics: the update of a compiled iteration is within 1e-3 of the eager one (fp32), with
+    the grouped weight normalisation (CUDA's default: eager passes normalise by group, compiled graphs per layer,
+    projections by group) or without. The aot_eager backend keeps the test short; inductor (the --compile default)
+    differs from it only in generated kernels. (Not torch._dynamo.explain: it resets dynamo's caches, so that each
+    case compiled everything again, 50 s.)"""
     set_speed_options(grouped_weight_norm=grouped)
     teacher, nets = teacher_and_students()
-    for net in (*nets, teacher):
-        assert torch._dynamo.explain(net.forward)(*explain_inputs(net)).graph_break_count == 0, type(net).__name__
     eager = one_iteration(teacher, nets)
-    compiled = one_iteration(teacher, nets, compile_options=dict(backend='aot_eager'))
+    compiled = one_iteration(teacher, nets, compile_options=dict(backend='aot_eager', fullgraph=True))
     for eager_net, compiled_net, initial in zip(eager, compiled, nets):
         flat = lambda net: torch.cat([value.flatten() for value in net.state_dict().values()])
         update = flat(eager_net) - flat(initial)
