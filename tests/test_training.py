@@ -279,17 +279,22 @@ def tiny_run(assets, tmp_path, **kwargs):
         total_nimg=8, status_nimg=0, snapshot_nimg=0, checkpoint_nimg=0, grid_size=4, device='cpu', seed=0)
     return training_loop(**dict(options, **kwargs))
 
-def test_a_compiled_run_reports_each_phase_of_its_first_iteration(assets, tmp_path, capsys, monkeypatch):
-    """A compiled run says before its first iteration that it compiles, then how long each phase (each compiling its
-    networks' graphs) and the iteration took; its second iteration prints nothing of it. The reporting does not
-    depend on what compiles, so the networks stay eager here (tracing them would cost the suite 20 s)."""
+def test_a_compiled_run_reports_the_iterations_that_compile(assets, tmp_path, capsys, monkeypatch):
+    """A compiled run says before its first iteration, and before its first with the GAN term (a new graph of the
+    discriminator), that the iteration compiles, then how long each phase and the iteration took; other iterations
+    print nothing of it. The reporting does not depend on what compiles, so the networks stay eager here (tracing
+    them would cost the suite 20 s)."""
     from training import training_loop as loop
     monkeypatch.setattr(loop, 'compile_network', lambda net, **options: net)
-    tiny_run(assets, tmp_path, compile_options=dict(backend='inductor'))
+    tiny_run(assets, tmp_path, compile_options=dict(backend='inductor'), total_nimg=12, gan_warmup_nimg=8)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('torch.compile')]
-    assert len(lines) == 5 and 'compiles the networks of each phase' in lines[0], lines
-    assert [line.split(' phase ')[0] for line in lines[1:4]] == [f'torch.compile: {name}' for name in ('score', 'discriminator', 'generator')]
-    assert lines[4].startswith('torch.compile: first iteration') and lines[4].endswith('s, compilation included')
+    assert len(lines) == 10, lines
+    for announced, expected in zip((lines[0], lines[5]), ('the first iteration compiles', 'the GAN term starts')):
+        assert expected in announced, lines
+    for first in (1, 6):
+        phases = [line.split(' phase ')[0] for line in lines[first:first + 3]]
+        assert phases == [f'torch.compile: {name}' for name in ('score', 'discriminator', 'generator')], lines
+        assert lines[first + 3].startswith('torch.compile: iteration') and lines[first + 3].endswith('s, compilation included')
 
 def mpconv_weights(net):
     from training.networks_edm2 import MPConv

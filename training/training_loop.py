@@ -271,6 +271,15 @@ def final_exact_metrics(ema, gamma, teacher, device, num=2000, batch=500, seed=0
             results.update({f'Final{suffix}/{steps}-step/{name}': value for name, value in metrics.items()})
     return results
 
+def compiled_graphs_needed(cur_nimg, start_nimg, batch_size, gan_warmup_nimg):
+    """What the iteration at cur_nimg of a compiled run compiles, or None: the first compiles every phase's graphs, the
+    first with the GAN term the discriminator's pass in the generator phase."""
+    if cur_nimg == start_nimg:
+        return 'the first iteration compiles the networks of each phase'
+    if cur_nimg >= gan_warmup_nimg > cur_nimg - batch_size:
+        return 'the GAN term starts: this iteration compiles the discriminator\'s pass in the generator phase'
+    return None
+
 @contextlib.contextmanager
 def reported_phase(name):
     """Prints the time a phase took: in the first compiled iteration, where each phase compiles its graphs."""
@@ -416,18 +425,19 @@ def training_loop(
             break
 
         lr = learning_rate_schedule(state.cur_nimg, batch_size, **lr_kwargs)     # At the images seen before this iteration.
-        first_compiled = compile_options and state.cur_nimg == start_nimg
-        if first_compiled:
-            dist.print0(f'torch.compile ({", ".join(map(str, compile_options.values()))}): the first iteration compiles '
-                'the networks of each phase (minutes on a cold cache)', flush=True)
+        use_gan = state.cur_nimg >= gan_warmup_nimg
+        compiling = compile_options and compiled_graphs_needed(state.cur_nimg, start_nimg, batch_size, gan_warmup_nimg)
+        if compiling:
+            dist.print0(f'torch.compile ({", ".join(map(str, compile_options.values()))}): {compiling} (minutes on a '
+                'cold cache)', flush=True)
         iteration_start = time.time()
         try:
-            iteration.run(batches, lr, use_gan=state.cur_nimg >= gan_warmup_nimg, timer=reported_phase if first_compiled else None)
+            iteration.run(batches, lr, use_gan=use_gan, timer=reported_phase if compiling else None)
         except torch.cuda.OutOfMemoryError:
             raise UserError(f'{device} ran out of memory at --batch-gpu={batch_gpu}; use a smaller --batch-gpu '
                 '(gradient accumulation keeps the results the same)') from None
-        if first_compiled:
-            dist.print0(f'torch.compile: first iteration {time.time() - iteration_start:.1f} s, compilation included')
+        if compiling:
+            dist.print0(f'torch.compile: iteration {time.time() - iteration_start:.1f} s, compilation included')
         state.cur_nimg += batch_size
         ema.update(cur_nimg=state.cur_nimg, batch_size=batch_size)
 
