@@ -240,9 +240,9 @@ def test_emulated_bfloat16_is_noted_and_not_suggested(assets, monkeypatch, capsy
     monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: native)
     cpu = torch.device('cpu')
     check_device_options(EasyDict(cuda_graphs=False, precision='bf16', preset='tiny'), {'precision': 'bf16'}, cpu)
-    assert ('--precision=bf16 is emulated' in capsys.readouterr().out) != native
+    assert ('(--precision=bf16) is emulated' in capsys.readouterr().out) != native
     load_network(assets['teacher'], cpu, precision='bf16')
-    assert ('--precision=bf16 is emulated' in capsys.readouterr().out) != native
+    assert ('(--precision=bf16) is emulated' in capsys.readouterr().out) != native
     load_network(assets['teacher'], cpu, precision='fp32')
     assert 'emulated' not in capsys.readouterr().out
     with pytest.raises(UserError, match='--precision=fp16 needs CUDA') as error:

@@ -282,7 +282,7 @@ def compiled_graphs_needed(cur_nimg, start_nimg, batch_size, gan_warmup_nimg):
 
 @contextlib.contextmanager
 def reported_phase(name):
-    """Prints the time a phase took: in the first compiled iteration, where each phase compiles its graphs."""
+    """Prints the time a phase took, in an iteration that compiles (compiled_graphs_needed)."""
     start = time.time()
     yield
     dist.print0(f'torch.compile: {name} phase {time.time() - start:.1f} s', flush=True)
@@ -428,8 +428,8 @@ def training_loop(
         use_gan = state.cur_nimg >= gan_warmup_nimg
         compiling = compile_options and compiled_graphs_needed(state.cur_nimg, start_nimg, batch_size, gan_warmup_nimg)
         if compiling:
-            dist.print0(f'torch.compile ({", ".join(map(str, compile_options.values()))}): {compiling} (minutes on a '
-                'cold cache)', flush=True)
+            dist.print0(f'torch.compile ({", ".join(map(str, compile_options.values()))}): {compiling} (with inductor: '
+                'minutes on a cold cache)', flush=True)
         iteration_start = time.time()
         try:
             iteration.run(batches, lr, use_gan=use_gan, timer=reported_phase if compiling else None)
