@@ -40,12 +40,6 @@ class PowerFunctionEMA:
         return zip(getattr(self.net, what)(), getattr(ema, what)())
 
     @torch.no_grad()
-    def reset(self):
-        for ema in self.emas:
-            for live, average in self._pairs(ema):
-                average.copy_(live)
-
-    @torch.no_grad()
     def update(self, cur_nimg, batch_size):
         for std, ema in zip(self.stds, self.emas):
             weight = 1 - float(ema_decay(std, cur_nimg, batch_size))
