@@ -231,7 +231,7 @@ def test_device_choice_and_its_errors(monkeypatch):
 @pytest.mark.parametrize('native', [False, True])
 def test_emulated_bfloat16_is_noted_and_not_suggested(assets, monkeypatch, capsys, native):
     """bf16 on a CPU without AVX-512 BF16 or AMX (oneDNN's check) computes correctly but several times slower (an AVX2
-    CPU: bench-a's step 8x): training and the sampling loads note it at start-up, and the fp16-on-CPU error suggests
+    CPU: bench-a's step 7x): training and the sampling loads note it at start-up, and the fp16-on-CPU error suggests
     bf16 only where the CPU has it."""
     from dnnlib import EasyDict
     from dnnlib.util import UserError

@@ -79,7 +79,7 @@ def emulated_precision_note(precision, device):
     if computes_natively(precision, device):
         return None
     return (f'Note: bfloat16 (--precision=bf16) is emulated on this {device.type} (native bfloat16 needs AVX-512 BF16 or AMX on a CPU, '
-        'compute capability 8.0 on a GPU), several times slower than fp32 (bench-a on an AVX2 CPU: training step 8x, '
+        'compute capability 8.0 on a GPU), several times slower than fp32 (bench-a on an AVX2 CPU: training step 7x, '
         'sampling 4-5x); use --precision=fp32')
 
 def load_network_data(path_or_url, verbose=True):
