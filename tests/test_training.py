@@ -140,9 +140,13 @@ def test_two_process_torchrun_keeps_ranks_identical(assets, tmp_path):
     checkpoint = torch.load(tmp_path / 'run' / 'training-state-0000000.016.pt', weights_only=False)
     assert len(checkpoint['rng']['ranks']) == 2
 
+OPTION_ERRORS = {'ts', 'batch', 'duration', 'fp16', 'precision_fp16', 'cuda_graphs', 'precision_contradiction', 'preset',
+    'preset_unknown_key', 'preset_missing_key'}
+
 @pytest.mark.parametrize('case, message', [
     ('ts', 'strictly increasing'),
     ('batch', 'not divisible'),
+    ('duration', '--duration=12 is not a multiple of --batch=8'),
     ('resolution', 'the teacher expects [3, 8, 8]'),
     ('labels', 'pass --cond=False'),
     ('not_a_network', 'holds no network'),
@@ -163,6 +167,8 @@ def test_clear_errors(assets, tmp_path, case, message):
         extra = ['--ts=22,10,39']
     elif case == 'batch':
         extra = ['--batch=8', '--batch-gpu=3']
+    elif case == 'duration':
+        extra = ['--batch=8', '--duration=12']
     elif case == 'resolution':
         net = assets['teacher_res8']
     elif case == 'labels':
@@ -200,6 +206,8 @@ def test_clear_errors(assets, tmp_path, case, message):
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert 'Traceback' not in result.stderr
+    if case in OPTION_ERRORS:                       # Found before anything is loaded or fitted: at once.
+        assert 'Loading network' not in result.stdout, result.stdout[-2000:]
 
 @pytest.mark.filterwarnings('ignore:This DataLoader will create')
 def test_data_loader_workers_read_a_zip_the_parent_has_opened(assets):
@@ -456,6 +464,9 @@ def test_dry_run_prints_the_resolved_configuration_and_writes_nothing(assets, tm
     config = json.loads(result.stdout[:result.stdout.rindex('}') + 1])
     assert config['lr'] == 0.5 and config['gamma'] == 0.414 and config['ts'] == [10, 22, 39] and config['seed'] == 0
     assert not (tmp_path / 'run').exists()
+    split = run_python(['train_ncvsd.py', '--preset=tiny', f'--outdir={tmp_path / "run"}', '--dry-run', '--batch=8', '--batch-gpu=4'],
+        env={'WORLD_SIZE': '3'})                    # The ranks torchrun would start: 8 does not split over 3 × 4.
+    assert split.returncode != 0 and '--batch=8 is not divisible by ranks × --batch-gpu = 3 × 4' in split.stderr, split.stderr
 
 def test_every_option_and_preset_key_is_declared_once_with_its_part_in_the_run_identity():
     """Each CLI option and preset key is a run_config key: part of the identity, or declared resumable."""

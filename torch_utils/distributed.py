@@ -37,10 +37,14 @@ def choose_device(requested=None, local_ranks=1, local_rank=0):
     index = torch.device(requested).index if requested is not None and local_ranks == 1 else None
     return torch.device('cuda', local_rank if index is None else index), None
 
+def launched_world_size():
+    """The number of ranks torchrun launched (1 without torchrun), known before init()."""
+    return _env_int('WORLD_SIZE', 1)
+
 def init(device=None):
     """Choose this rank's device and, under torchrun with several ranks, join the process group."""
     global _device
-    world_size = _env_int('WORLD_SIZE', 1)
+    world_size = launched_world_size()
     local_rank = _env_int('LOCAL_RANK', 0)
     local_ranks = _env_int('LOCAL_WORLD_SIZE', world_size)
     _device, note = choose_device(device, local_ranks, local_rank)

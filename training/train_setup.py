@@ -13,7 +13,7 @@ from training import network_io, run_config, speed
 from training.encoders import StandardRGBEncoder, StabilityVAEEncoder
 from training.networks_edm2 import computes_natively
 from training.toy import fit_denoiser_network
-from training.training_loop import training_loop, use_published_backends
+from training.training_loop import batch_rounds, training_loop, use_published_backends
 
 def check_data_matches(dataset, encoder, teacher, cond):
     """Clear errors when the data cannot feed the teacher (resolution, channels, labels)."""
@@ -100,6 +100,8 @@ def check_device_options(config, opts, device):
 
 def launch(opts, dry_run=False):
     config = run_config.resolve_options(opts)
+    batch_rounds(config.batch, config.batch_gpu, dist.launched_world_size(),     # Before any loading: errors at once.
+        dict(duration=config.duration, status=config.status, snapshot=config.snapshot, checkpoint=config.checkpoint))
     if dry_run:
         print(json.dumps(config, indent=2))
         print('Dry run: the configuration above is valid; nothing was loaded or written.')

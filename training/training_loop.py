@@ -323,6 +323,18 @@ def memory_report():
     gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     return cpu, gpu
 
+def batch_rounds(batch_size, batch_gpu, world_size, intervals):
+    """(per-rank batch per round, accumulation rounds) of a run; a UserError where the batch does not split over the
+    ranks and rounds, or an interval ({option name: images}, 0 for none) is not a multiple of it."""
+    batch_gpu = batch_gpu or batch_size // world_size
+    if batch_size % (world_size * batch_gpu) != 0:
+        raise UserError(f'--batch={batch_size} is not divisible by ranks × --batch-gpu = {world_size} × {batch_gpu}; '
+            'choose a batch that is a multiple of both')
+    for name, value in intervals.items():
+        if value and value % batch_size != 0:
+            raise UserError(f'--{name}={value} is not a multiple of --batch={batch_size}')
+    return batch_gpu, batch_size // world_size // batch_gpu
+
 #----------------------------------------------------------------------------
 # The loop.
 
@@ -363,14 +375,8 @@ def training_loop(
     device = torch.device(device) if device is not None else dist.get_device()
     world_size = dist.get_world_size()
     batch_gpu_total = batch_size // world_size
-    batch_gpu = batch_gpu or batch_gpu_total
-    if batch_size % (world_size * batch_gpu) != 0:
-        raise UserError(f'--batch={batch_size} is not divisible by ranks × --batch-gpu = {world_size} × {batch_gpu}; '
-            'choose a batch that is a multiple of both')
-    for name, value in dict(duration=total_nimg, status=status_nimg, snapshot=snapshot_nimg, checkpoint=checkpoint_nimg).items():
-        if value and value % batch_size != 0:
-            raise UserError(f'--{name}={value} is not a multiple of --batch={batch_size}')
-    num_rounds = batch_gpu_total // batch_gpu
+    batch_gpu, num_rounds = batch_rounds(batch_size, batch_gpu, world_size,
+        dict(duration=total_nimg, status=status_nimg, snapshot=snapshot_nimg, checkpoint=checkpoint_nimg))
     use_published_backends()
     if dist.get_rank() == 0:
         os.makedirs(run_dir, exist_ok=True)
