@@ -140,7 +140,7 @@ def test_two_process_torchrun_keeps_ranks_identical(assets, tmp_path):
     checkpoint = torch.load(tmp_path / 'run' / 'training-state-0000000.016.pt', weights_only=False)
     assert len(checkpoint['rng']['ranks']) == 2
 
-OPTION_ERRORS = {'ts', 'batch', 'duration', 'fp16', 'precision_fp16', 'cuda_graphs', 'precision_contradiction', 'preset',
+OPTION_ERRORS = {'ts', 'batch', 'duration', 'outdir_file', 'fp16', 'precision_fp16', 'cuda_graphs', 'precision_contradiction', 'preset',
     'preset_unknown_key', 'preset_missing_key'}
 
 @pytest.mark.parametrize('case, message', [
@@ -150,6 +150,9 @@ OPTION_ERRORS = {'ts', 'batch', 'duration', 'fp16', 'precision_fp16', 'cuda_grap
     ('resolution', 'the teacher expects [3, 8, 8]'),
     ('labels', 'pass --cond=False'),
     ('not_a_network', 'holds no network'),
+    ('damaged_pickle', 'junk.pkl is not a network pickle (ValueError'),
+    ('damaged_export', 'junk.pt is not a weights-only network file'),
+    ('outdir_file', 'is a file, not a folder'),
     ('missing', 'file not found'),
     ('other_run', 'different run'),
     ('preset', 'unknown preset'),
@@ -177,8 +180,13 @@ def test_clear_errors(assets, tmp_path, case, message):
         net = str(tmp_path / 'junk.pkl')
         with open(net, 'wb') as f:
             pickle.dump({'weights': [1, 2]}, f)
+    elif case.startswith('damaged_'):                # A text file unpickles into a ValueError; a zip's head alone, not at all.
+        net = str(tmp_path / ('junk.pkl' if case == 'damaged_pickle' else 'junk.pt'))
+        (tmp_path / os.path.basename(net)).write_bytes(b'garbage\n' if case == 'damaged_pickle' else b'PK\x03\x04junk')
     elif case == 'missing':
         net = str(tmp_path / 'nowhere.pkl')
+    elif case == 'outdir_file':
+        outdir.write_text('a file where the run folder should be')
     elif case == 'fp16':
         extra = ['--fp16=True']
     elif case == 'precision_fp16':

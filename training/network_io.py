@@ -90,11 +90,12 @@ def load_network_data(path_or_url, verbose=True):
         is_zip = f.read(2) == b'PK'                  # torch.save writes zip files: a weights-only export.
         f.seek(0)
         if is_zip:
-            return load_exported(f)
+            return load_exported(f, path_or_url)
         try:
             data = pickle.load(f)
-        except (pickle.UnpicklingError, EOFError, AttributeError, ModuleNotFoundError) as err:
-            raise UserError(f'{path_or_url} is not a network pickle ({type(err).__name__}: {err})')
+        except Exception as err:                    # Unpickling a damaged or foreign file can raise almost anything.
+            raise UserError(f'{path_or_url} is not a network pickle ({type(err).__name__}: {err}); '
+                'pass a snapshot .pkl, an EDM2 teacher pickle or an export .pt')
     if isinstance(data, torch.nn.Module):
         data = dict(ema=data)
     if not isinstance(data, dict) or 'ema' not in data:
@@ -158,14 +159,14 @@ def export_network(data):
         export['encoder'] = _class_record(data['encoder'], EXPORTABLE_ENCODERS, 'encoder')
     return export
 
-def load_exported(f):
-    """EasyDict(ema=..., encoder=...) from an export, built from our own classes only."""
+def load_exported(f, name='the file'):
+    """EasyDict(ema=..., encoder=...) from an export (`name` in errors), built from our own classes only."""
     try:
         export = torch.load(f, map_location='cpu', weights_only=True)
     except Exception as err:
-        raise UserError(f'not a weights-only network file ({type(err).__name__}: {err})')
+        raise UserError(f'{name} is not a weights-only network file ({type(err).__name__}: {err})')
     if not isinstance(export, dict) or export.get('format') != EXPORT_FORMAT:
-        raise UserError(f'not an NCVSD export (expected format {EXPORT_FORMAT}); make one with python -m training.network_io export')
+        raise UserError(f'{name} is not an NCVSD export (expected format {EXPORT_FORMAT}); make one with python -m training.network_io export')
     net = _construct(export['network'], EXPORTABLE_NETWORKS)
     net.load_state_dict(export['state_dict'])
     if 'precision' in export:
