@@ -9,12 +9,13 @@ Examples:
 """
 
 import json
+import os
 
 import click
 import torch
 import tqdm
 
-from dnnlib.util import run_cli, UserError
+from dnnlib.util import run_cli, make_output_folder, UserError
 from torch_utils import distributed as dist
 from evaluation import frechet
 from training.dataset import ImageFolderDataset
@@ -132,6 +133,7 @@ def ref(data, dest, num, metrics, batch, inception, dinov2, custom, device):
     """Compute reference statistics of a dataset."""
     def run():
         dev = dist.init(device)
+        make_output_folder(os.path.dirname(dest), f'--dest={dest}')         # Not after hours of statistics.
         resolution = ImageFolderDataset(data).resolution
         detectors = make_detectors(metrics, inception, dinov2, custom)
         stats = frechet.compute_stats(dataset_batches(data, num, batch, dev), detectors, resolution)

@@ -8,7 +8,7 @@ Example:
 
 import click
 
-from dnnlib.util import run_cli
+from dnnlib.util import run_cli, make_output_folder
 from torch_utils import distributed as dist
 from inverse.solve import load_task, solve_dataset
 from training.network_io import load_network
@@ -16,6 +16,7 @@ from training.network_io import load_network
 def run(net, data, preset, outdir, batch, seed, runs, num, metrics, lpips_vgg, lpips_heads, device, **overrides):
     device = dist.init(device)
     task = load_task(preset, overrides)
+    make_output_folder(outdir, f'--outdir={outdir}')
     network, encoder = load_network(net, device)
     report = solve_dataset(network, encoder, data, task, outdir, batch=batch, seed=seed, runs=runs, max_images=num,
         metrics=[m.strip() for m in metrics.split(',')], lpips_vgg=lpips_vgg, lpips_heads=lpips_heads, device=device)

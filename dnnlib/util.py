@@ -66,6 +66,18 @@ def run_cli(fn, *args, **kwargs):
 #----------------------------------------------------------------------------
 # Cache directory.
 
+def make_output_folder(folder, option):
+    """os.makedirs(folder) for the output of a command-line option ('--outdir=runs/x'), called before any work so that
+    a file in the way, or a folder that cannot be made, is a UserError naming the option, not a lost run."""
+    if not folder:                                  # The current folder.
+        return
+    if os.path.isfile(folder):
+        raise UserError(f'{option}: {folder} is a file, not a folder; choose another path')
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise UserError(f'{option}: cannot make the folder {folder} ({err.strerror}); choose another path')
+
 def make_cache_dir_path(*paths):
     """Path inside the download cache: $NCVSD_CACHE_DIR, else $DNNLIB_CACHE_DIR, else ~/.cache/dnnlib."""
     for var in ('NCVSD_CACHE_DIR', 'DNNLIB_CACHE_DIR'):
@@ -122,6 +134,8 @@ def parse_int_list(text):
     for part in str(text).split(','):
         part = part.strip()
         m = re.fullmatch(r'(\d+)-(\d+)', part)
+        if m and int(m.group(2)) < int(m.group(1)):
+            raise UserError(f'"{part}" in "{text}" is an empty range: write the smaller number first, e.g. {m.group(2)}-{m.group(1)}')
         if m:
             result += list(range(int(m.group(1)), int(m.group(2)) + 1))
         elif re.fullmatch(r'\d+', part):

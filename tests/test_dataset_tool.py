@@ -51,6 +51,7 @@ def test_dataset_resolution_check(tmp_path):
     ('dest', 'not empty'),
     ('transform', 'is not one of'),
     ('missing', 'does not exist'),
+    ('dest_under_a_file', 'file is a file, not a folder'),
 ])
 def test_bad_inputs_give_one_line_errors(tmp_path, case, message):
     src = make_images(tmp_path / 'src', [(8, 8), (8, 8)])
@@ -71,6 +72,9 @@ def test_bad_inputs_give_one_line_errors(tmp_path, case, message):
         args.append('--transform=stretch')
     elif case == 'missing':
         args[2] = f'--source={tmp_path / "nowhere"}'
+    elif case == 'dest_under_a_file':
+        (tmp_path / 'file').write_text('x')
+        args[3] = f'--dest={tmp_path / "file" / "out.zip"}'
     result = run_python(args)
     assert result.returncode != 0
     assert message in result.stderr

@@ -22,6 +22,18 @@ def test_parsers():
         util.parse_nimg('lots')
     with pytest.raises(util.UserError):
         util.parse_int_list('1-')
+    with pytest.raises(util.UserError, match='"3-1" in "0,3-1" is an empty range'):
+        util.parse_int_list('0,3-1')                # Was [0]: --seeds=63-0 generated nothing and said "Done."
+
+def test_output_folders_are_made_or_refused_by_option(tmp_path):
+    util.make_output_folder(str(tmp_path / 'a' / 'b'), '--outdir=a/b')
+    assert (tmp_path / 'a' / 'b').is_dir()
+    util.make_output_folder('', '--grid=grid.png')                 # The current folder: nothing to make.
+    (tmp_path / 'file').write_text('x')
+    with pytest.raises(util.UserError, match='^--outdir=file: .*file is a file, not a folder'):
+        util.make_output_folder(str(tmp_path / 'file'), '--outdir=file')
+    with pytest.raises(util.UserError, match=r'^--dest=file/x/r.pkl: cannot make the folder .*file/x \(Not a directory\)'):
+        util.make_output_folder(str(tmp_path / 'file' / 'x'), '--dest=file/x/r.pkl')
 
 def test_cache_dir_follows_environment(tmp_path, monkeypatch):
     monkeypatch.setenv('NCVSD_CACHE_DIR', str(tmp_path))

@@ -69,6 +69,10 @@ def test_cli_teacher_and_export(tmp_path):
     assert np.array(PIL.Image.open(tmp_path / 'grid.png')).shape == (32, 32, 3)
     bad = run_python(['generate_images.py', f'--net={teacher}', f'--outdir={tmp_path / "x"}', '--class=9'])
     assert bad.returncode == 1 and 'out of range' in bad.stderr and 'Traceback' not in bad.stderr
+    for blocked in ([f'--outdir={tmp_path / "grid.png"}'], [f'--outdir={tmp_path / "x"}', f'--grid={tmp_path / "grid.png" / "g.png"}']):
+        bad = run_python(['generate_images.py', f'--net={teacher}', '--steps=2', *blocked])   # A file where a folder goes.
+        assert bad.returncode == 1 and 'is a file, not a folder' in bad.stderr and 'Traceback' not in bad.stderr, bad.stderr
+        assert 'Loading network' not in bad.stdout
 
 def test_export_round_trip(tmp_path):
     import pickle

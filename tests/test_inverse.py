@@ -175,11 +175,14 @@ def test_cli_end_to_end(student, tmp_path):
         assert sorted(p.name for p in (out / f'run{run}').iterdir()) == ['00000.png', '00001.png', '00002.png']
     assert (out / 'grid.png').is_file() and (out / 'eval.md').is_file() and len(list((out / 'measurements').iterdir())) == 3
 
-@pytest.mark.parametrize('case, message', [('task', 'unknown task'), ('size', 'network expects 3x16x16'), ('teacher', 'not an NCVSD')])
+@pytest.mark.parametrize('case, message', [('task', 'unknown task'), ('size', 'network expects 3x16x16'), ('teacher', 'not an NCVSD'),
+    ('outdir', 'out is a file, not a folder')])
 def test_cli_errors(student, tmp_path, case, message):
     from helpers import make_dataset, make_teacher
     data = make_dataset(tmp_path / 'src', tmp_path / 'data.zip', num=2, resolution=8 if case == 'size' else 16)
     net = make_teacher(tmp_path / 'teacher.pkl') if case == 'teacher' else student
+    if case == 'outdir':
+        (tmp_path / 'out').write_text('a file where the results should go')
     result = run_python(['posterior_sample.py', f'--net={net}', f'--data={data}', f'--preset={"colorize" if case == "task" else "box_inpainting"}',
         f'--outdir={tmp_path / "out"}', '--steps=2'])
     assert result.returncode == 1 and message in result.stderr and 'Traceback' not in result.stderr

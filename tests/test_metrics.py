@@ -105,6 +105,10 @@ def test_calc_against_own_reference_is_zero(metric_assets, tmp_path):
     too_many = run_python(['calculate_metrics.py', 'calc', f'--images={metric_assets["data"]}', f'--ref={metric_assets["ref"]}',
         '--metrics=fd_stand', STANDIN, '--num=100'], env=ENV)
     assert too_many.returncode == 1 and 'fewer than --num=100' in too_many.stderr
+    (tmp_path / 'file').write_text('x')
+    blocked = run_python(['calculate_metrics.py', 'ref', f'--data={metric_assets["data"]}', f'--dest={tmp_path / "file" / "ref.pkl"}',
+        '--metrics=fd_stand', STANDIN], env=ENV)         # Refused before the statistics, not after them.
+    assert blocked.returncode == 1 and 'is a file, not a folder' in blocked.stderr and 'Traceback' not in blocked.stderr
 
 def test_gen_one_and_two_processes_agree(metric_assets, tmp_path):
     args = ['gen', f'--net={metric_assets["teacher"]}', '--steps=2', '--num-images=12', '--batch=4', f'--ref={metric_assets["ref"]}',

@@ -11,7 +11,7 @@ import PIL.Image
 import torch
 from tqdm import tqdm
 
-from dnnlib.util import UserError
+from dnnlib.util import UserError, make_output_folder
 from torch_utils import distributed as dist
 from training.dataset import IMAGE_EXTENSIONS, file_ext
 
@@ -119,13 +119,13 @@ class DatasetWriter:
         if file_ext(dest) == '.zip':
             if os.path.exists(dest):
                 raise UserError(f'--dest={dest} already exists; remove it or choose another path')
-            os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+            make_output_folder(os.path.dirname(dest), f'--dest={dest}')
             self._temp = f'{dest}.tmp{os.getpid()}'
             self._zip = zipfile.ZipFile(self._temp, mode='w', compression=zipfile.ZIP_STORED)
         else:
             if os.path.isdir(dest) and len(os.listdir(dest)) != 0:
                 raise UserError(f'--dest folder {dest} is not empty; remove it or choose another path')
-            os.makedirs(dest, exist_ok=True)
+            make_output_folder(dest, f'--dest={dest}')
             self._zip = None
 
     def write(self, name, data):

@@ -107,7 +107,7 @@ def launch(opts, dry_run=False):
         print('Dry run: the configuration above is valid; nothing was loaded or written.')
         return
     device = dist.init(config.device)
-    make_outdir(config.outdir)
+    dnnlib.util.make_output_folder(config.outdir, f'--outdir={config.outdir}')
     check_device_options(config, opts, device)
     speed.use_device_defaults(device, compiled=config.compile)
     use_published_backends()                                # From the start: the toy's initial fit runs under them too.
@@ -125,15 +125,6 @@ def launch(opts, dry_run=False):
         if logger is not None:
             logger.close()
     dist.shutdown()
-
-def make_outdir(outdir):
-    """The run folder, made first, so that an unusable --outdir is an error before anything is loaded or fitted."""
-    if os.path.exists(outdir) and not os.path.isdir(outdir):
-        raise UserError(f'--outdir={outdir} is a file, not a folder; choose another --outdir')
-    try:
-        os.makedirs(outdir, exist_ok=True)
-    except OSError as err:
-        raise UserError(f'cannot create --outdir={outdir} ({err.strerror}); choose another --outdir')
 
 def compile_options(config):
     """torch.compile's arguments for the networks of the iteration, or None for eager. CUDA graphs alone record
