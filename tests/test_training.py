@@ -264,6 +264,9 @@ def test_emulated_bfloat16_is_noted_and_not_suggested(assets, monkeypatch, capsy
     with pytest.raises(UserError, match='--precision=fp16 needs CUDA') as error:
         check_device_options(EasyDict(cuda_graphs=False, precision='fp16', preset='tiny'), {'precision': 'fp16'}, cpu)
     assert ('use --precision=bf16' in str(error.value)) == native
+    with pytest.raises(UserError, match='--precision=fp16 needs CUDA') as error:      # Sampling: not silently float32.
+        load_network(assets['teacher'], cpu, precision='fp16')
+    assert ('use --precision=bf16' in str(error.value)) == native
 
 def test_checkpoint_from_another_device_is_refused():
     from dnnlib.util import UserError

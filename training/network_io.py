@@ -42,11 +42,13 @@ def load_network(path_or_url, device, role='sampling', vae=None, precision=None,
 
     role='sampling': any image network, float32, eval mode, on `device`, with its encoder initialised there
     (`vae` replaces the VAE of a latent-space network's encoder; `precision` fp32/fp16/bf16 replaces the stored
-    choice of the UNet bodies' dtype, fp16 computing in float32 off CUDA; `compile_backend` wraps the network
+    choice of the UNet bodies' dtype, fp16 only on CUDA (a stored fp16 computes in float32 elsewhere); `compile_backend` wraps the network
     in torch.compile, compiled at its first call; the speed options are set as `device` measures best, as
     for training). role='teacher': an EDM2 diffusion network as
     stored (the training loop freezes it on its device); the encoder is the file's own, None if it has none.
     """
+    if precision == 'fp16' and device.type != 'cuda':
+        refuse_float16(device, '--precision=fp16')
     data = load_network_data(path_or_url, verbose=verbose)
     net = as_our_precond(data['ema'], verbose)
     if role == 'teacher':
@@ -72,6 +74,13 @@ def load_network(path_or_url, device, role='sampling', vae=None, precision=None,
     elif compile_backend is not None:
         net = speed.compile_network(net, backend=compile_backend)
     return net, encoder
+
+def refuse_float16(device, given):
+    """An explicit float16 request (`given`: the option as typed) off CUDA, where it would compute in float32: an error
+    suggesting bf16 only where the device computes it natively."""
+    alternative = ', or use --precision=bf16' if computes_natively('bf16', device) else ''
+    raise UserError(f'{given} needs CUDA but this run is on {device.type}; drop it{alternative} '
+        f'(on {device.type} the networks otherwise compute in float32)')
 
 def emulated_precision_note(precision, device):
     """A one-line note where `device` has no arithmetic units for `precision` (it computes correctly, only slowly),

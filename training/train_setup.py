@@ -11,7 +11,6 @@ from dnnlib.util import UserError
 from torch_utils import distributed as dist
 from training import network_io, run_config, speed
 from training.encoders import StandardRGBEncoder, StabilityVAEEncoder
-from training.networks_edm2 import computes_natively
 from training.toy import fit_denoiser_network
 from training.training_loop import batch_rounds, training_loop, use_published_backends
 
@@ -92,10 +91,7 @@ def check_device_options(config, opts, device):
     if device.type == 'cuda' or config.precision != 'fp16':
         return
     if opts.get('fp16') or opts.get('precision') == 'fp16':
-        given = '--fp16=True' if opts.get('fp16') else '--precision=fp16'
-        alternative = ', or use --precision=bf16' if computes_natively('bf16', device) else ''
-        raise UserError(f'{given} needs CUDA but this run is on {device.type}; drop it{alternative} '
-            f'(on {device.type} the networks otherwise compute in float32)')
+        network_io.refuse_float16(device, '--fp16=True' if opts.get('fp16') else '--precision=fp16')
     dist.print0(f'Note: preset "{config.preset}" asks for float16, which runs on CUDA only; computing in float32 on {device.type}')
 
 def launch(opts, dry_run=False):
