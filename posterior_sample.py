@@ -10,16 +10,16 @@ import click
 
 from dnnlib.util import run_cli, make_output_folder
 from torch_utils import distributed as dist
-from inverse.solve import load_task, solve_dataset
+from inverse.solve import load_task, parse_metrics, solve_dataset
 from training.network_io import load_network
 
 def run(net, data, preset, outdir, batch, seed, runs, num, metrics, lpips_vgg, lpips_heads, device, **overrides):
     device = dist.init(device)
-    task = load_task(preset, overrides)
+    task, metrics = load_task(preset, overrides), parse_metrics(metrics)
     make_output_folder(outdir, f'--outdir={outdir}')
     network, encoder = load_network(net, device)
     report = solve_dataset(network, encoder, data, task, outdir, batch=batch, seed=seed, runs=runs, max_images=num,
-        metrics=[m.strip() for m in metrics.split(',')], lpips_vgg=lpips_vgg, lpips_heads=lpips_heads, device=device)
+        metrics=metrics, lpips_vgg=lpips_vgg, lpips_heads=lpips_heads, device=device)
     for metric, s in report['summary'].items():
         print(f'{metric:6s} mean {s["mean"]:.4f} ± {s["std"]:.4f}   best of {report["runs"]} run(s) {s["best_of_runs_mean"]:.4f}')
     print(f'LPIPS: {report["lpips_variant"]}')

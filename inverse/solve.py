@@ -15,6 +15,7 @@ from inverse.pnp import pnp_gd
 from training.dataset import ImageFolderDataset
 from training.encoders import StandardRGBEncoder
 from training.networks_ncvsd import is_generative_denoiser
+from training.noise_levels import parse_ts
 from training.sampling import save_image_grid
 
 TASK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'presets', 'tasks')
@@ -30,7 +31,32 @@ def load_task(name_or_path, overrides=None):
     with open(path) as f:
         task = json.load(f)
     task.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return check_task(task)
+
+def check_task(task):
+    """The task, its --ts parsed; values PnP-GD cannot run with (a division by zero or a root of a negative number
+    deep in the loop, or a schedule that does not anneal) are a UserError naming the option and what it needs."""
+    def refuse(key, need):
+        return UserError(f'--{key.replace("_", "-")}={task[key]} (task key "{key}") {need}')
+    for key in ('sigma_min', 'rho', 'beta'):
+        if task.get(key) is not None and not task[key] > 0:
+            raise refuse(key, 'must be positive')
+    if not task['sigma_max'] > task['sigma_min']:
+        raise refuse('sigma_max', f'must exceed --sigma-min={task["sigma_min"]}: the noise level anneals from σ_max down to σ_min')
+    if not task['sigma_y'] >= 0:
+        raise refuse('sigma_y', 'must be zero or positive')
+    if task.get('ema_decay') is not None and not 0 <= task['ema_decay'] <= 1:
+        raise refuse('ema_decay', 'must lie in [0, 1]')
+    task['ts'] = parse_ts(task.get('ts'))
     return task
+
+def parse_metrics(text):
+    """'psnr,ssim' -> ['psnr', 'ssim']; an unknown name is a UserError listing the choices."""
+    metrics = [name.strip() for name in text.split(',') if name.strip()]
+    unknown = [name for name in metrics if name not in HIGHER_IS_BETTER]
+    if unknown or not metrics:
+        raise UserError(f'--metrics={text}: choose among {", ".join(HIGHER_IS_BETTER)} (comma-separated)')
+    return metrics
 
 def check_network(net, encoder, dataset):
     if type(encoder).__name__ == 'StabilityVAEEncoder' or not is_generative_denoiser(net):

@@ -1,6 +1,7 @@
 import json
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -207,6 +208,25 @@ def test_phase_retrieval_cli_writes_results_and_grid(student, tmp_path):
     assert json.load(open(out / 'metrics.json'))['num_images'] == 2
     import PIL.Image
     assert PIL.Image.open(out / 'grid.png').size == (3 * 16, 2 * 16)
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(beta=-1.0), '--beta=-1.0 (task key "beta") must be positive'),           # Was a math domain error in pnp_gd.
+    (dict(rho=0.0), '--rho=0.0 (task key "rho") must be positive'),                # A division by zero in the schedule.
+    (dict(sigma_min=0.0), '--sigma-min=0.0 (task key "sigma_min") must be positive'),  # One in the likelihood step.
+    (dict(sigma_min=10.0, sigma_max=1.0), 'must exceed --sigma-min=10.0'),           # Ran, annealing upwards.
+    (dict(ema_decay=2.0), '--ema-decay=2.0 (task key "ema_decay") must lie in [0, 1]'),  # Ran, diverging.
+    (dict(ts='22,10,39'), 'strictly increasing'),                                   # Found only inside the first step.
+])
+def test_task_values_are_checked_before_any_work(overrides, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        solve.load_task('box_inpainting', overrides)
+    assert solve.load_task('box_inpainting', dict(ts='20,39'))['ts'] == [20, 39]
+
+def test_metric_names_are_checked():
+    assert solve.parse_metrics('psnr, ssim') == ['psnr', 'ssim']
+    for text in ('psnr,foo', ''):                   # 'foo' was ignored silently.
+        with pytest.raises(UserError, match='choose among psnr, ssim, lpips'):
+            solve.parse_metrics(text)
 
 def test_a_failed_grid_keeps_the_results(student, tmp_path, monkeypatch, capsys):
     from helpers import make_dataset
