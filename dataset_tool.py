@@ -16,7 +16,7 @@ def cmdline():
 @click.option('--dest', help='Output zip (*.zip) or folder', metavar='PATH', type=str, required=True)
 @click.option('--max-images', help='Stop after this many images', metavar='INT', type=click.IntRange(min=1))
 @click.option('--transform', help='Crop before resizing', type=click.Choice(dataset_io.TRANSFORMS))
-@click.option('--resolution', help='Output size (default: keep; all images must then share one size)', metavar='WxH', type=dataset_io.parse_resolution)
+@click.option('--resolution', help='Output size (default: keep; all images must then share one size)', metavar='WxH')
 def convert(source, dest, max_images, transform, resolution):
     """Convert an image folder or zip into a dataset.
 

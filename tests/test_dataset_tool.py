@@ -52,6 +52,8 @@ def test_dataset_resolution_check(tmp_path):
     ('transform', 'is not one of'),
     ('missing', 'does not exist'),
     ('dest_under_a_file', 'file is a file, not a folder'),
+    ('resolution', '--resolution="abc" is not of the form WxH'),       # Was a traceback: parsed as click's type.
+    ('zero_resolution', '--resolution="0x8" is not of the form WxH'),
 ])
 def test_bad_inputs_give_one_line_errors(tmp_path, case, message):
     src = make_images(tmp_path / 'src', [(8, 8), (8, 8)])
@@ -72,6 +74,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path, case, message):
         args.append('--transform=stretch')
     elif case == 'missing':
         args[2] = f'--source={tmp_path / "nowhere"}'
+    elif case in ('resolution', 'zero_resolution'):
+        args.append('--resolution=abc' if case == 'resolution' else '--resolution=0x8')
     elif case == 'dest_under_a_file':
         (tmp_path / 'file').write_text('x')
         args[3] = f'--dest={tmp_path / "file" / "out.zip"}'

@@ -21,8 +21,8 @@ def parse_resolution(text):
     if text is None or isinstance(text, tuple):
         return text
     m = re.fullmatch(r'(\d+)x(\d+)', str(text))
-    if not m:
-        raise UserError(f'--resolution="{text}" is not of the form WxH, e.g. 256x256')
+    if not m or 0 in (int(m.group(1)), int(m.group(2))):
+        raise UserError(f'--resolution="{text}" is not of the form WxH with positive sizes, e.g. 256x256')
     return int(m.group(1)), int(m.group(2))
 
 #----------------------------------------------------------------------------
