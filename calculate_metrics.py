@@ -47,6 +47,11 @@ def dataset_batches(path, num, batch, device):
         yield torch.stack([torch.as_tensor(dataset[i][0]) for i in chunk]).to(device) if chunk else None
     return
 
+def make_file_folder(path, option):
+    """The folder of an output file (--out, --dest), made before the statistics, not refused after them."""
+    if path:
+        make_output_folder(os.path.dirname(path), f'{option}={path}')
+
 def report(stats, ref, ref_path, out):
     frechet.check_reference(ref, stats, ref_path)
     scores = frechet.fd_scores(stats, ref)
@@ -93,6 +98,7 @@ def gen(net, ref_path, ts, steps, num, seed, class_idx, out, precision, metrics,
     """Generate images on the fly (no files) and compare them with a reference."""
     def run():
         dev = dist.init(device)
+        make_file_folder(out, '--out')
         ref = frechet.load_reference(ref_path)
         network, encoder = load_network(net, dev, verbose=dist.get_rank() == 0, precision=precision)
         checked_ts = check_sampling_options(network, ts, steps, class_idx)
@@ -116,6 +122,7 @@ def calc(images, ref_path, num, out, metrics, batch, inception, dinov2, custom, 
     """Compare a folder or zip of images with a reference."""
     def run():
         dev = dist.init(device)
+        make_file_folder(out, '--out')
         ref = frechet.load_reference(ref_path)
         resolution = ImageFolderDataset(images).resolution
         detectors = make_detectors(metrics, inception, dinov2, custom)
@@ -133,7 +140,7 @@ def ref(data, dest, num, metrics, batch, inception, dinov2, custom, device):
     """Compute reference statistics of a dataset."""
     def run():
         dev = dist.init(device)
-        make_output_folder(os.path.dirname(dest), f'--dest={dest}')         # Not after hours of statistics.
+        make_file_folder(dest, '--dest')
         resolution = ImageFolderDataset(data).resolution
         detectors = make_detectors(metrics, inception, dinov2, custom)
         stats = frechet.compute_stats(dataset_batches(data, num, batch, dev), detectors, resolution)

@@ -106,9 +106,11 @@ def test_calc_against_own_reference_is_zero(metric_assets, tmp_path):
         '--metrics=fd_stand', STANDIN, '--num=100'], env=ENV)
     assert too_many.returncode == 1 and 'fewer than --num=100' in too_many.stderr
     (tmp_path / 'file').write_text('x')
-    blocked = run_python(['calculate_metrics.py', 'ref', f'--data={metric_assets["data"]}', f'--dest={tmp_path / "file" / "ref.pkl"}',
-        '--metrics=fd_stand', STANDIN], env=ENV)         # Refused before the statistics, not after them.
-    assert blocked.returncode == 1 and 'is a file, not a folder' in blocked.stderr and 'Traceback' not in blocked.stderr
+    blocked_output = tmp_path / 'file' / 'scores'
+    for args in (['ref', f'--data={metric_assets["data"]}', f'--dest={blocked_output}'],      # Refused before the statistics.
+            ['calc', f'--images={metric_assets["data"]}', f'--ref={metric_assets["ref"]}', f'--out={blocked_output}']):
+        blocked = run_python(['calculate_metrics.py', *args, '--metrics=fd_stand', STANDIN], env=ENV)
+        assert blocked.returncode == 1 and 'is a file, not a folder' in blocked.stderr and 'Traceback' not in blocked.stderr, blocked.stderr
 
 def test_gen_one_and_two_processes_agree(metric_assets, tmp_path):
     args = ['gen', f'--net={metric_assets["teacher"]}', '--steps=2', '--num-images=12', '--batch=4', f'--ref={metric_assets["ref"]}',
