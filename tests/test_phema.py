@@ -2,11 +2,37 @@ import numpy as np
 import pytest
 import scipy.integrate
 
-from training.phema import exp_to_std, std_to_exp, profile_overlap, solve_posthoc_coefficients, PowerFunctionEMA
+from dnnlib.util import UserError
+from training.phema import exp_to_std, std_to_exp, profile_overlap, solve_posthoc_coefficients, PowerFunctionEMA, MAX_STD, reconstruct
 
 def test_std_exp_inverse():
     for std in (0.01, 0.05, 0.1, 0.2):
         assert exp_to_std(std_to_exp(std)) == pytest.approx(std, rel=1e-9)
+
+def test_the_widest_profile_bounds_the_std():
+    exps = np.linspace(-0.999, 10, 100001)
+    assert float(exp_to_std(exps).max()) == pytest.approx(MAX_STD, rel=1e-9) and MAX_STD == pytest.approx(0.3003, abs=1e-4)
+    assert exp_to_std(std_to_exp(0.295)) == pytest.approx(0.295, rel=1e-9)     # Above 1/sqrt(12): γ < 0, still a profile.
+
+@pytest.mark.parametrize('stds, kimg, message', [
+    ([-1.0], None, r'--outstd=-1.0: the std of a power-function EMA lies in \(0, 0.3003\]'),     # Was written as "--1.000".
+    ([0.05, 0.31], None, '--outstd=0.31'),
+    ([0.05], 9999, r'--outkimg=9999 lies past the latest snapshot \(64 kimg\)'),                  # Was extrapolated.
+    ([0.05], None, 'is a file, not a folder'),
+])
+def test_reconstruction_refuses_what_it_cannot_make_before_reading(tmp_path, stds, kimg, message):
+    for name in ('network-snapshot-0000032-0.050.pkl', 'network-snapshot-0000064-0.050.pkl'):
+        (tmp_path / name).write_bytes(b'')                  # Names only: every refusal comes before a file is read.
+    outdir = tmp_path / 'out'
+    if message.startswith('is a file'):
+        outdir.write_text('x')
+    with pytest.raises(UserError, match=message):
+        reconstruct(str(tmp_path), str(outdir), stds, out_kimg=kimg, verbose=False)
+
+def test_a_preset_std_outside_the_range_is_refused():
+    import torch
+    with pytest.raises(UserError, match='ema_stds=0.5: the std of a power-function EMA'):     # Its decay was 1.007: diverging.
+        PowerFunctionEMA(torch.nn.Linear(2, 2), stds=[0.05, 0.5])
 
 def test_correlation_matches_numerical_integral():
     def profile(t, ofs, std):

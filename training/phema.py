@@ -24,6 +24,13 @@ def std_to_exp(std):
     exps = [np.roots([1, 7, 16 - v, 12 - v]).real.max() for v in inv_var]
     return np.float64(exps).reshape(std.shape)
 
+MAX_STD = float(exp_to_std((np.sqrt(5) - 3) / 2))   # The widest profile (~0.3003): d std/dγ = 0 at γ = (√5 − 3)/2.
+
+def check_std(std, option):
+    """A UserError naming `option` ('--outstd', the preset key 'ema_stds') unless std is that of a power-function EMA."""
+    if not 0 < std <= MAX_STD:
+        raise UserError(f'{option}={std}: the std of a power-function EMA lies in (0, {MAX_STD:.4f}]; e.g. 0.05 or 0.1')
+
 def ema_decay(std, cur_nimg, step_nimg):
     """Decay β of the power-function EMA for a step of step_nimg images that ends at cur_nimg."""
     return (1 - step_nimg / cur_nimg) ** (std_to_exp(std) + 1)
@@ -34,6 +41,8 @@ class PowerFunctionEMA:
     def __init__(self, net, stds=(0.050, 0.100)):
         self.net = net
         self.stds = list(stds)
+        for std in self.stds:
+            check_std(std, 'ema_stds')
         self.emas = [copy.deepcopy(net).eval().requires_grad_(False) for _std in self.stds]
 
     def _pairs(self, ema, what='parameters'):
@@ -97,14 +106,21 @@ def reconstruct(indir, outdir, out_stds, out_kimg=None, verbose=True):
     """Post-hoc EMA: write network-snapshot-<kimg>-<std>.pkl for each requested std, as least-squares
     combinations of the saved power-function EMA snapshots (Karras et al. 2024). Returns the paths."""
     from training.network_io import load_network_data
-    snapshots = [s for s in list_snapshots(indir) if out_kimg is None or s[0] <= out_kimg]
+    for std in out_stds:
+        check_std(std, '--outstd')
+    everything = list_snapshots(indir)
+    latest = max(kimg for kimg, _std, _path in everything)
+    if out_kimg is not None and out_kimg > latest:
+        raise UserError(f'--outkimg={out_kimg} lies past the latest snapshot ({latest:g} kimg) in {indir}: '
+            'an average over images not yet trained on cannot be reconstructed; leave --outkimg out for the latest')
+    snapshots = [s for s in everything if out_kimg is None or s[0] <= out_kimg]
     if not snapshots:
         raise UserError(f'no snapshot at or before {out_kimg} kimg in {indir}')
-    out_kimg = out_kimg or max(s[0] for s in snapshots)
+    out_kimg = latest if out_kimg is None else out_kimg
+    dnnlib.util.make_output_folder(outdir, f'--outdir={outdir}')
     in_ofs = np.array([s[0] for s in snapshots], dtype=np.float64)
     in_std = np.array([s[1] for s in snapshots], dtype=np.float64)
     coefs = solve_posthoc_coefficients(in_ofs, in_std, np.full(len(out_stds), float(out_kimg)), np.array(out_stds, dtype=np.float64))
-    os.makedirs(outdir, exist_ok=True)
     outputs = [None] * len(out_stds)
     paths = []
     for (kimg, std, path), row in zip(snapshots, coefs):
