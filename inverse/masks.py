@@ -7,6 +7,8 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
+from dnnlib.util import make_output_folder, run_cli
+
 def box_mask(size=256, box=128):
     mask = np.full((size, size), 255, dtype=np.uint8)
     start = (size - box) // 2
@@ -24,7 +26,7 @@ def random_strokes_mask(size=256, strokes=8, width=20, seed=0):
     return np.array(image)
 
 def write_masks(outdir, size=256):
-    os.makedirs(outdir, exist_ok=True)
+    make_output_folder(outdir, f'--outdir={outdir}')
     masks = {'box-128.png': box_mask(size), **{f'strokes-{s}.png': random_strokes_mask(size, seed=s) for s in range(3)}}
     for name, mask in masks.items():
         PIL.Image.fromarray(mask).save(os.path.join(outdir, name))
@@ -35,7 +37,7 @@ def write_masks(outdir, size=256):
 @click.option('--size', help='Mask side in pixels', metavar='INT', type=click.IntRange(min=8), default=256, show_default=True)
 def main(outdir, size):
     """Write the inpainting masks (box-128.png, strokes-0..2.png; bright = observed)."""
-    print('Wrote', ', '.join(write_masks(outdir, size)), 'to', outdir)
+    print('Wrote', ', '.join(run_cli(write_masks, outdir, size)), 'to', outdir)
 
 if __name__ == '__main__':
     main()

@@ -88,6 +88,8 @@ def test_export_round_trip(tmp_path):
         pickle.dump(dnnlib.EasyDict(ema=GenerativeDenoiser(net, gamma=0.3), encoder=StandardRGBEncoder()), f)
     result = run_python(['-m', 'training.network_io', 'export', str(snapshot), str(tmp_path / 'student.pt')])
     assert result.returncode == 0, result.stderr
+    blocked = run_python(['-m', 'training.network_io', 'export', str(snapshot), str(snapshot / 'student.pt')])   # Was a traceback.
+    assert blocked.returncode == 1 and 'snap.pkl is a file, not a folder' in blocked.stderr and 'Traceback' not in blocked.stderr
     raw = torch.load(tmp_path / 'student.pt', weights_only=True)              # no pickled code inside
     assert raw['format'] == 'ncvsd-export-v1'
     loaded = load_exported(str(tmp_path / 'student.pt'))

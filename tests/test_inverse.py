@@ -276,3 +276,10 @@ def test_class_conditional_student_takes_the_labels_of_toy_test_images(tmp_path)
     os.remove(tmp_path / 'toy' / 'dataset.json')
     with pytest.raises(UserError, match='class-conditional'):
         solve.solve_dataset(net, StandardRGBEncoder(), str(tmp_path / 'toy'), task, str(tmp_path / 'out2'), metrics=('psnr',))
+
+def test_masks_are_written_or_refused_naming_the_folder(tmp_path):
+    from inverse.masks import write_masks
+    assert write_masks(str(tmp_path / 'masks'), size=16) == ['box-128.png', 'strokes-0.png', 'strokes-1.png', 'strokes-2.png']
+    (tmp_path / 'file').write_text('x')
+    with pytest.raises(UserError, match='--outdir=.*file is a file, not a folder'):              # Was a traceback.
+        write_masks(str(tmp_path / 'file'), size=16)

@@ -186,6 +186,7 @@ def load_exported(f, name='the file'):
     return dnnlib.EasyDict(ema=net.eval(), encoder=encoder)
 
 def write_export(snapshot, out):
+    dnnlib.util.make_output_folder(os.path.dirname(out), f'OUT.pt={out}')
     export = export_network(load_network_data(snapshot))
     torch.save(export, out + '.tmp')
     os.replace(out + '.tmp', out)
