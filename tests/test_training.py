@@ -545,3 +545,20 @@ def test_the_run_sets_the_published_backends_before_fitting_the_toy_init(tmp_pat
     result = run_python([str(script)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'cudnn TF32 at the fit: False False' in result.stdout, result.stdout[-2000:]
+
+def test_a_nonfinite_loss_is_named_in_a_warning_after_the_status_line(tmp_path, capsys):
+    """A NaN in one sample makes its phase's whole gradient NaN, which the loop zeroes: training goes on learning
+    nothing, so the status line is followed by a warning naming the phases."""
+    from dnnlib import EasyDict
+    from torch_utils import training_stats
+    from training.training_loop import report_status
+    state = EasyDict(cur_nimg=16, total_elapsed_time=0.0)
+    for phase, value in (('score', float('nan')), ('discriminator', 0.7), ('generator', float('inf'))):
+        training_stats.report(f'Loss/{phase}', torch.tensor([value, 1.0]))
+    report_status(state, 0.0, 0.0, 0, str(tmp_path / 'stats.jsonl'))
+    status, warning = capsys.readouterr().out.strip().split('\n')
+    assert status.startswith('kimg 0.016') and 'score nan' in status and 'discriminator 0.8500' in status
+    assert warning.startswith('Warning: the score and generator loss was not finite in this interval')
+    training_stats.report('Loss/score', torch.tensor([0.5]))
+    report_status(state, 0.0, 0.0, 0, str(tmp_path / 'stats.jsonl'))
+    assert 'Warning' not in capsys.readouterr().out

@@ -6,13 +6,14 @@
 """
 
 import re
+import weakref
 
 import numpy as np
 import torch
 
 _state = dict(rank=0, sync_device=None, synced=False)
 _pending = {}           # name -> {device: float64 [count, sum, sum of squares]} reported since the last sync
-_totals = {}            # name -> float64 [count, sum, sum of squares] on the CPU, since the start
+_collectors = weakref.WeakSet()     # Live collectors: each one's running interval receives every synced moment.
 
 def init_multiprocessing(rank, sync_device):
     """This process's rank, and the device the all-reduce runs on (None: the CPU, for gloo)."""
@@ -39,9 +40,11 @@ def report0(name, value):
     return report(name, value if _state['rank'] == 0 else [])
 
 def _sync(names):
-    """Fold the pending moments of `names`, summed over ranks, into the totals; returns {name: totals}."""
+    """Fold the pending moments of `names`, summed over ranks, into the running interval of every live collector whose
+    pattern they match. (Not into totals since the start, differenced at each update: one NaN made every later
+    interval NaN.)"""
     if not names:
-        return {}
+        return
     _state['synced'] = True
     device = _state['sync_device'] or torch.device('cpu')
     pending = torch.zeros([len(names), 3], dtype=torch.float64, device=device)
@@ -52,8 +55,9 @@ def _sync(names):
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(pending)
     for name, moments in zip(names, pending.cpu()):
-        _totals[name] = _totals.get(name, torch.zeros(3, dtype=torch.float64)) + moments
-    return {name: _totals[name] for name in names}
+        for collector in _collectors:
+            if collector._pattern.fullmatch(name):
+                collector._running[name] = collector._running.get(name, 0) + moments
 
 class Collector:
     """Means and standard deviations of the statistics matching `regex`, over the interval between the
@@ -62,9 +66,10 @@ class Collector:
     def __init__(self, regex='.*', keep_previous=True):
         self._pattern = re.compile(regex)
         self._keep_previous = keep_previous
-        self._seen = {}          # name -> totals at the last update
+        self._running = {}       # name -> moments synced since the last update
         self._interval = {}      # name -> moments of the last interval
-        self.update()
+        _collectors.add(self)
+        self.update()            # What was reported before this collector existed is not its to report.
         self._interval.clear()
 
     def names(self):
@@ -74,11 +79,11 @@ class Collector:
         """Collect (an all-reduce under torchrun: every rank must call it)."""
         if not self._keep_previous:
             self._interval.clear()
-        for name, totals in _sync(self.names()).items():
-            delta = totals - self._seen.get(name, torch.zeros_like(totals))
-            self._seen[name] = totals.clone()
-            if delta[0] != 0:
-                self._interval[name] = delta
+        _sync(self.names())
+        for name, moments in self._running.items():
+            if moments[0] != 0:
+                self._interval[name] = moments
+        self._running = {}
 
     def _get(self, name):
         assert self._pattern.fullmatch(name), name

@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import json
+import math
 import os
 import pickle
 import time
@@ -303,11 +304,22 @@ def report_status(state, start_time, prev_time, prev_nimg, stats_path):
     training_stats.report0('Resources/cpu_mem_gb', cpu_mem)
     training_stats.report0('Resources/peak_gpu_mem_gb', gpu_mem)
     collector = append_stats(stats_path, cur_time)
-    losses = '  '.join(f'{name.split("/")[1]} {collector.mean(name):<8.4f}'
-        for name in ('Loss/score', 'Loss/discriminator', 'Loss/generator') if collector.num(name))
+    means = {name.split('/')[1]: collector.mean(name) for name in ('Loss/score', 'Loss/discriminator', 'Loss/generator') if collector.num(name)}
+    losses = '  '.join(f'{name} {mean:<8.4f}' for name, mean in means.items())
     dist.print0(f'kimg {kimg:<9.3f} time {dnnlib.util.format_time(state.total_elapsed_time + cur_time - start_time):<9s} '
         f'sec/kimg {sec_per_kimg:<8.2f} {losses}  cpumem {cpu_mem:<5.2f} gpumem {gpu_mem:<5.2f}', flush=True)
+    warning = nonfinite_loss_warning(means)
+    if warning:
+        dist.print0(warning, flush=True)
     return cur_time, state.cur_nimg
+
+def nonfinite_loss_warning(means):
+    """A warning naming the phases whose mean loss over the interval ({phase: mean}) is not finite, else None."""
+    phases = [name for name, mean in means.items() if not math.isfinite(mean)]
+    if not phases:
+        return None
+    return (f'Warning: the {" and ".join(phases)} loss was not finite in this interval; its non-finite gradients are '
+        'zeroed (as in the published code), so such steps teach nothing: lower --lr, or with --precision=fp16 try bf16 or fp32')
 
 def append_stats(stats_path, timestamp):
     """Collect what was reported since the last record (all ranks) and append it to stats.jsonl (rank 0)."""
