@@ -15,7 +15,7 @@ import click
 import torch
 import tqdm
 
-from dnnlib.util import run_cli, make_output_folder, UserError
+from dnnlib.util import run_cli, check_output_folder, make_output_folder, UserError
 from torch_utils import distributed as dist
 from evaluation import frechet
 from training.dataset import ImageFolderDataset
@@ -47,10 +47,10 @@ def dataset_batches(path, num, batch, device):
         yield torch.stack([torch.as_tensor(dataset[i][0]) for i in chunk]).to(device) if chunk else None
     return
 
-def make_file_folder(path, option):
-    """The folder of an output file (--out, --dest), made before the statistics, not refused after them."""
+def check_file_folder(path, option):
+    """Refuse an output file (--out, --dest) whose folder could not be made before the statistics, not after them."""
     if path:
-        make_output_folder(os.path.dirname(path), f'{option}={path}')
+        check_output_folder(os.path.dirname(path), f'{option}={path}')
 
 def report(stats, ref, ref_path, out):
     frechet.check_reference(ref, stats, ref_path)
@@ -59,6 +59,7 @@ def report(stats, ref, ref_path, out):
         for metric, value in scores.items():
             print(f'{metric} {value:.5g}  ({stats[metric]["num_images"]} images, detector {stats[metric]["detector"]})')
         if out:
+            make_output_folder(os.path.dirname(out), f'--out={out}')
             with open(out, 'w') as f:
                 json.dump(dict(scores, num_images={m: s['num_images'] for m, s in stats.items()}, reference=ref_path), f, indent=2)
     return scores
@@ -98,7 +99,7 @@ def gen(net, ref_path, ts, steps, num, seed, class_idx, out, precision, metrics,
     """Generate images on the fly (no files) and compare them with a reference."""
     def run():
         dev = dist.init(device)
-        make_file_folder(out, '--out')
+        check_file_folder(out, '--out')
         ref = frechet.load_reference(ref_path)
         network, encoder = load_network(net, dev, verbose=dist.get_rank() == 0, precision=precision)
         checked_ts = check_sampling_options(network, ts, steps, class_idx)
@@ -122,7 +123,7 @@ def calc(images, ref_path, num, out, metrics, batch, inception, dinov2, custom, 
     """Compare a folder or zip of images with a reference."""
     def run():
         dev = dist.init(device)
-        make_file_folder(out, '--out')
+        check_file_folder(out, '--out')
         ref = frechet.load_reference(ref_path)
         resolution = ImageFolderDataset(images).resolution
         detectors = make_detectors(metrics, inception, dinov2, custom)
@@ -140,11 +141,12 @@ def ref(data, dest, num, metrics, batch, inception, dinov2, custom, device):
     """Compute reference statistics of a dataset."""
     def run():
         dev = dist.init(device)
-        make_file_folder(dest, '--dest')
+        check_file_folder(dest, '--dest')
         resolution = ImageFolderDataset(data).resolution
         detectors = make_detectors(metrics, inception, dinov2, custom)
         stats = frechet.compute_stats(dataset_batches(data, num, batch, dev), detectors, resolution)
         if dist.get_rank() == 0:
+            make_output_folder(os.path.dirname(dest), f'--dest={dest}')
             frechet.save_reference(stats, dest)
             print(f'Saved {", ".join(stats)} statistics of {next(iter(stats.values()))["num_images"]} images to {dest}')
         dist.shutdown()

@@ -14,7 +14,7 @@ import PIL.Image
 import torch
 import tqdm
 
-from dnnlib.util import run_cli, parse_int_list, make_output_folder
+from dnnlib.util import run_cli, parse_int_list, check_output_folder, make_output_folder
 from torch_utils import distributed as dist
 from training.network_io import load_network
 from training.noise_levels import DEFAULT_TS
@@ -23,9 +23,9 @@ from training.sampling import check_sampling_options, generate_images, save_imag
 def run(net, outdir, seeds, ts=None, steps=32, class_idx=None, subdirs=False, batch=32, device=None, grid=None, vae=None, precision=None, compile=False):
     device = dist.init(device)
     seeds = parse_int_list(seeds)
-    make_output_folder(outdir, f'--outdir={outdir}')
+    check_output_folder(outdir, f'--outdir={outdir}')
     if grid:
-        make_output_folder(os.path.dirname(grid), f'--grid={grid}')
+        check_output_folder(os.path.dirname(grid), f'--grid={grid}')
     net, encoder = load_network(net, device, verbose=dist.get_rank() == 0, vae=vae, precision=precision,
         compile_backend='inductor' if compile else None)
     ts = check_sampling_options(net, ts, steps, class_idx)
@@ -46,6 +46,7 @@ def run(net, outdir, seeds, ts=None, steps=32, class_idx=None, subdirs=False, ba
     if grid:
         everything = [item for part in dist.all_gather_object(collected) for item in part]
         if dist.get_rank() == 0:
+            make_output_folder(os.path.dirname(grid), f'--grid={grid}')
             save_image_grid(torch.stack([image for _seed, image in sorted(everything, key=lambda item: item[0])]), grid)
     dist.barrier()
     dist.print0('Done.')

@@ -8,7 +8,7 @@ Example:
 
 import click
 
-from dnnlib.util import run_cli, make_output_folder
+from dnnlib.util import run_cli, check_output_folder
 from torch_utils import distributed as dist
 from inverse.solve import load_task, parse_metrics, solve_dataset
 from training.network_io import load_network
@@ -16,7 +16,7 @@ from training.network_io import load_network
 def run(net, data, preset, outdir, batch, seed, runs, num, metrics, lpips_vgg, lpips_heads, device, **overrides):
     device = dist.init(device)
     task, metrics = load_task(preset, overrides), parse_metrics(metrics)
-    make_output_folder(outdir, f'--outdir={outdir}')
+    check_output_folder(outdir, f'--outdir={outdir}')
     network, encoder = load_network(net, device)
     report = solve_dataset(network, encoder, data, task, outdir, batch=batch, seed=seed, runs=runs, max_images=num,
         metrics=metrics, lpips_vgg=lpips_vgg, lpips_heads=lpips_heads, device=device)

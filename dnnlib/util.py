@@ -66,15 +66,23 @@ def run_cli(fn, *args, **kwargs):
 #----------------------------------------------------------------------------
 # Cache directory.
 
+def check_output_folder(folder, option):
+    """Refuse, as a UserError naming the command-line option ('--outdir=runs/x'), an output folder that could not be
+    made or written: a file in the way, or no permission. Called before any work, so that nothing is lost to it; it
+    makes nothing, so that a run refused for another reason leaves no empty folder."""
+    existing = os.path.abspath(folder or '.')
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f'{option}: {existing} is a file, not a folder; choose another path')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f'{option}: the folder {existing} is not writable; choose another path')
+
 def make_output_folder(folder, option):
-    """os.makedirs(folder) for the output of a command-line option ('--outdir=runs/x'), called before any work so that
-    a file in the way, or a folder that cannot be made, is a UserError naming the option, not a lost run."""
-    if not folder:                                  # The current folder.
-        return
-    if os.path.isfile(folder):
-        raise UserError(f'{option}: {folder} is a file, not a folder; choose another path')
+    """os.makedirs(folder, exist_ok=True), refused as check_output_folder() refuses."""
+    check_output_folder(folder, option)
     try:
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(folder or '.', exist_ok=True)
     except OSError as err:
         raise UserError(f'{option}: cannot make the folder {folder} ({err.strerror}); choose another path')
 

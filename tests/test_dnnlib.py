@@ -32,8 +32,10 @@ def test_output_folders_are_made_or_refused_by_option(tmp_path):
     (tmp_path / 'file').write_text('x')
     with pytest.raises(util.UserError, match='^--outdir=file: .*file is a file, not a folder'):
         util.make_output_folder(str(tmp_path / 'file'), '--outdir=file')
-    with pytest.raises(util.UserError, match=r'^--dest=file/x/r.pkl: cannot make the folder .*file/x \(Not a directory\)'):
-        util.make_output_folder(str(tmp_path / 'file' / 'x'), '--dest=file/x/r.pkl')
+    with pytest.raises(util.UserError, match=r'^--dest=file/x/r.pkl: .*file is a file, not a folder'):
+        util.check_output_folder(str(tmp_path / 'file' / 'x'), '--dest=file/x/r.pkl')
+    util.check_output_folder(str(tmp_path / 'new' / 'deeper'), '--outdir=new/deeper')
+    assert not (tmp_path / 'new').exists()                          # Checked, not made: a refused run leaves nothing.
 
 def test_cache_dir_follows_environment(tmp_path, monkeypatch):
     monkeypatch.setenv('NCVSD_CACHE_DIR', str(tmp_path))

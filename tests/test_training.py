@@ -216,6 +216,8 @@ def test_clear_errors(assets, tmp_path, case, message):
     assert 'Traceback' not in result.stderr
     if case in OPTION_ERRORS:                       # Found before anything is loaded or fitted: at once.
         assert 'Loading network' not in result.stdout, result.stdout[-2000:]
+    if case not in ('other_run', 'outdir_file'):
+        assert not outdir.exists()                  # A refused run leaves no empty run folder.
 
 @pytest.mark.filterwarnings('ignore:This DataLoader will create')
 def test_data_loader_workers_read_a_zip_the_parent_has_opened(assets):

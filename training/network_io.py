@@ -186,8 +186,9 @@ def load_exported(f, name='the file'):
     return dnnlib.EasyDict(ema=net.eval(), encoder=encoder)
 
 def write_export(snapshot, out):
-    dnnlib.util.make_output_folder(os.path.dirname(out), f'OUT.pt={out}')
+    dnnlib.util.check_output_folder(os.path.dirname(out), f'OUT.pt={out}')
     export = export_network(load_network_data(snapshot))
+    dnnlib.util.make_output_folder(os.path.dirname(out), f'OUT.pt={out}')
     torch.save(export, out + '.tmp')
     os.replace(out + '.tmp', out)
     print(f'Wrote {out} ({export["network"]["class_name"]}, {len(export["state_dict"])} tensors)')

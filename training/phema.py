@@ -117,7 +117,7 @@ def reconstruct(indir, outdir, out_stds, out_kimg=None, verbose=True):
     if not snapshots:
         raise UserError(f'no snapshot at or before {out_kimg} kimg in {indir}')
     out_kimg = latest if out_kimg is None else out_kimg
-    dnnlib.util.make_output_folder(outdir, f'--outdir={outdir}')
+    dnnlib.util.check_output_folder(outdir, f'--outdir={outdir}')
     in_ofs = np.array([s[0] for s in snapshots], dtype=np.float64)
     in_std = np.array([s[1] for s in snapshots], dtype=np.float64)
     coefs = solve_posthoc_coefficients(in_ofs, in_std, np.full(len(out_stds), float(out_kimg)), np.array(out_stds, dtype=np.float64))
@@ -133,6 +133,7 @@ def reconstruct(indir, outdir, out_stds, out_kimg=None, verbose=True):
                 outputs[j] = (data, [torch.zeros_like(p) for p in params])
             for acc, p in zip(outputs[j][1], params):
                 acc.add_(p, alpha=float(coef))
+    dnnlib.util.make_output_folder(outdir, f'--outdir={outdir}')
     for (data, sums), std in zip(outputs, out_stds):
         result = copy.deepcopy(data)
         for param, value in zip(result['ema'].parameters(), sums):

@@ -103,7 +103,7 @@ def launch(opts, dry_run=False):
         print('Dry run: the configuration above is valid; nothing was loaded or written.')
         return
     device = dist.init(config.device)
-    dnnlib.util.make_output_folder(config.outdir, f'--outdir={config.outdir}')
+    dnnlib.util.check_output_folder(config.outdir, f'--outdir={config.outdir}')
     check_device_options(config, opts, device)
     speed.use_device_defaults(device, compiled=config.compile)
     use_published_backends()                                # From the start: the toy's initial fit runs under them too.
