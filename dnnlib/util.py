@@ -64,7 +64,7 @@ def run_cli(fn, *args, **kwargs):
         sys.exit(1)
 
 #----------------------------------------------------------------------------
-# Cache directory.
+# Output folders.
 
 def check_output_folder(folder, option):
     """Refuse, as a UserError naming the command-line option ('--outdir=runs/x'), an output folder that could not be
@@ -85,6 +85,9 @@ def make_output_folder(folder, option):
         os.makedirs(folder or '.', exist_ok=True)
     except OSError as err:
         raise UserError(f'{option}: cannot make the folder {folder} ({err.strerror}); choose another path')
+
+#----------------------------------------------------------------------------
+# Cache directory.
 
 def make_cache_dir_path(*paths):
     """Path inside the download cache: $NCVSD_CACHE_DIR, else $DNNLIB_CACHE_DIR, else ~/.cache/dnnlib."""

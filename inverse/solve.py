@@ -36,6 +36,9 @@ def load_task(name_or_path, overrides=None):
 def check_task(task):
     """The task, its --ts parsed; values PnP-GD cannot run with (a division by zero or a root of a negative number
     deep in the loop, or a schedule that does not anneal) are a UserError naming the option and what it needs."""
+    missing = [key for key in ('operator', 'sigma_y', 'steps', 'sigma_min', 'sigma_max', 'rho') if key not in task]
+    if missing:
+        raise UserError(f'the task lacks {", ".join(missing)}; see presets/tasks/box_inpainting.json for every key')
     def refuse(key, need):
         return UserError(f'--{key.replace("_", "-")}={task[key]} (task key "{key}") {need}')
     for key in ('sigma_min', 'rho', 'beta'):

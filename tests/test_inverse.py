@@ -222,6 +222,11 @@ def test_task_values_are_checked_before_any_work(overrides, message):
         solve.load_task('box_inpainting', overrides)
     assert solve.load_task('box_inpainting', dict(ts='20,39'))['ts'] == [20, 39]
 
+def test_a_task_file_lacking_keys_is_refused(tmp_path):
+    (tmp_path / 'task.json').write_text(json.dumps(dict(operator=dict(name='box_inpainting'), steps=5)))
+    with pytest.raises(UserError, match='the task lacks sigma_y, sigma_min, sigma_max, rho'):      # Was a KeyError.
+        solve.load_task(str(tmp_path / 'task.json'))
+
 def test_metric_names_are_checked():
     assert solve.parse_metrics('psnr, ssim') == ['psnr', 'ssim']
     for text in ('psnr,foo', ''):                   # 'foo' was ignored silently.
