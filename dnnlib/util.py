@@ -55,6 +55,11 @@ class Logger:
         sys.stdout, sys.stderr = self.stdout, self.stderr
         self.file.close()
 
+def error_summary(err):
+    """'Type: first sentence' of an exception from a library, for a UserError's parenthesis."""
+    lines = str(err).splitlines() or ['']
+    return f'{type(err).__name__}: {lines[0].split(". ")[0]}'
+
 def run_cli(fn, *args, **kwargs):
     """Run library code for a CLI: a UserError becomes a one-line message and exit status 1."""
     try:

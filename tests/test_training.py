@@ -140,7 +140,7 @@ def test_two_process_torchrun_keeps_ranks_identical(assets, tmp_path):
     checkpoint = torch.load(tmp_path / 'run' / 'training-state-0000000.016.pt', weights_only=False)
     assert len(checkpoint['rng']['ranks']) == 2
 
-OPTION_ERRORS = {'ts', 'batch', 'duration', 'outdir_file', 'fp16', 'precision_fp16', 'cuda_graphs', 'precision_contradiction', 'preset',
+OPTION_ERRORS = {'ts', 'batch', 'duration', 'outdir_file', 'torn_checkpoint', 'fp16', 'precision_fp16', 'cuda_graphs', 'precision_contradiction', 'preset',
     'preset_unknown_key', 'preset_missing_key'}
 
 @pytest.mark.parametrize('case, message', [
@@ -153,6 +153,7 @@ OPTION_ERRORS = {'ts', 'batch', 'duration', 'outdir_file', 'fp16', 'precision_fp
     ('damaged_pickle', 'junk.pkl is not a network pickle (ValueError'),
     ('damaged_export', 'junk.pt is not a weights-only network file'),
     ('outdir_file', 'is a file, not a folder'),
+    ('torn_checkpoint', 'training-state-0000000.008.pt cannot be read (RuntimeError'),
     ('missing', 'file not found'),
     ('other_run', 'different run'),
     ('preset', 'unknown preset'),
@@ -187,6 +188,9 @@ def test_clear_errors(assets, tmp_path, case, message):
         net = str(tmp_path / 'nowhere.pkl')
     elif case == 'outdir_file':
         outdir.write_text('a file where the run folder should be')
+    elif case == 'torn_checkpoint':                  # Was a traceback from deep inside torch.load.
+        outdir.mkdir()
+        (outdir / 'training-state-0000000.008.pt').write_bytes(b'PK\x03\x04 cut short')
     elif case == 'fp16':
         extra = ['--fp16=True']
     elif case == 'precision_fp16':
@@ -216,7 +220,7 @@ def test_clear_errors(assets, tmp_path, case, message):
     assert 'Traceback' not in result.stderr
     if case in OPTION_ERRORS:                       # Found before anything is loaded or fitted: at once.
         assert 'Loading network' not in result.stdout, result.stdout[-2000:]
-    if case not in ('other_run', 'outdir_file'):
+    if case not in ('other_run', 'outdir_file', 'torn_checkpoint'):
         assert not outdir.exists()                  # A refused run leaves no empty run folder.
 
 @pytest.mark.filterwarnings('ignore:This DataLoader will create')

@@ -9,7 +9,7 @@ import re
 
 import torch
 
-from dnnlib.util import UserError, STAMP_PATTERN
+from dnnlib.util import UserError, STAMP_PATTERN, error_summary
 from . import training_stats
 
 _device = None          # This rank's device, chosen by init().
@@ -153,7 +153,7 @@ class CheckpointIO:
     def load(self, pt_path, verbose=True):
         if verbose:
             print0(f'Loading {pt_path} ... ', end='', flush=True)
-        contents = torch.load(pt_path, map_location='cpu', weights_only=False)
+        contents = read_checkpoint(pt_path)
         for name, obj in self._objects.items():
             _restore(obj, contents[name])
         if verbose:
@@ -165,6 +165,15 @@ class CheckpointIO:
         if path is not None:
             self.load(path, verbose=verbose)
         return path
+
+def read_checkpoint(pt_path, mmap=False):
+    """A checkpoint's contents (on the CPU; mmap: tensors read only when used); a damaged file is a UserError saying
+    how to go on."""
+    try:
+        return torch.load(pt_path, map_location='cpu', weights_only=False, mmap=mmap)
+    except Exception as err:                        # A truncated or overwritten file fails in many ways.
+        raise UserError(f'{pt_path} cannot be read ({error_summary(err)}); it is damaged: '
+            'delete it to resume from the checkpoint before it, or start again in a new --outdir')
 
 CHECKPOINT_NAME = re.compile(rf'training-state-({STAMP_PATTERN})\.pt')
 

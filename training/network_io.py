@@ -103,7 +103,7 @@ def load_network_data(path_or_url, verbose=True):
         try:
             data = pickle.load(f)
         except Exception as err:                    # Unpickling a damaged or foreign file can raise almost anything.
-            raise UserError(f'{path_or_url} is not a network pickle ({type(err).__name__}: {err}); '
+            raise UserError(f'{path_or_url} is not a network pickle ({dnnlib.util.error_summary(err)}); '
                 'pass a snapshot .pkl, an EDM2 teacher pickle or an export .pt')
     if isinstance(data, torch.nn.Module):
         data = dict(ema=data)
@@ -173,7 +173,7 @@ def load_exported(f, name='the file'):
     try:
         export = torch.load(f, map_location='cpu', weights_only=True)
     except Exception as err:
-        raise UserError(f'{name} is not a weights-only network file ({type(err).__name__}: {err})')
+        raise UserError(f'{name} is not a weights-only network file ({dnnlib.util.error_summary(err)})')
     if not isinstance(export, dict) or export.get('format') != EXPORT_FORMAT:
         raise UserError(f'{name} is not an NCVSD export (expected format {EXPORT_FORMAT}); make one with python -m training.network_io export')
     net = _construct(export['network'], EXPORTABLE_NETWORKS)

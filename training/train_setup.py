@@ -31,7 +31,7 @@ def check_data_matches(dataset, encoder, teacher, cond):
 
 def checkpoint_nimg(path):
     """Images seen by the run when it wrote the checkpoint at `path` (memory-mapped: the weights are not read)."""
-    return int(torch.load(path, map_location='cpu', weights_only=False, mmap=True)['state']['cur_nimg'])
+    return int(dist.read_checkpoint(path, mmap=True)['state']['cur_nimg'])
 
 def load_teacher(config):
     """(teacher, encoder or None) from --net, or the preset's built-in exact teacher."""
@@ -107,11 +107,12 @@ def launch(opts, dry_run=False):
     check_device_options(config, opts, device)
     speed.use_device_defaults(device, compiled=config.compile)
     use_published_backends()                                # From the start: the toy's initial fit runs under them too.
+    latest = dist.latest_checkpoint(config.outdir)
+    finished_nimg = None if latest is None else checkpoint_nimg(latest)    # A damaged checkpoint: found before loading.
     teacher, encoder = load_teacher(config)
     dataset, encoder, dataset_kwargs = make_data(config, teacher, encoder)
     check_data_matches(dataset, encoder, teacher, bool(config.cond))
-    latest = dist.latest_checkpoint(config.outdir)
-    if run_config.check_run_options(config.outdir, config, None if latest is None else checkpoint_nimg(latest)):
+    if run_config.check_run_options(config.outdir, config, finished_nimg):
         dist.shutdown()
         return
     logger = dnnlib.util.Logger(os.path.join(config.outdir, 'log.txt')) if dist.get_rank() == 0 else None
