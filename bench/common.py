@@ -19,12 +19,20 @@ from torch.autograd import DeviceType
 from torch.utils.flop_counter import FlopCounterMode
 
 import dnnlib
+from torch_utils import distributed as dist
 from training import network_io
 from training.loss import NCVSDLoss
 from training.networks_edm2 import Precond
 from training.networks_ncvsd import ConditionalPrecond, GenerativeDenoiser
 from training.run_config import load_preset
 from training.training_loop import NCVSDIteration
+
+def bench_device(name):
+    """torch.device(name); a click usage error (one line) where this machine has no such device."""
+    try:
+        return dist.choose_device(name)[0]
+    except dnnlib.util.UserError as err:
+        raise click.UsageError(str(err))
 
 def bench_preset(preset):
     """The preset's config; a click usage error (one line) for a name that is unknown or lacks the teacher's architecture."""

@@ -17,6 +17,7 @@ import click
 import numpy as np
 import torch
 
+from dnnlib.util import run_cli
 from inverse.operators import get_operator
 from torch_utils.distributed import choose_device
 from torch_utils.misc import randn_like_from
@@ -81,8 +82,11 @@ def pnp_rows(mixture, student, images, chains, sigma_y, gen):
 @click.option('--sigma-y', help='Measurement noise', type=float, default=0.05, show_default=True)
 @click.option('--seed', type=int, default=0, show_default=True)
 @click.option('--device', help='Device (default: CUDA if available, else CPU)', metavar='STR')
-def main(student, n, pnp_images, chains, sigma_y, seed, device):
+def main(**options):
     """Exact sample-quality metrics of every sampler on the toy mixture (see module docstring)."""
+    run_cli(exact_rows, **options)
+
+def exact_rows(student, n, pnp_images, chains, sigma_y, seed, device):
     torch.set_grad_enabled(False)
     device, _note = choose_device(device)
     gen = torch.Generator(device).manual_seed(seed)

@@ -15,7 +15,7 @@ import time
 import click
 import torch
 
-from common import random_teacher, sampling_student, synchronize, peak_tflops, count_flops, flops_report, device_name, reset_peak_memory, peak_memory_mb, print_profile
+from common import bench_device, random_teacher, sampling_student, synchronize, peak_tflops, count_flops, flops_report, device_name, reset_peak_memory, peak_memory_mb, print_profile
 import dnnlib
 from training.network_io import emulated_precision_note
 from training.networks_edm2 import set_precision
@@ -53,7 +53,7 @@ def speed_line(speed, batch):
 @click.option('--profile', 'profile_top', type=int, default=0, metavar='N', help='Then profile one batch of the 1-step student: busy time by kind of work, its N largest kernels (CUDA: and operators)')
 def main(preset, batch, repeats, heun_steps, device, off, precision, compile_nets, given_peak, profile_top):
     torch.set_grad_enabled(False)
-    device = torch.device(device)
+    device = bench_device(device)
     try:
         set_speed_options(**{**device_defaults(device, compiled=compile_nets), **{name: False for name in option_names(off)}})
     except ValueError as err:

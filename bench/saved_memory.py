@@ -12,7 +12,7 @@ batches gives the memory per image, printed at --batch. Weights and their normal
 import click
 import torch
 
-from common import random_teacher
+from common import bench_device, random_teacher
 from torch_utils.misc import kept_for_backward_mib
 from train_step import parse_variant
 from training.networks_edm2 import set_precision
@@ -41,7 +41,7 @@ def activation_mib(net, teacher, batch, device, trained):
 @click.option('--device', default='cuda' if torch.cuda.is_available() else 'cpu', show_default=True)
 @click.option('--variant', 'variants', multiple=True, metavar='SPEC', help='As bench/train_step.py\'s: default, off=LIST, on=LIST (repeatable)')
 def main(preset, batch, precision, device, variants):
-    device = torch.device(device)
+    device = bench_device(device)
     variants = [parse_variant(spec, device, precision) for spec in variants or ['off=all', 'default']]
     teacher, _config = random_teacher(preset, device)
     G, _S, D = build_students(teacher, dict(use_fp16=precision != 'fp32'), device)

@@ -11,9 +11,12 @@ import os
 import subprocess
 import sys
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
 import click
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from dnnlib.util import parse_int_list, run_cli
 METRICS = ('class_accuracy', 'tv', 'spread')
 
 def final_metrics(run_dir, ema='0.100'):
@@ -23,11 +26,11 @@ def final_metrics(run_dir, ema='0.100'):
     return {steps: {m: record[f'Final-{ema}/{steps}-step/{m}']['mean'] for m in METRICS} for steps in (1, 2, 4)}
 
 @click.command()
-@click.option('--seeds', default='0,1,2', show_default=True, help='Comma-separated seeds')
+@click.option('--seeds', default='0,1,2', show_default=True, help='Seeds, e.g. 0,1,2 or 0-4')
 @click.option('--outdir', default='training-runs/toy-seeds', show_default=True, metavar='DIR')
 def main(seeds, outdir):
     results = {}
-    for seed in [int(s) for s in seeds.split(',')]:
+    for seed in run_cli(parse_int_list, seeds):
         run_dir = os.path.join(outdir, f'seed{seed}')
         subprocess.run([sys.executable, os.path.join(ROOT, 'train_ncvsd.py'), '--preset=toy', f'--outdir={run_dir}', f'--seed={seed}'],
             check=True, cwd=ROOT)

@@ -20,7 +20,7 @@ import statistics
 import click
 import torch
 
-from common import bench_iteration, bench_preset, random_teacher, PhaseTimer, peak_memory_mb, reset_peak_memory, peak_tflops, count_flops, flops_report, device_name, print_profile
+from common import bench_device, bench_iteration, bench_preset, random_teacher, PhaseTimer, peak_memory_mb, reset_peak_memory, peak_tflops, count_flops, flops_report, device_name, print_profile
 import dnnlib
 from training.network_io import emulated_precision_note
 from training.networks_edm2 import set_precision
@@ -81,7 +81,7 @@ def parse_variant(spec, device, default_precision):
 def main(preset, batch, iters, warmup, device, threads, off, on, precision, compile_nets, cuda_graphs, variants, given_peak, profile_top):
     if threads:
         torch.set_num_threads(threads)
-    device = torch.device(device)
+    device = bench_device(device)
     use_published_backends()                                # As the training loop: no TF32, float16 matmuls reduce in float32.
     default_precision = 'fp16' if bench_preset(preset).get('fp16', False) else 'fp32'
     if not variants:

@@ -23,6 +23,18 @@ def test_benchmarks_name_the_presets_they_can_build():
         result = run_python([script, '--device=cpu', f'--preset={preset}'])
         assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr
 
+def test_benchmarks_refuse_bad_input_in_one_line():
+    """These were tracebacks: torch's assertion for CUDA on a machine without it, a UserError escaping bench/exact.py,
+    int() of a seed range. (On a machine with CUDA, 'cuda:64' is the device it lacks.)"""
+    missing = 'cuda:64' if torch.cuda.is_available() else 'cuda'
+    for args, message in [(['bench/train_step.py', f'--device={missing}', '--iters=0'], 'not available here'),
+            (['bench/sample.py', f'--device={missing}'], 'not available here'),
+            (['bench/saved_memory.py', f'--device={missing}'], 'not available here'),
+            (['bench/exact.py', '--student=no-such-student.pkl'], 'file not found: no-such-student.pkl'),
+            (['bench/toy_quality.py', '--seeds=3-1'], '"3-1" in "3-1" is an empty range')]:
+        result = run_python(args)
+        assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr, (args, result.stderr[-2000:])
+
 def test_train_step_reports_what_it_measured_when_stopped():
     """Alternating variants, each reported with its ratio to the first; a time limit (SIGTERM, as `timeout` sends)
     cuts the run short but not its report."""

@@ -244,6 +244,9 @@ def test_device_choice_and_its_errors(monkeypatch):
     assert choose_device('cpu', local_ranks=2) == (torch.device('cpu'), None)
     with pytest.raises(UserError, match='needs 2 GPUs'):
         choose_device('cuda', local_ranks=2)
+    assert choose_device('cuda:0') == (torch.device('cuda', 0), None)
+    with pytest.raises(UserError, match='has 1 GPU'):                   # Was accepted, to fail in set_device.
+        choose_device('cuda:1')
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 0)
     assert choose_device(None, local_ranks=2) == (torch.device('cpu'), None)

@@ -23,6 +23,10 @@ def choose_device(requested=None, local_ranks=1, local_rank=0):
     kind = None if requested is None else torch.device(requested).type
     if kind == 'cuda' and num_gpus == 0:
         raise UserError(f'--device={requested} but CUDA is not available here; use --device=cpu (or leave --device out)')
+    index = None if requested is None else torch.device(requested).index
+    if kind == 'cuda' and index is not None and index >= num_gpus:
+        raise UserError(f'--device={requested} but this machine has {num_gpus} GPU(s), cuda:0 to cuda:{num_gpus - 1}; '
+            'choose one of them')
     if kind == 'cuda' and local_ranks > num_gpus:
         raise UserError(f'--device={requested} with {local_ranks} ranks on this machine needs {local_ranks} GPUs, '
             f'it has {num_gpus}; use --nproc_per_node={num_gpus} or --device=cpu')
@@ -34,8 +38,7 @@ def choose_device(requested=None, local_ranks=1, local_rank=0):
         note = (f'Note: {local_ranks} ranks on this machine but {num_gpus} GPU(s): computing on the CPU with gloo; '
             f'use --nproc_per_node={num_gpus} to compute on CUDA') if num_gpus else None
         return torch.device('cpu'), note
-    index = torch.device(requested).index if requested is not None and local_ranks == 1 else None
-    return torch.device('cuda', local_rank if index is None else index), None
+    return torch.device('cuda', local_rank if index is None or local_ranks > 1 else index), None
 
 def launched_world_size():
     """The number of ranks torchrun launched (1 without torchrun), known before init()."""
