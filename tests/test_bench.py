@@ -27,9 +27,9 @@ def test_benchmarks_refuse_bad_input_in_one_line():
     """These were tracebacks: torch's assertion for CUDA on a machine without it, a UserError escaping bench/exact.py,
     int() of a seed range. (On a machine with CUDA, 'cuda:64' is the device it lacks.)"""
     missing = 'cuda:64' if torch.cuda.is_available() else 'cuda'
-    for args, message in [(['bench/train_step.py', f'--device={missing}', '--iters=0'], 'not available here'),
-            (['bench/sample.py', f'--device={missing}'], 'not available here'),
-            (['bench/saved_memory.py', f'--device={missing}'], 'not available here'),
+    for args, message in [(['bench/train_step.py', f'--device={missing}', '--iters=0'], f'--device={missing} but'),
+            (['bench/sample.py', f'--device={missing}'], f'--device={missing} but'),
+            (['bench/saved_memory.py', f'--device={missing}'], f'--device={missing} but'),
             (['bench/exact.py', '--student=no-such-student.pkl'], 'file not found: no-such-student.pkl'),
             (['bench/toy_quality.py', '--seeds=3-1'], '"3-1" in "3-1" is an empty range')]:
         result = run_python(args)

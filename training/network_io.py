@@ -42,10 +42,10 @@ def load_network(path_or_url, device, role='sampling', vae=None, precision=None,
 
     role='sampling': any image network, float32, eval mode, on `device`, with its encoder initialised there
     (`vae` replaces the VAE of a latent-space network's encoder; `precision` fp32/fp16/bf16 replaces the stored
-    choice of the UNet bodies' dtype, fp16 only on CUDA (a stored fp16 computes in float32 elsewhere); `compile_backend` wraps the network
-    in torch.compile, compiled at its first call; the speed options are set as `device` measures best, as
-    for training). role='teacher': an EDM2 diffusion network as
-    stored (the training loop freezes it on its device); the encoder is the file's own, None if it has none.
+    choice of the UNet bodies' dtype, fp16 only on CUDA (a stored fp16 computes in float32 elsewhere);
+    `compile_backend` wraps the network in torch.compile, compiled at its first call; the speed options are set as
+    `device` measures best, as for training). role='teacher': an EDM2 diffusion network as stored (the training loop
+    freezes it on its device); the encoder is the file's own, None if it has none.
     """
     if precision == 'fp16' and device.type != 'cuda':
         refuse_float16(device, '--precision=fp16')
