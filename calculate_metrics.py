@@ -20,7 +20,7 @@ from torch_utils import distributed as dist
 from evaluation import frechet
 from training.dataset import ImageFolderDataset
 from training.network_io import load_network
-from training.sampling import check_sampling_options, generate_images
+from training.sampling import DEFAULT_HEUN_STEPS, check_sampling_options, generate_images
 
 def parse_metrics(text):
     return [m.strip() for m in text.split(',') if m.strip()]
@@ -88,7 +88,7 @@ def cmdline():
 @click.option('--net', help='Network pickle or export (path or URL)', metavar='PKL', required=True)
 @click.option('--ref', 'ref_path', help='Reference statistics (.pkl or .npz, path or URL)', metavar='PKL', required=True)
 @click.option('--ts', help='NCVSD grid indices, e.g. 10,22,39', metavar='LIST')
-@click.option('--steps', help='Heun steps for diffusion teachers', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
+@click.option('--steps', help=f'Heun steps for diffusion teachers [default: {DEFAULT_HEUN_STEPS}]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--num', '--num-images', 'num', help='Number of images (under torchrun write --num-images: torchrun takes --num for --numa-binding)', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option('--seed', help='First seed', metavar='INT', type=int, default=123456789, show_default=True)
 @click.option('--class', 'class_idx', help='Class label (default: random per seed)', metavar='INT', type=int)
@@ -102,10 +102,10 @@ def gen(net, ref_path, ts, steps, num, seed, class_idx, out, precision, metrics,
         check_file_folder(out, '--out')
         ref = frechet.load_reference(ref_path)
         network, encoder = load_network(net, dev, verbose=dist.get_rank() == 0, precision=precision)
-        checked_ts = check_sampling_options(network, ts, steps, class_idx)
+        checked_ts, checked_steps = check_sampling_options(network, ts, steps, class_idx)
         detectors = make_detectors(metrics, inception, dinov2, custom)
         progress = tqdm.tqdm(total=num, unit='img', disable=dist.get_rank() != 0)
-        images = (r['images'] for r in generate_images(network, encoder, list(range(seed, seed + num)), ts=checked_ts, steps=steps,
+        images = (r['images'] for r in generate_images(network, encoder, list(range(seed, seed + num)), ts=checked_ts, steps=checked_steps,
             class_idx=class_idx, batch_size=batch, device=dev, rank=dist.get_rank(), world_size=dist.get_world_size()))
         stats = frechet.compute_stats(images, detectors, network.img_resolution * (8 if hasattr(encoder, '_vae') else 1), progress)
         progress.close()

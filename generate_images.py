@@ -18,9 +18,9 @@ from dnnlib.util import run_cli, parse_int_list, check_output_folder, make_outpu
 from torch_utils import distributed as dist
 from training.network_io import load_network
 from training.noise_levels import DEFAULT_TS
-from training.sampling import check_sampling_options, generate_images, save_image_grid
+from training.sampling import DEFAULT_HEUN_STEPS, check_sampling_options, generate_images, save_image_grid
 
-def run(net, outdir, seeds, ts=None, steps=32, class_idx=None, subdirs=False, batch=32, device=None, grid=None, vae=None, precision=None, compile=False):
+def run(net, outdir, seeds, ts=None, steps=None, class_idx=None, subdirs=False, batch=32, device=None, grid=None, vae=None, precision=None, compile=False):
     device = dist.init(device)
     seeds = parse_int_list(seeds)
     check_output_folder(outdir, f'--outdir={outdir}')
@@ -28,7 +28,7 @@ def run(net, outdir, seeds, ts=None, steps=32, class_idx=None, subdirs=False, ba
         check_output_folder(os.path.dirname(grid), f'--grid={grid}')
     net, encoder = load_network(net, device, verbose=dist.get_rank() == 0, vae=vae, precision=precision,
         compile_backend='inductor' if compile else None)
-    ts = check_sampling_options(net, ts, steps, class_idx)
+    ts, steps = check_sampling_options(net, ts, steps, class_idx)
     sampler = f'--ts={",".join(map(str, ts))}' if ts else f'Heun, {2 * steps - 1} NFE'
     dist.print0(f'Generating {len(seeds)} images ({sampler}) to "{outdir}" on {dist.get_world_size()} rank(s) ...')
     progress = tqdm.tqdm(total=len(seeds), unit='img', disable=dist.get_rank() != 0)
@@ -57,7 +57,7 @@ def run(net, outdir, seeds, ts=None, steps=32, class_idx=None, subdirs=False, ba
 @click.option('--outdir', help='Where to save the images', metavar='DIR', required=True)
 @click.option('--seeds', help='Random seeds, e.g. 0-3,7', metavar='LIST', default='0-63', show_default=True)
 @click.option('--ts', help=f'NCVSD grid indices ending at 39 [default: {",".join(map(str, DEFAULT_TS))}]', metavar='LIST')
-@click.option('--steps', help='Heun steps for diffusion teachers', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
+@click.option('--steps', help=f'Heun steps for diffusion teachers [default: {DEFAULT_HEUN_STEPS}]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--class', 'class_idx', help='Class label (default: random per seed)', metavar='INT', type=int)
 @click.option('--subdirs', help='One subfolder per 1000 seeds', is_flag=True)
 @click.option('--batch', help='Images per batch and rank', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)

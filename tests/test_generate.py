@@ -56,6 +56,10 @@ def test_option_errors():
         check_sampling_options(student, None, None, 4)
     with pytest.raises(UserError, match='use --steps'):
         check_sampling_options(teacher, '10,39', 32, None)
+    with pytest.raises(UserError, match='--steps=4 is for diffusion teachers'):      # Was ignored silently.
+        check_sampling_options(student, None, 4, None)
+    assert check_sampling_options(student, None, None, None) == ([10, 22, 39], None)
+    assert check_sampling_options(teacher, None, None, None) == (None, 32)
     uncond = GaussianMixture(torch.zeros(1, 3, 8, 8), 0.1).teacher()
     with pytest.raises(UserError, match='unconditional'):
         check_sampling_options(uncond, None, 32, 0)

@@ -50,8 +50,10 @@ def save_image_grid(images, path, grid_w=None):
     grid = misc.tile_images(images.cpu(), grid_w, grid_h).permute(1, 2, 0).numpy()
     PIL.Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid[:, :, :3]).save(path)
 
+DEFAULT_HEUN_STEPS = 32                 # A diffusion teacher's Heun steps when --steps is not given (63 NFE).
+
 @torch.no_grad()
-def edm_heun_sampler(net, noise, labels=None, num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+def edm_heun_sampler(net, noise, labels=None, num_steps=DEFAULT_HEUN_STEPS, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     """EDM's deterministic 2nd-order Heun sampler for a Precond-like teacher (2·num_steps − 1 NFE)."""
     from training.noise_levels import karras_sigmas
     t_steps = torch.cat([karras_sigmas(num_steps, sigma_min, sigma_max, rho), torch.zeros(1, dtype=torch.float64)])
@@ -66,19 +68,24 @@ def edm_heun_sampler(net, noise, labels=None, num_steps=32, sigma_min=0.002, sig
     return x.to(torch.float32)
 
 def check_sampling_options(net, ts, steps, class_idx):
-    """Validated ts (students) and class index; a clear error for options that do not fit the network."""
+    """(ts, steps) as the network samples: a student's validated ts and no steps, or a teacher's steps (None: the
+    default) and no ts; a clear error for options that do not fit the network, or a class index out of range."""
     if is_generative_denoiser(net):
+        if steps is not None:
+            raise UserError(f'--steps={steps} is for diffusion teachers; this network is an NCVSD student: use --ts, e.g. --ts=10,22,39')
         ts = parse_ts(ts if ts is not None else DEFAULT_TS)
     elif ts is not None:
         raise UserError('--ts is for NCVSD students; this network is a diffusion teacher: use --steps')
-    if not is_generative_denoiser(net) and (steps is None or steps < 1):
-        raise UserError('--steps must be at least 1 for a diffusion teacher')
+    else:
+        steps = DEFAULT_HEUN_STEPS if steps is None else steps
+        if steps < 1:
+            raise UserError('--steps must be at least 1 for a diffusion teacher')
     if class_idx is not None:
         if net.label_dim == 0:
             raise UserError('--class was given but the network is unconditional; drop --class')
         if not 0 <= class_idx < net.label_dim:
             raise UserError(f'--class={class_idx} is out of range: the network has {net.label_dim} classes (0 to {net.label_dim - 1})')
-    return ts
+    return ts, steps
 
 def sample_batch(net, noise, labels, rnd, ts=None, steps=None):
     """Student (--ts) or teacher (--steps) samples in network space."""
@@ -93,7 +100,7 @@ def rank_batches(seeds, batch_size, rank, world_size):
     return [list(map(int, b)) for b in batches[rank::world_size]]
 
 @torch.no_grad()
-def generate_images(net, encoder, seeds, ts=None, steps=32, class_idx=None, batch_size=32, device=torch.device('cpu'),
+def generate_images(net, encoder, seeds, ts=None, steps=DEFAULT_HEUN_STEPS, class_idx=None, batch_size=32, device=torch.device('cpu'),
     rank=0, world_size=1, progress=None):
     """Yield dict(images=uint8 [N, C, H, W], seeds, labels) for this rank's share of the seeds.
 
