@@ -140,13 +140,14 @@ def test_two_process_torchrun_keeps_ranks_identical(assets, tmp_path):
     checkpoint = torch.load(tmp_path / 'run' / 'training-state-0000000.016.pt', weights_only=False)
     assert len(checkpoint['rng']['ranks']) == 2
 
-OPTION_ERRORS = {'ts', 'batch', 'duration', 'outdir_file', 'torn_checkpoint', 'fp16', 'precision_fp16', 'cuda_graphs', 'precision_contradiction', 'preset',
+OPTION_ERRORS = {'ts', 'batch', 'duration', 'no_duration', 'outdir_file', 'torn_checkpoint', 'fp16', 'precision_fp16', 'cuda_graphs', 'precision_contradiction', 'preset',
     'preset_unknown_key', 'preset_missing_key'}
 
 @pytest.mark.parametrize('case, message', [
     ('ts', 'strictly increasing'),
     ('batch', 'not divisible'),
     ('duration', '--duration=12 is not a multiple of --batch=8'),
+    ('no_duration', '--duration=0 trains on no images'),            # Wrote a 0-kimg snapshot and a nonsense status line.
     ('resolution', 'the teacher expects [3, 8, 8]'),
     ('labels', 'pass --cond=False'),
     ('not_a_network', 'holds no network'),
@@ -173,6 +174,8 @@ def test_clear_errors(assets, tmp_path, case, message):
         extra = ['--batch=8', '--batch-gpu=3']
     elif case == 'duration':
         extra = ['--batch=8', '--duration=12']
+    elif case == 'no_duration':
+        extra = ['--duration=0']
     elif case == 'resolution':
         net = assets['teacher_res8']
     elif case == 'labels':

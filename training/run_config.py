@@ -98,6 +98,8 @@ def resolve_options(opts):
             + (' or pass --duration' if missing == ['duration'] else ''))
     for name in ('duration', 'status', 'snapshot', 'checkpoint'):
         config[name] = dnnlib.util.parse_nimg(config[name])
+    if config.duration <= 0:
+        raise UserError(f'--duration={config.duration} trains on no images; give a length, e.g. --duration=64Mi')
     config.ts = parse_ts(config.ts)
     config.precision = check_precision(config.precision, config.fp16, 'fp16' in opts)
     return config
