@@ -14,6 +14,7 @@ from inverse.operators import get_operator
 from inverse.pnp import pnp_gd
 from training.dataset import ImageFolderDataset
 from training.encoders import StandardRGBEncoder
+from torch_utils.misc import memory_advice
 from training.networks_ncvsd import is_generative_denoiser
 from training.noise_levels import parse_ts
 from training.sampling import save_image_grid
@@ -125,9 +126,11 @@ def solve_dataset(net, encoder, data, task, outdir, batch=4, seed=0, runs=None, 
         y = operator.measure(truth, task['sigma_y'], generator=generator)
         items = [dict(index=i, runs=[]) for i in indices]
         for run in range(runs):
-            recon = pnp_gd(net, y, operator, task['sigma_y'], beta=task.get('beta'), steps=task['steps'], sigma_min=task['sigma_min'],
-                sigma_max=task['sigma_max'], rho=task['rho'], ts=task.get('ts'), ema_sigma=task.get('ema_sigma', 0.0),
-                ema_decay=task.get('ema_decay'), generator=generator, labels=labels, progress=progress)
+            with memory_advice(device, f'--batch={batch}', 'use a smaller --batch'):
+                recon = pnp_gd(net, y, operator, task['sigma_y'], beta=task.get('beta'), steps=task['steps'],
+                    sigma_min=task['sigma_min'], sigma_max=task['sigma_max'], rho=task['rho'], ts=task.get('ts'),
+                    ema_sigma=task.get('ema_sigma', 0.0), ema_decay=task.get('ema_decay'), generator=generator, labels=labels,
+                    progress=progress)
             values = image_metrics(recon, truth, lpips)
             for j, item in enumerate(items):
                 item['runs'].append({k: v[j] for k, v in values.items() if k in metrics})

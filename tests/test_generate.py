@@ -64,6 +64,16 @@ def test_option_errors():
     with pytest.raises(UserError, match='unconditional'):
         check_sampling_options(uncond, None, 32, 0)
 
+def test_running_out_of_memory_names_the_batch(monkeypatch):
+    """A GPU out of memory while sampling was torch's traceback; now it names --batch (the training loop's test names
+    --batch-gpu)."""
+    from training import sampling
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+    monkeypatch.setattr(sampling, 'sample_batch', out_of_memory)
+    with pytest.raises(UserError, match='cpu ran out of memory at --batch=4; use a smaller --batch'):
+        next(generate_images(GenerativeDenoiser(toy_teacher(resolution=8)), StandardRGBEncoder(), list(range(8)), batch_size=4))
+
 def test_cli_teacher_and_export(tmp_path):
     teacher = make_teacher(tmp_path / 'teacher.pkl')
     result = run_python(['generate_images.py', f'--net={teacher}', '--steps=2', f'--outdir={tmp_path / "out"}', '--seeds=0-2,7',

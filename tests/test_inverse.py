@@ -233,6 +233,18 @@ def test_metric_names_are_checked():
         with pytest.raises(UserError, match='choose among psnr, ssim, lpips'):
             solve.parse_metrics(text)
 
+def test_running_out_of_memory_names_the_batch(student, tmp_path, monkeypatch):
+    from helpers import make_dataset
+    from training.network_io import load_network
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+    monkeypatch.setattr(solve, 'pnp_gd', out_of_memory)
+    data = make_dataset(tmp_path / 'src', tmp_path / 'data.zip', num=2)
+    net, encoder = load_network(str(student), torch.device('cpu'), verbose=False)
+    with pytest.raises(UserError, match='cpu ran out of memory at --batch=2; use a smaller --batch'):
+        solve.solve_dataset(net, encoder, str(data), solve.load_task('box_inpainting', dict(steps=2, runs=1)), str(tmp_path / 'out'),
+            batch=2, metrics=('psnr',))
+
 def test_a_failed_grid_keeps_the_results(student, tmp_path, monkeypatch, capsys):
     from helpers import make_dataset
     from training.network_io import load_network

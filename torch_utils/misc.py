@@ -1,9 +1,22 @@
 """Tensor helpers used by the networks, the training loop and EDM2's embedded sources (misc.const_like)."""
 
+import contextlib
+
 import numpy as np
 import torch
 
+from dnnlib.util import UserError
+
 _constants = {}         # (value bytes, dtype, shape, ...) -> tensor
+
+@contextlib.contextmanager
+def memory_advice(device, setting, advice):
+    """Running out of device memory inside the block becomes a UserError naming the setting ('--batch=64') and what to
+    do about it, instead of a traceback."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise UserError(f'{device} ran out of memory at {setting}; {advice}') from None
 
 def constant(value, shape=None, dtype=None, device=None, memory_format=None):
     """A tensor of `value` (broadcast to `shape`), built once per distinct request and then reused,

@@ -449,11 +449,9 @@ def training_loop(
             dist.print0(f'torch.compile ({", ".join(map(str, compile_options.values()))}): {compiling} (with inductor: '
                 'minutes on a cold cache)', flush=True)
         iteration_start = time.time()
-        try:
+        with misc.memory_advice(device, f'--batch-gpu={batch_gpu}', 'use a smaller --batch-gpu (gradient accumulation keeps '
+                'the results the same)'):
             iteration.run(batches, lr, use_gan=use_gan, timer=reported_phase if compiling else None)
-        except torch.cuda.OutOfMemoryError:
-            raise UserError(f'{device} ran out of memory at --batch-gpu={batch_gpu}; use a smaller --batch-gpu '
-                '(gradient accumulation keeps the results the same)') from None
         if compiling:
             dist.print0(f'torch.compile: iteration {time.time() - iteration_start:.1f} s, compilation included')
         state.cur_nimg += batch_size
