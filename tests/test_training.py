@@ -141,7 +141,7 @@ def test_two_process_torchrun_keeps_ranks_identical(assets, tmp_path):
     assert len(checkpoint['rng']['ranks']) == 2
 
 OPTION_ERRORS = {'ts', 'batch', 'duration', 'no_duration', 'outdir_file', 'torn_checkpoint', 'fp16', 'precision_fp16', 'cuda_graphs', 'precision_contradiction', 'preset',
-    'preset_unknown_key', 'preset_missing_key'}
+    'preset_unknown_key', 'preset_missing_key', 'preset_ema_std'}
 
 @pytest.mark.parametrize('case, message', [
     ('ts', 'strictly increasing'),
@@ -164,6 +164,7 @@ OPTION_ERRORS = {'ts', 'batch', 'duration', 'no_duration', 'outdir_file', 'torn_
     ('precision_contradiction', 'contradicts --precision=bf16'),
     ('preset_unknown_key', 'unknown key(s) learning_rate'),
     ('preset_missing_key', 'lacks P_mean, lr'),
+    ('preset_ema_std', 'ema_stds=0.5: the std of a power-function EMA'),   # Found when the EMA was built, after loading.
 ])
 def test_clear_errors(assets, tmp_path, case, message):
     extra = []
@@ -212,6 +213,8 @@ def test_clear_errors(assets, tmp_path, case, message):
         values = dict(load_preset('tiny'))
         if case == 'preset_unknown_key':
             values['learning_rate'] = values['lr']
+        elif case == 'preset_ema_std':
+            values['ema_stds'] = [0.05, 0.5]
         else:
             del values['lr'], values['P_mean']
         preset = str(tmp_path / 'custom.json')

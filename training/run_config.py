@@ -11,6 +11,7 @@ from torch_utils import distributed as dist
 from training.networks_edm2 import PRECISIONS
 from training.networks_ncvsd import DEFAULT_GAMMA
 from training.noise_levels import DEFAULT_TS, parse_ts
+from training.phema import check_std
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'presets')
 REQUIRED = object()             # Default of the keys a preset must give.
@@ -100,6 +101,8 @@ def resolve_options(opts):
         config[name] = dnnlib.util.parse_nimg(config[name])
     if config.duration <= 0:
         raise UserError(f'--duration={config.duration} trains on no images; give a length, e.g. --duration=64Mi')
+    for std in config.ema_stds:
+        check_std(std, f'preset "{opts["preset"]}": ema_stds')
     config.ts = parse_ts(config.ts)
     config.precision = check_precision(config.precision, config.fp16, 'fp16' in opts)
     return config
