@@ -17,10 +17,16 @@ import tqdm
 
 from dnnlib.util import run_cli, check_output_folder, make_output_folder, UserError
 from torch_utils import distributed as dist
+from torch_utils.misc import memory_advice
 from evaluation import frechet
 from training.dataset import ImageFolderDataset
 from training.network_io import load_network
 from training.sampling import DEFAULT_HEUN_STEPS, check_sampling_options, generate_images
+
+def feature_stats(image_batches, detectors, resolution, device, batch, progress=None):
+    """frechet.compute_stats, where running out of device memory (detectors or sampling) names --batch."""
+    with memory_advice(device, f'--batch={batch}', 'use a smaller --batch'):
+        return frechet.compute_stats(image_batches, detectors, resolution, progress)
 
 def parse_metrics(text):
     return [m.strip() for m in text.split(',') if m.strip()]
@@ -107,7 +113,7 @@ def gen(net, ref_path, ts, steps, num, seed, class_idx, out, precision, metrics,
         progress = tqdm.tqdm(total=num, unit='img', disable=dist.get_rank() != 0)
         images = (r['images'] for r in generate_images(network, encoder, list(range(seed, seed + num)), ts=checked_ts, steps=checked_steps,
             class_idx=class_idx, batch_size=batch, device=dev, rank=dist.get_rank(), world_size=dist.get_world_size()))
-        stats = frechet.compute_stats(images, detectors, network.img_resolution * (8 if hasattr(encoder, '_vae') else 1), progress)
+        stats = feature_stats(images, detectors, network.img_resolution * (8 if hasattr(encoder, '_vae') else 1), dev, batch, progress)
         progress.close()
         report(stats, ref, ref_path, out)
         dist.shutdown()
@@ -127,7 +133,7 @@ def calc(images, ref_path, num, out, metrics, batch, inception, dinov2, custom, 
         ref = frechet.load_reference(ref_path)
         resolution = ImageFolderDataset(images).resolution
         detectors = make_detectors(metrics, inception, dinov2, custom)
-        stats = frechet.compute_stats(dataset_batches(images, num, batch, dev), detectors, resolution)
+        stats = feature_stats(dataset_batches(images, num, batch, dev), detectors, resolution, dev, batch)
         report(stats, ref, ref_path, out)
         dist.shutdown()
     run_cli(run)
@@ -144,7 +150,7 @@ def ref(data, dest, num, metrics, batch, inception, dinov2, custom, device):
         check_file_folder(dest, '--dest')
         resolution = ImageFolderDataset(data).resolution
         detectors = make_detectors(metrics, inception, dinov2, custom)
-        stats = frechet.compute_stats(dataset_batches(data, num, batch, dev), detectors, resolution)
+        stats = feature_stats(dataset_batches(data, num, batch, dev), detectors, resolution, dev, batch)
         if dist.get_rank() == 0:
             make_output_folder(os.path.dirname(dest), f'--dest={dest}')
             frechet.save_reference(stats, dest)

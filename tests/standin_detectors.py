@@ -13,3 +13,10 @@ class PoolingDetector:
     def __call__(self, images):
         pooled = torch.nn.functional.adaptive_avg_pool2d(images.to(torch.float64) / 255, 4).flatten(1)
         return torch.tanh(pooled @ self.projection.to(images.device))
+
+class OutOfMemoryDetector(PoolingDetector):
+    """Runs out of device memory on its first batch, as a detector too big for the GPU at --batch would."""
+    name = 'out-of-memory-standin'
+
+    def __call__(self, images):
+        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')

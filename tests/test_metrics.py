@@ -112,6 +112,13 @@ def test_calc_against_own_reference_is_zero(metric_assets, tmp_path):
         blocked = run_python(['calculate_metrics.py', *args, '--metrics=fd_stand', STANDIN], env=ENV)
         assert blocked.returncode == 1 and 'is a file, not a folder' in blocked.stderr and 'Traceback' not in blocked.stderr, blocked.stderr
 
+def test_a_detector_out_of_memory_names_the_batch(metric_assets):
+    """A detector out of GPU memory was torch's traceback (sampling already named --batch); now it names --batch too."""
+    result = run_python(['calculate_metrics.py', 'calc', f'--images={metric_assets["data"]}', f'--ref={metric_assets["ref"]}',
+        '--metrics=fd_stand', '--detector=fd_stand=standin_detectors.OutOfMemoryDetector', '--batch=16'], env=ENV)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
+    assert 'ran out of memory at --batch=16; use a smaller --batch' in result.stderr
+
 def test_gen_one_and_two_processes_agree(metric_assets, tmp_path):
     args = ['gen', f'--net={metric_assets["teacher"]}', '--steps=2', '--num-images=12', '--batch=4', f'--ref={metric_assets["ref"]}',
         '--metrics=fd_stand', STANDIN, '--device=cpu']
