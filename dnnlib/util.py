@@ -65,8 +65,16 @@ def run_cli(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except UserError as err:
-        print(f'Error: {err}', file=sys.stderr, flush=True)
+        print(f'Error: {user_message(err)}', file=sys.stderr, flush=True)
         sys.exit(1)
+
+def user_message(err):
+    """A UserError's one-line message. Raised in a DataLoader worker (a corrupt image), it comes back from torch with
+    the worker's traceback as its text, which ends with the message."""
+    text = str(err)
+    if text.startswith('Caught UserError in DataLoader worker'):
+        text = text.strip().splitlines()[-1].split('UserError: ', 1)[-1]
+    return text
 
 #----------------------------------------------------------------------------
 # Output folders.

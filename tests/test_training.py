@@ -2,6 +2,7 @@ import copy
 import os
 import pickle
 import textwrap
+import zipfile
 
 import pytest
 import torch
@@ -165,10 +166,11 @@ OPTION_ERRORS = {'ts', 'batch', 'duration', 'no_duration', 'outdir_file', 'torn_
     ('preset_unknown_key', 'unknown key(s) learning_rate'),
     ('preset_missing_key', 'lacks P_mean, lr'),
     ('preset_ema_std', 'ema_stds=0.5: the std of a power-function EMA'),   # Found when the EMA was built, after loading.
+    ('corrupt_image_in_a_worker', 'corrupt.zip: cannot decode image 00000/img000000'),  # Was the worker's traceback.
 ])
 def test_clear_errors(assets, tmp_path, case, message):
     extra = []
-    net, outdir = assets['teacher'], tmp_path / 'run'
+    net, data, outdir = assets['teacher'], assets['data'], tmp_path / 'run'
     if case == 'ts':
         extra = ['--ts=22,10,39']
     elif case == 'batch':
@@ -203,6 +205,13 @@ def test_clear_errors(assets, tmp_path, case, message):
         extra = ['--cuda-graphs=True']
     elif case == 'precision_contradiction':
         extra = ['--fp16=True', '--precision=bf16']
+    elif case == 'corrupt_image_in_a_worker':       # DataLoader workers are the CUDA default.
+        data = str(tmp_path / 'corrupt.zip')
+        with zipfile.ZipFile(assets['data']) as source, zipfile.ZipFile(data, 'w') as dest:
+            for name in source.namelist():
+                corrupt = name.endswith('.png') and name != '00000/img00000000.png'     # The first is read at start-up.
+                dest.writestr(name, b'not a png' if corrupt else source.read(name))
+        extra = ['--workers=2']
     elif case == 'other_run':
         assert train_cli(assets, outdir, '--duration=8').returncode == 0
         extra = ['--duration=16', '--seed=5']
@@ -219,14 +228,14 @@ def test_clear_errors(assets, tmp_path, case, message):
             del values['lr'], values['P_mean']
         preset = str(tmp_path / 'custom.json')
         (tmp_path / 'custom.json').write_text(json.dumps(values))
-    args = ['train_ncvsd.py', f'--preset={preset}', f'--net={net}', f'--data={assets["data"]}', f'--outdir={outdir}', '--device=cpu', *extra]
+    args = ['train_ncvsd.py', f'--preset={preset}', f'--net={net}', f'--data={data}', f'--outdir={outdir}', '--device=cpu', *extra]
     result = run_python(args)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert 'Traceback' not in result.stderr
     if case in OPTION_ERRORS:                       # Found before anything is loaded or fitted: at once.
         assert 'Loading network' not in result.stdout, result.stdout[-2000:]
-    if case not in ('other_run', 'outdir_file', 'torn_checkpoint'):
+    if case not in ('other_run', 'outdir_file', 'torn_checkpoint', 'corrupt_image_in_a_worker'):
         assert not outdir.exists()                  # A refused run leaves no empty run folder.
 
 @pytest.mark.filterwarnings('ignore:This DataLoader will create')
