@@ -41,17 +41,21 @@ def parse_custom(items):
         custom[metric] = class_name
     return custom
 
-def dataset_batches(path, num, batch, device):
-    """This rank's share of a dataset's first `num` images, as uint8 batches."""
-    dataset = ImageFolderDataset(path, use_labels=False)
+def dataset_stats(dataset, num, workers, detectors, device, batch):
+    """feature_stats of a dataset's first `num` images (default: all), each rank's share decoded by `workers`
+    DataLoader processes."""
     num = len(dataset) if num is None else num
     if len(dataset) < num:
-        raise UserError(f'{path} holds {len(dataset)} images, fewer than --num={num}; lower --num or add images')
-    indices = list(range(num))[dist.get_rank()::dist.get_world_size()]
-    for start in range(0, max(len(indices), 1), batch):
-        chunk = indices[start:start + batch]
-        yield torch.stack([torch.as_tensor(dataset[i][0]) for i in chunk]).to(device) if chunk else None
-    return
+        raise UserError(f'{dataset.path} holds {len(dataset)} images, fewer than --num={num}; lower --num or add images')
+    share = torch.utils.data.Subset(dataset, range(dist.get_rank(), num, dist.get_world_size()))
+    loader = torch.utils.data.DataLoader(share, batch_size=batch, num_workers=workers, pin_memory=(device.type == 'cuda'),
+        prefetch_factor=(2 if workers > 0 else None))
+    with progress_bar(num) as progress:
+        return feature_stats((images.to(device) for images, _labels in loader), detectors, dataset.resolution, device, batch, progress)
+
+def progress_bar(num):
+    """Images scored so far over all ranks, shown by rank 0."""
+    return tqdm.tqdm(total=num, unit='img', disable=dist.get_rank() != 0)
 
 def check_file_folder(path, option):
     """Refuse an output file (--out, --dest) whose folder could not be made before the statistics, not after them."""
@@ -82,6 +86,8 @@ def common_options(fn):
         fn = decorator(fn)
     return fn
 
+workers_option = click.option('--workers', help='DataLoader processes decoding images, per rank', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
+
 def make_detectors(metrics, inception, dinov2, custom):
     """The detectors (their weights are fetched here: called once the user's own paths have been checked)."""
     return frechet.make_detectors(parse_metrics(metrics), dict(fid=inception, fd_dinov2=dinov2), parse_custom(custom))
@@ -110,11 +116,10 @@ def gen(net, ref_path, ts, steps, num, seed, class_idx, out, precision, metrics,
         network, encoder = load_network(net, dev, verbose=dist.get_rank() == 0, precision=precision)
         checked_ts, checked_steps = check_sampling_options(network, ts, steps, class_idx)
         detectors = make_detectors(metrics, inception, dinov2, custom)
-        progress = tqdm.tqdm(total=num, unit='img', disable=dist.get_rank() != 0)
         images = (r['images'] for r in generate_images(network, encoder, list(range(seed, seed + num)), ts=checked_ts, steps=checked_steps,
             class_idx=class_idx, batch_size=batch, device=dev, rank=dist.get_rank(), world_size=dist.get_world_size()))
-        stats = feature_stats(images, detectors, network.img_resolution * (8 if hasattr(encoder, '_vae') else 1), dev, batch, progress)
-        progress.close()
+        with progress_bar(num) as progress:
+            stats = feature_stats(images, detectors, network.img_resolution * (8 if hasattr(encoder, '_vae') else 1), dev, batch, progress)
         report(stats, ref, ref_path, out)
         dist.shutdown()
     run_cli(run)
@@ -123,17 +128,18 @@ def gen(net, ref_path, ts, steps, num, seed, class_idx, out, precision, metrics,
 @click.option('--images', help='Folder or zip of images', metavar='PATH', required=True)
 @click.option('--ref', 'ref_path', help='Reference statistics (.pkl or .npz, path or URL)', metavar='PKL', required=True)
 @click.option('--num', '--num-images', 'num', help='Number of images (default: all)', metavar='INT', type=click.IntRange(min=2))
+@workers_option
 @click.option('--out', help='Also write the scores as JSON here', metavar='JSON')
 @common_options
-def calc(images, ref_path, num, out, metrics, batch, inception, dinov2, custom, device):
+def calc(images, ref_path, num, workers, out, metrics, batch, inception, dinov2, custom, device):
     """Compare a folder or zip of images with a reference."""
     def run():
         dev = dist.init(device)
         check_file_folder(out, '--out')
         ref = frechet.load_reference(ref_path)
-        resolution = ImageFolderDataset(images).resolution
+        dataset = ImageFolderDataset(images, use_labels=False)
         detectors = make_detectors(metrics, inception, dinov2, custom)
-        stats = feature_stats(dataset_batches(images, num, batch, dev), detectors, resolution, dev, batch)
+        stats = dataset_stats(dataset, num, workers, detectors, dev, batch)
         report(stats, ref, ref_path, out)
         dist.shutdown()
     run_cli(run)
@@ -142,15 +148,16 @@ def calc(images, ref_path, num, out, metrics, batch, inception, dinov2, custom, 
 @click.option('--data', help='Dataset folder or zip', metavar='PATH', required=True)
 @click.option('--dest', help='Output .pkl (EDM2 format) or .npz', metavar='PATH', required=True)
 @click.option('--num', '--num-images', 'num', help='Number of images (default: all)', metavar='INT', type=click.IntRange(min=2))
+@workers_option
 @common_options
-def ref(data, dest, num, metrics, batch, inception, dinov2, custom, device):
+def ref(data, dest, num, workers, metrics, batch, inception, dinov2, custom, device):
     """Compute reference statistics of a dataset."""
     def run():
         dev = dist.init(device)
         check_file_folder(dest, '--dest')
-        resolution = ImageFolderDataset(data).resolution
+        dataset = ImageFolderDataset(data, use_labels=False)
         detectors = make_detectors(metrics, inception, dinov2, custom)
-        stats = feature_stats(dataset_batches(data, num, batch, dev), detectors, resolution, dev, batch)
+        stats = dataset_stats(dataset, num, workers, detectors, dev, batch)
         if dist.get_rank() == 0:
             make_output_folder(os.path.dirname(dest), f'--dest={dest}')
             frechet.save_reference(stats, dest)

@@ -98,8 +98,9 @@ def metric_assets(tmp_path_factory):
 def test_calc_against_own_reference_is_zero(metric_assets, tmp_path):
     out = tmp_path / 'scores.json'
     result = run_python(['calculate_metrics.py', 'calc', f'--images={metric_assets["data"]}', f'--ref={metric_assets["ref"]}',
-        '--metrics=fd_stand', STANDIN, f'--out={out}'], env=ENV)
+        '--metrics=fd_stand', STANDIN, f'--out={out}', '--workers=0', '--batch=5'], env=ENV)  # The reference: 2 workers, 64.
     assert result.returncode == 0, result.stderr
+    assert '12/12' in result.stderr                  # The progress bar.
     import json
     assert json.load(open(out))['fd_stand'] == pytest.approx(0, abs=1e-6)
     too_many = run_python(['calculate_metrics.py', 'calc', f'--images={metric_assets["data"]}', f'--ref={metric_assets["ref"]}',

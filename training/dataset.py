@@ -163,6 +163,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return self._name
 
     @property
+    def path(self):
+        return self._path
+
+    @property
     def image_shape(self):
         return list(self._image_shape)
 
