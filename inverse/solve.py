@@ -14,7 +14,7 @@ from inverse.operators import get_operator
 from inverse.pnp import pnp_gd
 from training.dataset import ImageFolderDataset
 from training.encoders import StandardRGBEncoder
-from torch_utils.misc import memory_advice
+from torch_utils.misc import memory_advice, refuse_nonfinite
 from training.networks_ncvsd import is_generative_denoiser
 from training.noise_levels import parse_ts
 from training.sampling import save_image_grid
@@ -131,6 +131,8 @@ def solve_dataset(net, encoder, data, task, outdir, batch=4, seed=0, runs=None, 
                     sigma_min=task['sigma_min'], sigma_max=task['sigma_max'], rho=task['rho'], ts=task.get('ts'),
                     ema_sigma=task.get('ema_sigma', 0.0), ema_decay=task.get('ema_decay'), generator=generator, labels=labels,
                     progress=progress)
+            refuse_nonfinite(recon, f'PnP-GD on images {indices[0]}-{indices[-1]}', 'a larger beta or rho, or '
+                '--precision=fp32 where the network computes in float16 or bfloat16, may keep it finite')
             values = image_metrics(recon, truth, lpips)
             for j, item in enumerate(items):
                 item['runs'].append({k: v[j] for k, v in values.items() if k in metrics})

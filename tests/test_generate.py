@@ -74,6 +74,22 @@ def test_running_out_of_memory_names_the_batch(monkeypatch):
     with pytest.raises(UserError, match='cpu ran out of memory at --batch=4; use a smaller --batch'):
         next(generate_images(GenerativeDenoiser(toy_teacher(resolution=8)), StandardRGBEncoder(), list(range(8)), batch_size=4))
 
+def test_non_finite_weights_and_samples_are_refused(tmp_path, monkeypatch):
+    """A diverged run's snapshot (NaN weights) and a batch that overflows both sampled black images and said "Done"."""
+    import pickle
+    from training import sampling
+    from training.network_io import load_network
+    path = make_teacher(tmp_path / 'teacher.pkl')
+    data = pickle.load(open(path, 'rb'))
+    with torch.no_grad():
+        data['ema'].unet.out_conv.weight[0, 0, 0, 0] = float('nan')
+    pickle.dump(data, open(path, 'wb'))
+    with pytest.raises(UserError, match='teacher.pkl holds non-finite weights .* the first unet.out_conv.weight'):
+        load_network(str(path), torch.device('cpu'), verbose=False)
+    monkeypatch.setattr(sampling, 'sample_batch', lambda net, noise, *args: noise.clone().fill_(float('inf')))
+    with pytest.raises(UserError, match='sampling seeds 4-7 gave non-finite values'):
+        list(generate_images(GenerativeDenoiser(toy_teacher(resolution=8)), StandardRGBEncoder(), list(range(4, 12)), batch_size=4))
+
 def test_cli_teacher_and_export(tmp_path):
     teacher = make_teacher(tmp_path / 'teacher.pkl')
     result = run_python(['generate_images.py', f'--net={teacher}', '--steps=2', f'--outdir={tmp_path / "out"}', '--seeds=0-2,7',

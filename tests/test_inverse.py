@@ -245,6 +245,17 @@ def test_running_out_of_memory_names_the_batch(student, tmp_path, monkeypatch):
         solve.solve_dataset(net, encoder, str(data), solve.load_task('box_inpainting', dict(steps=2, runs=1)), str(tmp_path / 'out'),
             batch=2, metrics=('psnr',))
 
+def test_a_non_finite_reconstruction_is_refused(student, tmp_path, monkeypatch):
+    """NaN reconstructions were written as black images with NaN metrics."""
+    from helpers import make_dataset
+    from training.network_io import load_network
+    monkeypatch.setattr(solve, 'pnp_gd', lambda net, y, *args, **kwargs: torch.full_like(y, float('nan')))
+    data = make_dataset(tmp_path / 'src', tmp_path / 'data.zip', num=2)
+    net, encoder = load_network(str(student), torch.device('cpu'), verbose=False)
+    with pytest.raises(UserError, match='PnP-GD on images 0-1 gave non-finite values'):
+        solve.solve_dataset(net, encoder, str(data), solve.load_task('box_inpainting', dict(steps=2, runs=1)), str(tmp_path / 'out'),
+            batch=2, metrics=('psnr',))
+
 def test_a_failed_grid_keeps_the_results(student, tmp_path, monkeypatch, capsys):
     from helpers import make_dataset
     from training.network_io import load_network

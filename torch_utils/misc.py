@@ -18,6 +18,12 @@ def memory_advice(device, setting, advice):
     except torch.OutOfMemoryError:
         raise UserError(f'{device} ran out of memory at {setting}; {advice}') from None
 
+def refuse_nonfinite(values, what, advice):
+    """A UserError where `values` hold NaN or Inf (one host sync), instead of writing them out as black images:
+    `what` gave them, `advice` says what to try."""
+    if not torch.isfinite(values).all():
+        raise UserError(f'{what} gave non-finite values (NaN or Inf); {advice}')
+
 def constant(value, shape=None, dtype=None, device=None, memory_format=None):
     """A tensor of `value` (broadcast to `shape`), built once per distinct request and then reused,
     so that e.g. resampling filters are not rebuilt at every call."""

@@ -51,6 +51,7 @@ def load_network(path_or_url, device, role='sampling', vae=None, precision=None,
         refuse_float16(device, '--precision=fp16')
     data = load_network_data(path_or_url, verbose=verbose)
     net = as_our_precond(data['ema'], verbose)
+    check_finite_weights(net, path_or_url)
     if role == 'teacher':
         return check_diffusion_network(net, path_or_url), data.get('encoder', None)
     if not hasattr(net, 'img_resolution'):
@@ -124,6 +125,14 @@ def as_our_precond(net, verbose=True):
             print(f'Note: the network runs on the code in its pickle; it does not fit our Precond ({type(err).__name__}: {err})')
         return net
     return ours.to(next(net.parameters()).dtype).train(net.training)
+
+def check_finite_weights(net, path_or_url):
+    """Weights holding NaN or Inf (a diverged run's snapshot) would sample black images silently: refuse them."""
+    tensors = net.state_dict().items() if isinstance(net, torch.nn.Module) else ()
+    broken = [name for name, tensor in tensors if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise UserError(f'{path_or_url} holds non-finite weights (NaN or Inf in {len(broken)} tensor(s), the first {broken[0]}); '
+            'the run that wrote it diverged: use an earlier snapshot')
 
 def check_diffusion_network(net, path_or_url):
     """A teacher must be a Precond-like denoiser with the attributes the students copy."""
