@@ -154,7 +154,8 @@ class CircularBlur(LinearOperator):
         super().__init__(img_size, channels)
         kernel = torch.as_tensor(kernel, dtype=torch.float32)
         if kernel.shape[0] > img_size:
-            raise UserError(f'the blur kernel ({kernel.shape[0]}) is larger than the image ({img_size})')
+            raise UserError(f'the blur kernel ({kernel.shape[0]}) is larger than the image ({img_size}); give a task .json '
+                f'(--preset=PATH, a copy of the preset) whose operator sets "kernel_size" to at most {img_size}')
         self.kernel = kernel
         padded = torch.zeros(img_size, img_size, dtype=torch.float64)
         size = kernel.shape[0]

@@ -311,3 +311,8 @@ def test_masks_are_written_or_refused_naming_the_folder(tmp_path):
     (tmp_path / 'file').write_text('x')
     with pytest.raises(UserError, match='--outdir=.*file is a file, not a folder'):              # Was a traceback.
         write_masks(str(tmp_path / 'file'), size=16)
+
+def test_a_kernel_larger_than_the_image_names_the_fix():
+    for task in ('gaussian_deblur_circ', 'motion_deblur_circ'):     # The published 61-pixel kernels on a 16x16 toy image.
+        with pytest.raises(UserError, match='sets "kernel_size" to at most 16'):
+            get_operator(task, img_size=16, channels=3, kernel_size=61, intensity=0.5)
