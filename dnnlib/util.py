@@ -197,19 +197,24 @@ def _url_to_local_path(url):
         path = path[1:]
     return path
 
+def check_is_file(path, given):
+    """`path` (the user wrote `given`) must be a file: a folder gets its own message, not "not found"."""
+    if os.path.isdir(path):
+        raise UserError(f'{given} is a folder; give the file inside it')
+    if not os.path.isfile(path):
+        raise UserError(f'file not found: {given}')
+
 def open_url(url, cache_dir=None, num_attempts=3, verbose=True, return_filename=False, cache=True):
     """Open a local path, a file:// URL or an http(s) URL (downloaded once into the cache).
 
     Returns a binary file object (or its local filename with return_filename=True).
     """
     if not is_url(url):
-        if not os.path.isfile(url):
-            raise UserError(f'file not found: {url}')
+        check_is_file(url, url)
         return url if return_filename else open(url, 'rb')
     if url.startswith('file://'):
         path = _url_to_local_path(url)
-        if not os.path.isfile(path):
-            raise UserError(f'file not found: {url}')
+        check_is_file(path, url)
         return path if return_filename else open(path, 'rb')
     assert num_attempts >= 1
     assert not (return_filename and not cache)

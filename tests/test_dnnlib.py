@@ -50,6 +50,9 @@ def test_open_url_local_and_file_url(tmp_path):
         assert f.read() == b'hello'
     with pytest.raises(util.UserError, match='not found'):
         util.open_url(str(tmp_path / 'missing.pkl'))
+    for folder in (str(tmp_path), tmp_path.as_uri()):      # Was "file not found" for a folder that is there.
+        with pytest.raises(util.UserError, match='is a folder; give the file inside it'):
+            util.open_url(folder)
 
 def test_open_url_http_is_cached(tmp_path):
     served = tmp_path / 'served'
