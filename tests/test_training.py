@@ -141,6 +141,55 @@ def test_two_process_torchrun_keeps_ranks_identical(assets, tmp_path):
     checkpoint = torch.load(tmp_path / 'run' / 'training-state-0000000.016.pt', weights_only=False)
     assert len(checkpoint['rng']['ranks']) == 2
 
+def test_sigterm_writes_a_checkpoint_and_the_run_resumes_bitwise(assets, tmp_path):
+    """SIGTERM (a scheduler's preemption or time limit) killed the run, losing all since the last checkpoint. Now every
+    rank finishes the same iteration, one checkpoint is written, and the resumed run ends with the weights of one never
+    stopped. Two ranks under torchrun, which passes its own SIGTERM on to them, as a cluster job's would."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    def command(outdir, duration):
+        return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train_ncvsd.py', '--preset=tiny',
+            f'--net={assets["teacher"]}', f'--data={assets["data"]}', f'--outdir={outdir}', f'--duration={duration}', '--status=8',
+            '--checkpoint=4000', '--snapshot=4000', '--device=cpu']
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
+    stopped, straight = tmp_path / 'stopped', tmp_path / 'straight'
+    run = subprocess.Popen(command(stopped, 4000), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while 'kimg 0.016' not in ((stopped / 'log.txt').read_text() if (stopped / 'log.txt').exists() else ''):
+        assert run.poll() is None and time.time() < deadline, run.communicate()[0][-3000:]
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)
+    output = run.communicate(timeout=120)[0]
+    assert run.returncode != 0 and 'Stopped by SIGTERM at 0.0' in output, output[-3000:]
+    checkpoints = list(stopped.glob('training-state-*.pt'))
+    assert len(checkpoints) == 1, checkpoints
+    stopped_nimg = torch.load(checkpoints[0], weights_only=False)['state']['cur_nimg']
+    assert 16 <= stopped_nimg < 4000 and checkpoints[0].name == f'training-state-{stopped_nimg / 1000:011.3f}.pt'
+    for outdir in (stopped, straight):
+        result = subprocess.run(command(outdir, stopped_nimg + 16), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert f'Loading {checkpoints[0]}' in (stopped / 'log.txt').read_text()
+    name = f'training-state-{(stopped_nimg + 16) / 1000:011.3f}.pt'
+    a, b = (torch.load(outdir / name, weights_only=False) for outdir in (stopped, straight))
+    for key in ('G', 'S', 'D'):
+        assert_same_weights(a[key], b[key], 'cpu', key)
+    for index, (ema_a, ema_b) in enumerate(zip(a['ema']['emas'], b['ema']['emas'])):
+        assert_same_weights(ema_a, ema_b, 'cpu', f'ema {index}')
+
+def test_the_newest_checkpoint_is_found_where_a_whole_kimg_and_an_exact_one_share_a_kimg(tmp_path):
+    """A whole <kimg> in a name (0000005) stands for any count in that kimg; a stopped run's exact one (0000005.040) can
+    share it, older or newer."""
+    from torch_utils.distributed import atomic_save, latest_checkpoint
+    def write(stamp, nimg):
+        atomic_save(dict(state=dict(cur_nimg=nimg)), tmp_path / f'training-state-{stamp}.pt')
+    write('0000004', 4096)
+    write('0000005.040', 5040)
+    assert latest_checkpoint(str(tmp_path)).endswith('0000005.040.pt')
+    write('0000005', 5120)                          # Written after a resume from 5.040: newer, though 5 < 5.040.
+    assert latest_checkpoint(str(tmp_path)).endswith('training-state-0000005.pt')
+
 OPTION_ERRORS = {'ts', 'batch', 'duration', 'no_duration', 'outdir_file', 'torn_checkpoint', 'fp16', 'precision_fp16', 'cuda_graphs', 'precision_contradiction', 'preset',
     'preset_unknown_key', 'preset_missing_key', 'preset_ema_std'}
 

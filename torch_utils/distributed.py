@@ -6,6 +6,8 @@ The backend follows the device: nccl when every local rank owns a GPU, gloo on t
 import gc
 import os
 import re
+import signal
+import threading
 
 import torch
 
@@ -114,6 +116,45 @@ def all_gather_object(obj):
     return everyone
 
 #----------------------------------------------------------------------------
+# Stopping on SIGTERM.
+
+class StopOnSignal:
+    """While active (a context manager), SIGTERM (a scheduler's preemption or time limit, torchrun passing its own on)
+    only asks the training loop to stop. requested() gives every rank the same answer at the same call, so that all
+    stop after the same iteration. A second SIGTERM acts as one did before."""
+
+    def __init__(self, signum=signal.SIGTERM):
+        self.signum, self.received, self.previous, self.group = signum, False, None, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():      # Python sets handlers there only.
+            previous = signal.signal(self.signum, self._receive)
+            self.previous = signal.SIG_DFL if previous is None else previous     # None: set outside Python.
+        if is_distributed() and torch.distributed.get_backend() != 'gloo':
+            self.group = torch.distributed.new_group(backend='gloo')    # The flag crosses on the CPU: no GPU wait.
+        return self
+
+    def _receive(self, signum, frame):
+        self.received = True
+        signal.signal(signum, self.previous)
+
+    def __exit__(self, *exc_info):
+        if self.previous is not None:
+            signal.signal(self.signum, self.previous)
+
+    def requested(self):
+        """Whether any rank has received the signal (a CPU all-reduce where there are several ranks)."""
+        if not is_distributed():
+            return self.received
+        flag = torch.tensor([int(self.received)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name
+
+#----------------------------------------------------------------------------
 # Checkpoints.
 
 def atomic_save(obj, path):
@@ -181,8 +222,15 @@ def read_checkpoint(pt_path, mmap=False):
 CHECKPOINT_NAME = re.compile(rf'training-state-({STAMP_PATTERN})\.pt')
 
 def latest_checkpoint(run_dir):
-    """The training-state-<n>.pt of `run_dir` with the largest n, or None."""
+    """The newest training-state-<kimg>.pt of `run_dir`, or None. A whole <kimg> (0000005) stands for any image count
+    within that kimg: where a stopped run's exact one (0000005.040) shares it, the counts stored in the files decide."""
     if not os.path.isdir(run_dir):
         return None
-    numbered = [(float(m.group(1)), name) for name in os.listdir(run_dir) if (m := CHECKPOINT_NAME.fullmatch(name))]
-    return os.path.join(run_dir, max(numbered)[1]) if numbered else None
+    stamps = {name: m.group(1) for name in os.listdir(run_dir) if (m := CHECKPOINT_NAME.fullmatch(name))}
+    if not stamps:
+        return None
+    newest_kimg = max(int(float(stamp)) for stamp in stamps.values())
+    newest = [name for name, stamp in stamps.items() if int(float(stamp)) == newest_kimg]
+    if any('.' not in stamps[name] for name in newest) and len(newest) > 1:
+        return os.path.join(run_dir, max(newest, key=lambda name: read_checkpoint(os.path.join(run_dir, name), mmap=True)['state']['cur_nimg']))
+    return os.path.join(run_dir, max(newest, key=lambda name: float(stamps[name])))

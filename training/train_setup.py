@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import sys
 
 import torch
 
@@ -12,7 +13,7 @@ from torch_utils import distributed as dist
 from training import network_io, run_config, speed
 from training.encoders import StandardRGBEncoder, StabilityVAEEncoder
 from training.toy import fit_denoiser_network
-from training.training_loop import batch_rounds, training_loop, use_published_backends
+from training.training_loop import Stopped, batch_rounds, training_loop, use_published_backends
 
 def check_data_matches(dataset, encoder, teacher, cond):
     """Clear errors when the data cannot feed the teacher (resolution, channels, labels)."""
@@ -116,12 +117,18 @@ def launch(opts, dry_run=False):
         dist.shutdown()
         return
     logger = dnnlib.util.Logger(os.path.join(config.outdir, 'log.txt')) if dist.get_rank() == 0 else None
+    exit_status = 0
     try:
         run_training(config, teacher, dataset, encoder, dataset_kwargs)
+    except Stopped as stopped:
+        dist.print0(stopped, flush=True)
+        exit_status = stopped.exit_status
     finally:
         if logger is not None:
             logger.close()
     dist.shutdown()
+    if exit_status:
+        sys.exit(exit_status)
 
 def compile_options(config):
     """torch.compile's arguments for the networks of the iteration, or None for eager. CUDA graphs alone record

@@ -335,6 +335,14 @@ def memory_report():
     gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     return cpu, gpu
 
+class Stopped(Exception):
+    """The loop stopped on a signal after writing a checkpoint. The message says how to resume; exit_status is the
+    shell's for that signal (143 for SIGTERM), so that a job script sees the run as unfinished."""
+
+    def __init__(self, message, exit_status):
+        super().__init__(message)
+        self.exit_status = exit_status
+
 def batch_rounds(batch_size, batch_gpu, world_size, intervals):
     """(per-rank batch per round, accumulation rounds) of a run; a UserError where the batch does not split over the
     ranks and rounds, or an interval ({option name: images}, 0 for none) is not a multiple of it."""
@@ -427,35 +435,42 @@ def training_loop(
     start_nimg = state.cur_nimg
     prev_status_time, prev_status_nimg = start_time, state.cur_nimg
 
-    while True:
-        done = state.cur_nimg >= total_nimg
-        progressed = state.cur_nimg != start_nimg
-        if (done or (snapshot_nimg and state.cur_nimg % snapshot_nimg == 0)) and (progressed or done):
-            exact = snapshots.save(state.cur_nimg)
-            report0_from_rank0({f'Exact{suffix}/{name}': value for suffix, metrics in exact.items() for name, value in (metrics or {}).items()})
-        if (done or (status_nimg and state.cur_nimg % status_nimg == 0)) and (progressed or done):
-            prev_status_time, prev_status_nimg = report_status(state, start_time, prev_status_time, prev_status_nimg, stats_path)
-        if (done or (checkpoint_nimg and state.cur_nimg % checkpoint_nimg == 0)) and progressed:
-            state.total_elapsed_time += time.time() - start_time
-            start_time = time.time()
-            checkpoint.save(os.path.join(run_dir, f'training-state-{dnnlib.util.nimg_stamp(state.cur_nimg, fine_stamps)}.pt'))
-        if done:
-            break
+    with dist.StopOnSignal() as stop:                       # SIGTERM: a checkpoint, then stop.
+        while True:
+            done = state.cur_nimg >= total_nimg
+            stopped = not done and stop.requested()
+            progressed = state.cur_nimg != start_nimg
+            if (done or (snapshot_nimg and state.cur_nimg % snapshot_nimg == 0)) and (progressed or done):
+                exact = snapshots.save(state.cur_nimg)
+                report0_from_rank0({f'Exact{suffix}/{name}': value for suffix, metrics in exact.items() for name, value in (metrics or {}).items()})
+            if (done or (status_nimg and state.cur_nimg % status_nimg == 0)) and (progressed or done):
+                prev_status_time, prev_status_nimg = report_status(state, start_time, prev_status_time, prev_status_nimg, stats_path)
+            on_schedule = done or (checkpoint_nimg and state.cur_nimg % checkpoint_nimg == 0)
+            if (on_schedule or stopped) and progressed:
+                state.total_elapsed_time += time.time() - start_time
+                start_time = time.time()
+                stamp = dnnlib.util.nimg_stamp(state.cur_nimg, fine_stamps or not on_schedule)   # Off the schedule: exact.
+                checkpoint.save(os.path.join(run_dir, f'training-state-{stamp}.pt'))
+            if stopped:
+                raise Stopped(f'Stopped by {stop.name} at {state.cur_nimg / 1000:.3f} kimg; the last checkpoint holds the run: '
+                    'run the same command to resume it', 128 + stop.signum)
+            if done:
+                break
 
-        lr = learning_rate_schedule(state.cur_nimg, batch_size, **lr_kwargs)     # At the images seen before this iteration.
-        use_gan = state.cur_nimg >= gan_warmup_nimg
-        compiling = compile_options and compiled_graphs_needed(state.cur_nimg, start_nimg, batch_size, gan_warmup_nimg)
-        if compiling:
-            dist.print0(f'torch.compile ({", ".join(map(str, compile_options.values()))}): {compiling} (with inductor: '
-                'minutes on a cold cache)', flush=True)
-        iteration_start = time.time()
-        with misc.memory_advice(device, f'--batch-gpu={batch_gpu}', 'use a smaller --batch-gpu (gradient accumulation keeps '
-                'the results the same)'):
-            iteration.run(batches, lr, use_gan=use_gan, timer=reported_phase if compiling else None)
-        if compiling:
-            dist.print0(f'torch.compile: iteration {time.time() - iteration_start:.1f} s, compilation included')
-        state.cur_nimg += batch_size
-        ema.update(cur_nimg=state.cur_nimg, batch_size=batch_size)
+            lr = learning_rate_schedule(state.cur_nimg, batch_size, **lr_kwargs)     # At the images seen before this iteration.
+            use_gan = state.cur_nimg >= gan_warmup_nimg
+            compiling = compile_options and compiled_graphs_needed(state.cur_nimg, start_nimg, batch_size, gan_warmup_nimg)
+            if compiling:
+                dist.print0(f'torch.compile ({", ".join(map(str, compile_options.values()))}): {compiling} (with inductor: '
+                    'minutes on a cold cache)', flush=True)
+            iteration_start = time.time()
+            with misc.memory_advice(device, f'--batch-gpu={batch_gpu}', 'use a smaller --batch-gpu (gradient accumulation keeps '
+                    'the results the same)'):
+                iteration.run(batches, lr, use_gan=use_gan, timer=reported_phase if compiling else None)
+            if compiling:
+                dist.print0(f'torch.compile: iteration {time.time() - iteration_start:.1f} s, compilation included')
+            state.cur_nimg += batch_size
+            ema.update(cur_nimg=state.cur_nimg, batch_size=batch_size)
 
     if hasattr(teacher, 'exact_metrics'):
         report0_from_rank0(final_exact_metrics(ema, gamma, teacher, device, final_samples) if dist.get_rank() == 0 else {})
