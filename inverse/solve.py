@@ -131,8 +131,8 @@ def solve_dataset(net, encoder, data, task, outdir, batch=4, seed=0, runs=None, 
                     sigma_min=task['sigma_min'], sigma_max=task['sigma_max'], rho=task['rho'], ts=task.get('ts'),
                     ema_sigma=task.get('ema_sigma', 0.0), ema_decay=task.get('ema_decay'), generator=generator, labels=labels,
                     progress=progress)
-            refuse_nonfinite(recon, f'PnP-GD on images {indices[0]}-{indices[-1]}', 'a larger beta or rho, or '
-                '--precision=fp32 where the network computes in float16 or bfloat16, may keep it finite')
+            refuse_nonfinite(recon, f'PnP-GD on images {indices[0]} to {indices[-1]}', "check the task's values (--beta, "
+                '--sigma-min, --sigma-max, --rho), and try --precision=fp32 where the network computes in float16 or bfloat16')
             values = image_metrics(recon, truth, lpips)
             for j, item in enumerate(items):
                 item['runs'].append({k: v[j] for k, v in values.items() if k in metrics})

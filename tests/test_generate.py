@@ -87,7 +87,7 @@ def test_non_finite_weights_and_samples_are_refused(tmp_path, monkeypatch):
     with pytest.raises(UserError, match='teacher.pkl holds non-finite weights .* the first unet.out_conv.weight'):
         load_network(str(path), torch.device('cpu'), verbose=False)
     monkeypatch.setattr(sampling, 'sample_batch', lambda net, noise, *args: noise.clone().fill_(float('inf')))
-    with pytest.raises(UserError, match='sampling seeds 4-7 gave non-finite values'):
+    with pytest.raises(UserError, match='sampling the batch of seeds 4 to 7 gave non-finite values'):
         list(generate_images(GenerativeDenoiser(toy_teacher(resolution=8)), StandardRGBEncoder(), list(range(4, 12)), batch_size=4))
 
 def test_cli_teacher_and_export(tmp_path):

@@ -252,7 +252,7 @@ def test_a_non_finite_reconstruction_is_refused(student, tmp_path, monkeypatch):
     monkeypatch.setattr(solve, 'pnp_gd', lambda net, y, *args, **kwargs: torch.full_like(y, float('nan')))
     data = make_dataset(tmp_path / 'src', tmp_path / 'data.zip', num=2)
     net, encoder = load_network(str(student), torch.device('cpu'), verbose=False)
-    with pytest.raises(UserError, match='PnP-GD on images 0-1 gave non-finite values'):
+    with pytest.raises(UserError, match='PnP-GD on images 0 to 1 gave non-finite values'):
         solve.solve_dataset(net, encoder, str(data), solve.load_task('box_inpainting', dict(steps=2, runs=1)), str(tmp_path / 'out'),
             batch=2, metrics=('psnr',))
 

@@ -115,7 +115,7 @@ def generate_images(net, encoder, seeds, ts=None, steps=DEFAULT_HEUN_STEPS, clas
         labels = random_labels(rnd, net.label_dim, len(batch_seeds), device, class_idx)
         with misc.memory_advice(device, f'--batch={batch_size}', 'use a smaller --batch (each image depends on its seed only)'):
             samples = sample_batch(net, noise, labels, rnd, ts, steps)
-            misc.refuse_nonfinite(samples, f'sampling seeds {batch_seeds[0]}-{batch_seeds[-1]}',
+            misc.refuse_nonfinite(samples, f'sampling the batch of seeds {batch_seeds[0]} to {batch_seeds[-1]}',
                 'where the network computes in float16 or bfloat16, try --precision=fp32')
             images = encoder.decode(samples)
         if progress is not None:
