@@ -1,5 +1,6 @@
 """Generic helpers: attribute dicts, object construction by name, cached URL access."""
 
+import contextlib
 import hashlib
 import importlib
 import io
@@ -77,7 +78,24 @@ def user_message(err):
     return text
 
 #----------------------------------------------------------------------------
-# Output folders.
+# Output folders and files.
+
+@contextlib.contextmanager
+def atomic_file(path, mode='wb'):
+    """A file opened under a temporary name beside `path`, renamed to `path` when the block ends: a crash never leaves
+    a torn file. A failed write (a full disk) removes the temporary file, leaves what `path` held as it was, and is a
+    UserError naming `path`."""
+    temp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(temp, mode) as f:
+            yield f
+        os.replace(temp, path)
+    except OSError as err:
+        raise UserError(f'cannot write {path} ({error_summary(err)}); make room there or choose another folder, '
+            'then run the command again (what was there is intact)') from None
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
 
 def check_output_folder(folder, option):
     """Refuse, as a UserError naming the command-line option ('--outdir=runs/x'), an output folder that could not be

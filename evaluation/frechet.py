@@ -10,7 +10,7 @@ import scipy.linalg
 import torch
 
 import dnnlib
-from dnnlib.util import UserError
+from dnnlib.util import UserError, atomic_file
 from torch_utils import distributed as dist
 
 INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
@@ -162,14 +162,11 @@ def load_reference(path_or_url):
 
 def save_reference(ref, path):
     """Write the EDM2 pickle format (or .npz by extension), atomically."""
-    temp = path + '.tmp'
-    if path.endswith('.npz'):
-        with open(temp, 'wb') as f:
+    with atomic_file(path) as f:
+        if path.endswith('.npz'):
             np.savez(f, **{f'{metric}/{field}': np.asarray(value) for metric, stats in ref.items() for field, value in stats.items()})
-    else:
-        with open(temp, 'wb') as f:
+        else:
             pickle.dump(ref, f)
-    os.replace(temp, path)
 
 def check_reference(ref, stats, source):
     """Refuse comparisons between statistics of different detectors or image resolutions."""

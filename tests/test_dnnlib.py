@@ -73,3 +73,20 @@ def test_open_url_http_is_cached(tmp_path):
         assert f.read() == b'weights'
     with pytest.raises(util.UserError, match='offline'):
         util.open_url(url.replace('model.pkl', 'other.pkl'), cache_dir=str(tmp_path / 'cache'), verbose=False, num_attempts=1)
+
+def test_a_failed_atomic_write_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    """A full disk was torch.save's or pickle's traceback, and a snapshot's .pkl.tmp stayed behind."""
+    import errno
+    import torch
+    from torch_utils.distributed import atomic_save
+    path = tmp_path / 'training-state-0000004.pt'
+    atomic_save(dict(state=dict(cur_nimg=4096)), str(path))
+    def disk_full(obj, f):
+        f.write(b'partial')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', disk_full)
+    with pytest.raises(util.UserError, match=r'cannot write .*0000004.pt \(OSError: \[Errno 28\] No space left on device\); make room'):
+        atomic_save(dict(state=dict(cur_nimg=8192)), str(path))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]             # No temporary file left.
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False)['state']['cur_nimg'] == 4096

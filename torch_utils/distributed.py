@@ -11,7 +11,7 @@ import threading
 
 import torch
 
-from dnnlib.util import UserError, STAMP_PATTERN, error_summary
+from dnnlib.util import UserError, STAMP_PATTERN, atomic_file, error_summary
 from . import training_stats
 
 _device = None          # This rank's device, chosen by init().
@@ -158,14 +158,9 @@ class StopOnSignal:
 # Checkpoints.
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves a torn file."""
-    temp = f'{path}.tmp{os.getpid()}'
-    try:
-        torch.save(obj, temp)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+    """torch.save through dnnlib.util.atomic_file: a crash never leaves a torn file, a full disk is a clear error."""
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 def _capture(obj):
     """What a checkpoint stores of one object: a dict's items, or its state_dict."""

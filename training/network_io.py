@@ -198,8 +198,8 @@ def write_export(snapshot, out):
     dnnlib.util.check_output_folder(os.path.dirname(out), f'OUT.pt={out}')
     export = export_network(load_network_data(snapshot))
     dnnlib.util.make_output_folder(os.path.dirname(out), f'OUT.pt={out}')
-    torch.save(export, out + '.tmp')
-    os.replace(out + '.tmp', out)
+    with dnnlib.util.atomic_file(out) as f:
+        torch.save(export, f)
     print(f'Wrote {out} ({export["network"]["class_name"]}, {len(export["state_dict"])} tensors)')
 
 @click.group()

@@ -140,9 +140,8 @@ def reconstruct(indir, outdir, out_stds, out_kimg=None, verbose=True):
             param.copy_(value.to(param.dtype))
         out_nimg = round(out_kimg * 1000)
         path = os.path.join(outdir, f'network-snapshot-{dnnlib.util.nimg_stamp(out_nimg, out_nimg % 1000 != 0)}-{std:.3f}.pkl')
-        with open(path + '.tmp', 'wb') as f:
+        with dnnlib.util.atomic_file(path) as f:
             pickle.dump(result, f)
-        os.replace(path + '.tmp', path)
         paths.append(path)
         if verbose:
             print(f'Wrote {path}')

@@ -140,7 +140,6 @@ def check_run_options(run_dir, options, finished_nimg=None):
         return True
     if dist.get_rank() == 0:
         os.makedirs(run_dir, exist_ok=True)
-        with open(path + '.tmp', 'w') as f:
+        with dnnlib.util.atomic_file(path, 'w') as f:
             json.dump(options, f, indent=2)
-        os.replace(path + '.tmp', path)
     return False

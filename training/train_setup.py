@@ -75,9 +75,8 @@ def make_init_net(config, teacher):
         verbose=dist.get_rank() == 0, **init_kwargs)
     if dist.get_rank() == 0:
         os.makedirs(config.outdir, exist_ok=True)
-        with open(path + '.tmp', 'wb') as f:
+        with dnnlib.util.atomic_file(path) as f:
             pickle.dump(dnnlib.EasyDict(ema=net), f)
-        os.replace(path + '.tmp', path)
     return net
 
 def check_device_options(config, opts, device):

@@ -225,9 +225,8 @@ class SnapshotWriter:
             data = dnnlib.EasyDict(ema=denoiser, encoder=self.encoder, dataset_kwargs=self.dataset_kwargs, loss_fn=self.loss_fn)
             base = os.path.join(self.run_dir, f'network-snapshot-{dnnlib.util.nimg_stamp(cur_nimg, self.fine_stamps)}{suffix}')
             if dist.get_rank() == 0:
-                with open(base + '.pkl.tmp', 'wb') as f:
+                with dnnlib.util.atomic_file(base + '.pkl') as f:
                     pickle.dump(data, f)
-                os.replace(base + '.pkl.tmp', base + '.pkl')
                 results[suffix] = save_sample_grid(denoiser.to(self.device), self.encoder, self.ts, self.teacher, self.grid_seeds, base + '.png')
         return results
 
