@@ -10,8 +10,8 @@
 #         the CPU runs' (class accuracy >= 0.95, TV <= 0.2: CPU runs of seeds 0-2 ended between 0.047 and 0.149 over
 #         sessions, rounding alone moving them; a collapsed student is at 0.3-0.6);
 #       - a 2 kimg float16 run (batch 64 in two rounds of 32) of a random teacher of the EDM2 img64-s architecture from
-#         a zip with 4 data workers, killed after its first checkpoint and resumed to the end, then generate_images.py
-#         from its snapshot.
+#         a zip with 4 data workers, sent SIGTERM after its first checkpoint (it writes one where it stands and stops) and resumed
+#         to the end, then generate_images.py from its snapshot.
 #     Then, alone on the GPU: bench/exact.py with the toy student and bench/sample.py (student 1/2/4 steps vs 63-NFE
 #     Heun, share of the FP16 peak). The step is timed by the other two calls.
 #   bash bench/gpu_check.sh timing   eager against compiled: one compiled iteration at bench-s64 alone, cold (it fills
@@ -120,19 +120,20 @@ sys.exit(0 if accuracy >= 0.95 and tv <= 0.2 else 1)
 EOF
 }
 
-killed_and_resumed() {
+stopped_and_resumed() {
     python bench/gpu_assets.py --preset="$PRESET" --outdir="$WORK/assets" --images=512 > "$WORK/assets.log" 2>&1 || { tail "$WORK/assets.log"; return 1; }
     local args=(--preset="$PRESET" "--net=$WORK/assets/teacher.pkl" "--data=$WORK/assets/data.zip" "--outdir=$WORK/s64" --workers=4
         --batch-gpu=32 --duration=2Ki --checkpoint=1Ki --snapshot=2Ki --device="$DEVICE")
     setsid torchrun --standalone --nproc_per_node=1 train_ncvsd.py "${args[@]}" > "$WORK/s64-first.log" 2>&1 &
     local pid=$!
     while kill -0 $pid 2>/dev/null && [ ! -f "$WORK/s64/training-state-0000001.pt" ]; do sleep 1; done
-    kill -TERM -- -$pid 2>/dev/null; wait $pid 2>/dev/null
+    kill -TERM -- -$pid 2>/dev/null; wait $pid 2>/dev/null      # SIGTERM to every process, as a scheduler sends it.
     [ -f "$WORK/s64/training-state-0000001.pt" ] || { echo "no checkpoint before the kill"; tail -20 "$WORK/s64-first.log"; return 1; }
-    echo "killed after $(ls "$WORK/s64" | grep training-state | tr '\n' ' ')"
+    grep -q '^Stopped by SIGTERM' "$WORK/s64-first.log" || { echo "no checkpoint on SIGTERM"; tail -20 "$WORK/s64-first.log"; return 1; }
+    echo "stopped by SIGTERM with $(ls "$WORK/s64" | grep training-state | tr '\n' ' ')"
     torchrun --standalone --nproc_per_node=1 train_ncvsd.py "${args[@]}" > "$WORK/s64-resumed.log" 2>&1 || { tail -20 "$WORK/s64-resumed.log"; return 1; }
     grep -E '^(Loading|Training|kimg)' "$WORK/s64-resumed.log"
-    grep -q 'training-state-0000001.pt' "$WORK/s64-resumed.log" && [ -f "$WORK/s64/training-state-0000002.pt" ] || return 1
+    grep -q 'Loading .*training-state-0000001' "$WORK/s64-resumed.log" && [ -f "$WORK/s64/training-state-0000002.pt" ] || return 1
     python generate_images.py --net="$WORK/s64/network-snapshot-0000002-0.100.pkl" --ts=10,22,39 --outdir="$WORK/generated" \
         --seeds=0-15 --grid="$WORK/generated.png" --device="$DEVICE"
 }
@@ -144,7 +145,7 @@ exact_with_toy_student() {
     python bench/exact.py --student="$student" --n=500 --pnp-images=1 --chains=50 --device="$DEVICE"
 }
 
-export -f toy_run killed_and_resumed exact_with_toy_student
+export -f toy_run stopped_and_resumed exact_with_toy_student
 export WORK DEVICE PRESET TOY_ARGS
 if [ "$DEVICE" = cuda ]; then
     python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' || { echo "GPU check: FAIL (CUDA not available)"; exit 1; }
@@ -157,7 +158,7 @@ echo "mode $MODE; artifacts in $WORK; inductor cache $TORCHINDUCTOR_CACHE_DIR; b
 
 if [ "$MODE" = check ]; then
     background toy "toy on $DEVICE" "$(limit 300)" toy_run
-    background resume "img64-s fp16 run, killed and resumed, then generate_images.py" "$(limit 260)" killed_and_resumed
+    background resume "img64-s fp16 run, stopped by SIGTERM and resumed, then generate_images.py" "$(limit 260)" stopped_and_resumed
     step "CUDA tests" "$(limit 180)" python -m pytest -q tests -k cuda -p no:cacheprovider
     collect resume
     collect toy

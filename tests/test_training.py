@@ -144,7 +144,8 @@ def test_two_process_torchrun_keeps_ranks_identical(assets, tmp_path):
 def test_sigterm_writes_a_checkpoint_and_the_run_resumes_bitwise(assets, tmp_path):
     """SIGTERM (a scheduler's preemption or time limit) killed the run, losing all since the last checkpoint. Now every
     rank finishes the same iteration, one checkpoint is written, and the resumed run ends with the weights of one never
-    stopped. Two ranks under torchrun, which passes its own SIGTERM on to them, as a cluster job's would."""
+    stopped. Two ranks under torchrun; the signal goes to the whole process group, as a scheduler's does, so each rank
+    gets it twice (directly, and from torchrun)."""
     import signal
     import subprocess
     import sys
@@ -155,12 +156,13 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes_bitwise(assets, tmp_pat
             '--checkpoint=4000', '--snapshot=4000', '--device=cpu']
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
     stopped, straight = tmp_path / 'stopped', tmp_path / 'straight'
-    run = subprocess.Popen(command(stopped, 4000), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = subprocess.Popen(command(stopped, 4000), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
     deadline = time.time() + 120
     while 'kimg 0.016' not in ((stopped / 'log.txt').read_text() if (stopped / 'log.txt').exists() else ''):
         assert run.poll() is None and time.time() < deadline, run.communicate()[0][-3000:]
         time.sleep(0.2)
-    run.send_signal(signal.SIGTERM)
+    os.killpg(run.pid, signal.SIGTERM)
     output = run.communicate(timeout=120)[0]
     assert run.returncode != 0 and 'Stopped by SIGTERM at 0.0' in output, output[-3000:]
     checkpoints = list(stopped.glob('training-state-*.pt'))

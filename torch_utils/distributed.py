@@ -121,7 +121,8 @@ def all_gather_object(obj):
 class StopOnSignal:
     """While active (a context manager), SIGTERM (a scheduler's preemption or time limit, torchrun passing its own on)
     only asks the training loop to stop. requested() gives every rank the same answer at the same call, so that all
-    stop after the same iteration. A second SIGTERM acts as one did before."""
+    stop after the same iteration. A rank often gets two (a scheduler signals every process of the job, and torchrun
+    passes its own on): the second does nothing more. SIGKILL (or Ctrl-C) stops at once."""
 
     def __init__(self, signum=signal.SIGTERM):
         self.signum, self.received, self.previous, self.group = signum, False, None, None
@@ -136,7 +137,6 @@ class StopOnSignal:
 
     def _receive(self, signum, frame):
         self.received = True
-        signal.signal(signum, self.previous)
 
     def __exit__(self, *exc_info):
         if self.previous is not None:
