@@ -153,7 +153,7 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes_bitwise(assets, tmp_pat
     def command(outdir, duration):
         return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train_ncvsd.py', '--preset=tiny',
             f'--net={assets["teacher"]}', f'--data={assets["data"]}', f'--outdir={outdir}', f'--duration={duration}', '--status=8',
-            '--checkpoint=4000', '--snapshot=4000', '--device=cpu']
+            '--checkpoint=4000', '--snapshot=4000', '--device=cpu', '--workers=1']        # Workers get the signal too.
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
     stopped, straight = tmp_path / 'stopped', tmp_path / 'straight'
     run = subprocess.Popen(command(stopped, 4000), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

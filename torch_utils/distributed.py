@@ -3,7 +3,9 @@
 The backend follows the device: nccl when every local rank owns a GPU, gloo on the CPU otherwise.
 """
 
+import functools
 import gc
+import multiprocessing
 import os
 import re
 import signal
@@ -122,10 +124,16 @@ class StopOnSignal:
     """While active (a context manager), SIGTERM (a scheduler's preemption or time limit, torchrun passing its own on)
     only asks the training loop to stop. requested() gives every rank the same answer at the same call, so that all
     stop after the same iteration. A rank often gets two (a scheduler signals every process of the job, and torchrun
-    passes its own on): the second does nothing more. SIGKILL (or Ctrl-C) stops at once."""
+    passes its own on): the second does nothing more. SIGKILL (or Ctrl-C) stops at once.
+
+    A scheduler's SIGTERM reaches the DataLoader workers too, and the loop still needs their batches to finish its
+    iteration: workers started with `worker_init_fn` let it pass until the loop has ended, and obey it after (torch and
+    multiprocessing stop leftover workers with it)."""
 
     def __init__(self, signum=signal.SIGTERM):
         self.signum, self.received, self.previous, self.group = signum, False, None, None
+        self.ended = multiprocessing.Event()                            # Shared with the forked workers.
+        self.worker_init_fn = functools.partial(_shield_worker, signum, self.ended)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():      # Python sets handlers there only.
@@ -139,6 +147,7 @@ class StopOnSignal:
         self.received = True
 
     def __exit__(self, *exc_info):
+        self.ended.set()
         if self.previous is not None:
             signal.signal(self.signum, self.previous)
 
@@ -153,6 +162,15 @@ class StopOnSignal:
     @property
     def name(self):
         return signal.Signals(self.signum).name
+
+def _shield_worker(signum, ended, _worker_id):
+    signal.signal(signum, functools.partial(_worker_receive, ended))
+
+def _worker_receive(ended, signum, frame):
+    """In a DataLoader worker: the signal's default action once the loop has ended, nothing before."""
+    if ended.is_set():
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 #----------------------------------------------------------------------------
 # Checkpoints.

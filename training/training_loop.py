@@ -416,10 +416,11 @@ def training_loop(
     checkpoint.load_latest(run_dir)
 
     # Data: each rank reads its share; the sampler resumes at the same position.
+    stop = dist.StopOnSignal()                              # SIGTERM: a checkpoint, then stop.
     sampler = misc.InfiniteSampler(dataset, rank=dist.get_rank(), num_replicas=world_size, seed=seed,
         start_idx=(state.cur_nimg // batch_size) * 3 * batch_size)
     data_loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu, num_workers=num_workers,
-        pin_memory=(device.type == 'cuda'), prefetch_factor=(2 if num_workers > 0 else None))
+        pin_memory=(device.type == 'cuda'), prefetch_factor=(2 if num_workers > 0 else None), worker_init_fn=stop.worker_init_fn)
     batches = infinite_batches(data_loader, encoder, device)
 
     dist.print0(f'Training: {total_nimg // 1000} kimg, batch {batch_size} = {world_size} ranks × {num_rounds} rounds × {batch_gpu}, '
@@ -434,7 +435,7 @@ def training_loop(
     start_nimg = state.cur_nimg
     prev_status_time, prev_status_nimg = start_time, state.cur_nimg
 
-    with dist.StopOnSignal() as stop:                       # SIGTERM: a checkpoint, then stop.
+    with stop:
         while True:
             done = state.cur_nimg >= total_nimg
             stopped = not done and stop.requested()
