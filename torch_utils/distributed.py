@@ -1,4 +1,4 @@
-"""Process group and device of this rank (torchrun or a single process), and atomic checkpoints.
+"""Process group and device of this rank (torchrun or a single process), stopping on SIGTERM, and atomic checkpoints.
 
 The backend follows the device: nccl when every local rank owns a GPU, gloo on the CPU otherwise.
 """
@@ -127,8 +127,8 @@ class StopOnSignal:
     passes its own on): the second does nothing more. SIGKILL (or Ctrl-C) stops at once.
 
     A scheduler's SIGTERM reaches the DataLoader workers too, and the loop still needs their batches to finish its
-    iteration: workers started with `worker_init_fn` let it pass until the loop has ended, and obey it after (torch and
-    multiprocessing stop leftover workers with it)."""
+    iteration: workers started with `worker_init_fn` let it pass until the loop has ended, and exit on it after (torch
+    and multiprocessing stop leftover workers with it)."""
 
     def __init__(self, signum=signal.SIGTERM):
         self.signum, self.received, self.previous, self.group = signum, False, None, None
@@ -167,10 +167,10 @@ def _shield_worker(signum, ended, _worker_id):
     signal.signal(signum, functools.partial(_worker_receive, ended))
 
 def _worker_receive(ended, signum, frame):
-    """In a DataLoader worker: the signal's default action once the loop has ended, nothing before."""
+    """In a DataLoader worker: nothing until the loop has ended, then exit at once. Status 0: torch's SIGCHLD handler
+    reports a worker killed by a signal as a failure, with a traceback in the middle of the process's exit."""
     if ended.is_set():
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        os._exit(0)
 
 #----------------------------------------------------------------------------
 # Checkpoints.
@@ -244,6 +244,7 @@ def latest_checkpoint(run_dir):
         return None
     newest_kimg = max(int(float(stamp)) for stamp in stamps.values())
     newest = [name for name, stamp in stamps.items() if int(float(stamp)) == newest_kimg]
+    paths = [os.path.join(run_dir, name) for name in newest]
     if any('.' not in stamps[name] for name in newest) and len(newest) > 1:
-        return os.path.join(run_dir, max(newest, key=lambda name: read_checkpoint(os.path.join(run_dir, name), mmap=True)['state']['cur_nimg']))
-    return os.path.join(run_dir, max(newest, key=lambda name: float(stamps[name])))
+        return max(paths, key=lambda path: read_checkpoint(path, mmap=True)['state']['cur_nimg'])
+    return max(paths, key=lambda path: float(stamps[os.path.basename(path)]))
