@@ -10,8 +10,8 @@
 #         the CPU runs' (class accuracy >= 0.95, TV <= 0.2: CPU runs of seeds 0-2 ended between 0.047 and 0.149 over
 #         sessions, rounding alone moving them; a collapsed student is at 0.3-0.6);
 #       - a 2 kimg float16 run (batch 64 in two rounds of 32) of a random teacher of the EDM2 img64-s architecture from
-#         a zip with 4 data workers, sent SIGTERM after its first checkpoint (it writes one where it stands and stops) and resumed
-#         to the end, then generate_images.py from its snapshot.
+#         a zip with 4 data workers, sent SIGTERM after its first checkpoint (it writes one where it stands and
+#         stops) and resumed to the end, then generate_images.py from its snapshot.
 #     Then, alone on the GPU: bench/exact.py with the toy student and bench/sample.py (student 1/2/4 steps vs 63-NFE
 #     Heun, share of the FP16 peak). The step is timed by the other two calls.
 #   bash bench/gpu_check.sh timing   eager against compiled: one compiled iteration at bench-s64 alone, cold (it fills
