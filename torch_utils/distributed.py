@@ -234,6 +234,10 @@ def read_checkpoint(pt_path, mmap=False):
 
 CHECKPOINT_NAME = re.compile(rf'training-state-({STAMP_PATTERN})\.pt')
 
+def checkpoint_nimg(path):
+    """Images seen by the run when it wrote the checkpoint at `path` (memory-mapped: the weights are not read)."""
+    return int(read_checkpoint(path, mmap=True)['state']['cur_nimg'])
+
 def latest_checkpoint(run_dir):
     """The newest training-state-<kimg>.pt of `run_dir`, or None. A whole <kimg> (0000005) stands for any image count
     within that kimg: where a stopped run's exact one (0000005.040) shares it, the counts stored in the files decide."""
@@ -246,5 +250,5 @@ def latest_checkpoint(run_dir):
     newest = [name for name, stamp in stamps.items() if int(float(stamp)) == newest_kimg]
     paths = [os.path.join(run_dir, name) for name in newest]
     if any('.' not in stamps[name] for name in newest) and len(newest) > 1:
-        return max(paths, key=lambda path: read_checkpoint(path, mmap=True)['state']['cur_nimg'])
+        return max(paths, key=checkpoint_nimg)
     return max(paths, key=lambda path: float(stamps[os.path.basename(path)]))

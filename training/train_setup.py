@@ -30,10 +30,6 @@ def check_data_matches(dataset, encoder, teacher, cond):
     if cond and teacher.label_dim == 0 and dataset.label_dim != 0:
         raise UserError('the teacher is unconditional but the dataset has labels; pass --cond=False')
 
-def checkpoint_nimg(path):
-    """Images seen by the run when it wrote the checkpoint at `path` (memory-mapped: the weights are not read)."""
-    return int(dist.read_checkpoint(path, mmap=True)['state']['cur_nimg'])
-
 def load_teacher(config):
     """(teacher, encoder or None) from --net, or the preset's built-in exact teacher."""
     if config.net:
@@ -108,7 +104,7 @@ def launch(opts, dry_run=False):
     speed.use_device_defaults(device, compiled=config.compile)
     use_published_backends()                                # From the start: the toy's initial fit runs under them too.
     latest = dist.latest_checkpoint(config.outdir)
-    finished_nimg = None if latest is None else checkpoint_nimg(latest)    # A damaged checkpoint: found before loading.
+    finished_nimg = None if latest is None else dist.checkpoint_nimg(latest)    # A damaged checkpoint: found before loading.
     teacher, encoder = load_teacher(config)
     dataset, encoder, dataset_kwargs = make_data(config, teacher, encoder)
     check_data_matches(dataset, encoder, teacher, bool(config.cond))
