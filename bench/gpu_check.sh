@@ -27,6 +27,9 @@
 # a GPU, at bench-a size with a 1 kimg toy whose quality is not checked, the side-by-side steps one after another;
 # SLOW multiplies every time limit (default 1 on CUDA, 6 on the CPU). WORK=DIR keeps the artifacts there (default a temporary folder).
 # BUDGET=SECONDS replaces the call's budget (timing: what it adds goes to the cold compile).
+# CACHE_PACK=DIR packs inductor's cache into DIR after each compiling step and at the end (inductor-cache.tgz.part-NN,
+# 15 MiB parts, at most 3). Parts put in .cache/inductor-pack/ are unpacked into an empty cache at the start: a fresh
+# machine with the same GPU and torch then finds the graphs an earlier machine compiled.
 # The last line is "GPU check: PASS" or "GPU check: FAIL (<what failed>)".
 set -u
 cd "$(dirname "$0")/.."
@@ -38,6 +41,7 @@ DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-$(mktemp -d)}
 mkdir -p "$WORK"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor}
+CACHE_FROM=${CACHE_FROM:-.cache/inductor-pack} PART=inductor-cache.tgz.part- MAX_PARTS=3
 if [ "$DEVICE" = cuda ]; then
     SLOW=${SLOW:-1}
     PRESET=bench-s64 BATCH=64 TOY_ARGS=''
@@ -102,6 +106,32 @@ collect() {                 # collect KEY: wait for a background step, print its
     record "${BACKGROUND_LABEL[$1]}" $rc $((${BACKGROUND_END[$1]:-$SECONDS} - BACKGROUND_START[$1]))
 }
 
+unpack_cache() {            # an earlier machine's packed cache (CACHE_FROM), into an empty cache folder
+    local parts=("$CACHE_FROM/$PART"*)
+    [ -f "${parts[0]}" ] || return 0
+    if [ -n "$(ls -A "$TORCHINDUCTOR_CACHE_DIR" 2>/dev/null)" ]; then
+        echo "inductor cache: not empty, the pack in $CACHE_FROM left alone"; return 0
+    fi
+    mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
+    cat "${parts[@]}" | tar -xz -C "$TORCHINDUCTOR_CACHE_DIR" || { echo "inductor cache: $CACHE_FROM could not be unpacked"; return 0; }
+    echo "inductor cache: unpacked from $CACHE_FROM, $(find "$TORCHINDUCTOR_CACHE_DIR" -type f | wc -l) files, made on" \
+        "$(cat "$TORCHINDUCTOR_CACHE_DIR/made-on.txt" 2>/dev/null || echo 'an unknown machine')"
+}
+
+pack_cache() {              # inductor's cache into CACHE_PACK, where it is set
+    [ -n "${CACHE_PACK:-}" ] && [ -d "$TORCHINDUCTOR_CACHE_DIR" ] || return 0
+    echo "$MACHINE" > "$TORCHINDUCTOR_CACHE_DIR/made-on.txt"
+    mkdir -p "$CACHE_PACK"; rm -f "$CACHE_PACK/$PART"*
+    tar -cz --exclude=./locks -C "$TORCHINDUCTOR_CACHE_DIR" . | split -b 15M -d -a 2 - "$CACHE_PACK/$PART"
+    local parts=("$CACHE_PACK/$PART"*)
+    if [ ${#parts[@]} -gt $MAX_PARTS ]; then
+        echo "inductor cache: $(du -sh "$TORCHINDUCTOR_CACHE_DIR" | cut -f1) is over $MAX_PARTS parts of 15 MiB packed; not packed"
+        rm -f "$CACHE_PACK/$PART"*
+    else
+        echo "inductor cache: packed into ${#parts[@]} part(s) in $CACHE_PACK ($(du -ch "${parts[@]}" | tail -1 | cut -f1))"
+    fi
+}
+
 toy_run() {
     torchrun --standalone --nproc_per_node=1 train_ncvsd.py --preset=toy --outdir="$WORK/toy" --device="$DEVICE" \
         $TOY_ARGS > "$WORK/toy.log" 2>&1
@@ -149,12 +179,15 @@ export -f toy_run stopped_and_resumed exact_with_toy_student
 export WORK DEVICE PRESET TOY_ARGS
 if [ "$DEVICE" = cuda ]; then
     python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' || { echo "GPU check: FAIL (CUDA not available)"; exit 1; }
-    python -c 'import torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}")'
+    MACHINE=$(python -c 'import torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}")')
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null
 else
+    MACHINE=$(python -c 'import platform, torch; print(f"torch {torch.__version__}, {platform.machine()} CPU")')
     echo "rehearsal on $DEVICE: the plumbing of the GPU check, not its figures"
 fi
+echo "$MACHINE"
 echo "mode $MODE; artifacts in $WORK; inductor cache $TORCHINDUCTOR_CACHE_DIR; budget $BUDGET s"
+unpack_cache
 
 if [ "$MODE" = check ]; then
     background toy "toy on $DEVICE" "$(limit 300)" toy_run
@@ -168,6 +201,7 @@ elif [ "$MODE" = timing ]; then
     # The cold compile gets what the timed steps after it leave of the budget: 270 s of 480; BUDGET=590 gives it 380.
     OPTIONAL=1 step "compiled iteration, cold, alone (fills inductor's cache)" "$(limit $((BUDGET / SLOW - 210)))" \
         python bench/train_step.py "${BENCH[@]}" --iters=0 --warmup=0 --variant=compile=True
+    pack_cache              # Before the timed steps: a call cut short still brings back what was compiled.
     step "bench/train_step.py eager and compiled" "$(limit 150)" python bench/train_step.py "${BENCH[@]}" --iters=4 --warmup=1 \
         --variant=off=all --variant=default --variant=compile=True --profile=12
     OPTIONAL=1 step "bench/sample.py compiled" "$(limit 60)" python bench/sample.py "${BENCH[@]}" --repeats=3 --compile=True --profile=12
@@ -178,6 +212,7 @@ else
     [ "$DEVICE" = cuda ] && step "bench/train_step.py CUDA graphs" "$(limit 75)" python bench/train_step.py "${BENCH[@]}" \
         --iters=4 --warmup=1 --variant=default --variant=cuda_graphs=True
 fi
+pack_cache
 
 echo
 if [ ${#FAILED[@]} -eq 0 ]; then

@@ -462,7 +462,7 @@ def training_loop(
             compiling = compile_options and compiled_graphs_needed(state.cur_nimg, start_nimg, batch_size, gan_warmup_nimg)
             if compiling:
                 dist.print0(f'torch.compile ({", ".join(map(str, compile_options.values()))}): {compiling} (with inductor: '
-                    'minutes on a cold cache)', flush=True)
+                    'minutes, unless inductor\'s cache, TORCHINDUCTOR_CACHE_DIR, holds them from an earlier run)', flush=True)
             iteration_start = time.time()
             with misc.memory_advice(device, f'--batch-gpu={batch_gpu}', 'use a smaller --batch-gpu (gradient accumulation keeps '
                     'the results the same)'):
