@@ -114,8 +114,10 @@ unpack_cache() {            # an earlier machine's packed cache (CACHE_FROM), in
     fi
     mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
     cat "${parts[@]}" | tar -xz -C "$TORCHINDUCTOR_CACHE_DIR" || { echo "inductor cache: $CACHE_FROM could not be unpacked"; return 0; }
-    echo "inductor cache: unpacked from $CACHE_FROM, $(find "$TORCHINDUCTOR_CACHE_DIR" -type f | wc -l) files, made on" \
-        "$(cat "$TORCHINDUCTOR_CACHE_DIR/made-on.txt" 2>/dev/null || echo 'an unknown machine')"
+    local made_on
+    made_on=$(cat "$TORCHINDUCTOR_CACHE_DIR/made-on.txt" 2>/dev/null || echo 'an unknown machine')
+    echo "inductor cache: unpacked from $CACHE_FROM, $(find "$TORCHINDUCTOR_CACHE_DIR" -type f | wc -l) files, made on $made_on"
+    [ "$made_on" = "$MACHINE" ] || echo "inductor cache: made on another torch, CUDA or GPU, whose entries this machine's keys will not find"
 }
 
 pack_cache() {              # inductor's cache into CACHE_PACK, where it is set

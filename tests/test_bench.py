@@ -5,6 +5,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import types
 
@@ -189,23 +190,28 @@ def test_gpu_check_refuses_unknown_modes_and_says_when_cuda_is_missing(tmp_path)
 def test_gpu_check_packs_the_compile_cache_and_a_fresh_machine_unpacks_it(tmp_path):
     """bench/gpu_check.sh CACHE_PACK=DIR: inductor's cache (binary files in folders) becomes parts that, found in
     CACHE_FROM at the start of a later call with an empty cache, unpack to the same files, with the machine they were
-    made on; a cache that is not empty is left as it is. BUDGET=1 skips every step: only the packing runs."""
+    made on (a pack from another machine is named as such); a cache that is not empty is left as it is. BUDGET=1
+    skips every step: only the packing runs."""
     cache, pack, fresh = tmp_path / 'cache', tmp_path / 'pack', tmp_path / 'fresh'
-    files = {'fxgraph/ab/graph': os.urandom(3000), 'triton/0/kernel.cubin': os.urandom(5000), 'made-on.txt': None}
+    files = {'fxgraph/ab/graph': os.urandom(3000), 'triton/0/kernel.cubin': os.urandom(5000)}
     for name, data in files.items():
-        if data is not None:
-            (cache / name).parent.mkdir(parents=True, exist_ok=True)
-            (cache / name).write_bytes(data)
+        (cache / name).parent.mkdir(parents=True, exist_ok=True)
+        (cache / name).write_bytes(data)
     (cache / 'locks').mkdir()
-    run = lambda cache_dir, **env: subprocess.run(['bash', 'bench/gpu_check.sh', 'timing'], cwd=ROOT, text=True,
-        capture_output=True, env=dict(os.environ, WORK=str(tmp_path / 'work'), DEVICE='cpu', BUDGET='1',
-        TORCHINDUCTOR_CACHE_DIR=str(cache_dir), CACHE_FROM=str(pack), **env)).stdout
+    def run(cache_dir, **env):
+        env = dict(os.environ, WORK=str(tmp_path / 'work'), DEVICE='cpu', BUDGET='1', TORCHINDUCTOR_CACHE_DIR=str(cache_dir),
+            CACHE_FROM=str(pack), **env)
+        return subprocess.run(['bash', 'bench/gpu_check.sh', 'timing'], cwd=ROOT, text=True, capture_output=True, env=env).stdout
     assert 'inductor cache: packed into 1 part(s)' in run(cache, CACHE_PACK=str(pack))
     assert [path.name for path in pack.iterdir()] == ['inductor-cache.tgz.part-00']
     output = run(fresh)
-    assert 'inductor cache: unpacked from' in output and 'made on torch' in output
-    unpacked = {str(path.relative_to(fresh)) for path in fresh.rglob('*') if path.is_file()}
-    assert unpacked == set(files)
-    assert all((fresh / name).read_bytes() == data for name, data in files.items() if data is not None)
+    assert 'inductor cache: unpacked from' in output and 'made on torch' in output and 'another' not in output
+    assert {str(path.relative_to(fresh)) for path in fresh.rglob('*') if path.is_file()} == {*files, 'made-on.txt'}
+    assert all((fresh / name).read_bytes() == data for name, data in files.items())
     (fresh / 'fxgraph/ab/graph').write_bytes(b'newer')
     assert 'not empty, the pack' in run(fresh) and (fresh / 'fxgraph/ab/graph').read_bytes() == b'newer'
+    (fresh / 'made-on.txt').write_text('torch 2.11.0+cu130, CUDA 13.0, NVIDIA H200\n')
+    (pack / 'inductor-cache.tgz.part-00').unlink()
+    with tarfile.open(pack / 'inductor-cache.tgz.part-00', 'w:gz') as packed:
+        packed.add(fresh, '.')
+    assert 'made on another torch, CUDA or GPU' in run(tmp_path / 'fresh2')
