@@ -27,7 +27,7 @@
 # a GPU, at bench-a size with a 1 kimg toy whose quality is not checked, the side-by-side steps one after another;
 # SLOW multiplies every time limit (default 1 on CUDA, 6 on the CPU). WORK=DIR keeps the artifacts there (default a temporary folder).
 # BUDGET=SECONDS replaces the call's budget (timing: what it adds goes to the cold compile).
-# CACHE_PACK=DIR packs inductor's cache into DIR after each compiling step and at the end (inductor-cache.tgz.part-NN,
+# CACHE_PACK=DIR packs inductor's cache into DIR after `timing`'s cold compile and at the end (inductor-cache.tgz.part-NN,
 # 15 MiB parts, at most 3). Parts put in .cache/inductor-pack/ are unpacked into an empty cache at the start: a fresh
 # machine with the same GPU and torch then finds the graphs an earlier machine compiled.
 # The last line is "GPU check: PASS" or "GPU check: FAIL (<what failed>)".
