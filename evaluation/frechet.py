@@ -11,7 +11,7 @@ import torch
 
 import dnnlib
 from dnnlib.util import UserError, atomic_file
-from torch_utils import distributed as dist
+from torch_utils import distributed as dist, misc
 
 INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 DINOV2_URL = 'https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth'
@@ -188,8 +188,7 @@ def compute_stats(image_batches, detectors, resolution, progress=None):
         if images is not None and len(images):
             for metric, det in detectors.items():
                 accumulators[metric].append(det(images))
-        if progress is not None:
-            progress.update(0 if images is None else len(images) * dist.get_world_size())
+        misc.advance_progress(progress, 0 if images is None else len(images), dist.get_world_size())
     stats = {}
     for metric, acc in accumulators.items():
         count, mu, sigma = acc.finalize()

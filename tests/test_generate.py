@@ -1,7 +1,10 @@
+import io
+
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+import tqdm
 
 from conftest import run_python, DEVICES
 from dnnlib.util import UserError
@@ -46,6 +49,16 @@ def test_rank_batches_cover_all_seeds_once():
     assert len({len(p) for p in parts}) == 1                       # every rank runs the same number of batches
     flat = sorted(s for p in parts for b in p for s in b)
     assert flat == seeds and max(len(b) for p in parts for b in p) <= 8
+
+def test_rank_0s_progress_bar_ends_at_the_number_of_images():
+    """Rank 0 counts each of its batches once per rank; its share is the largest (13 seeds over 2 ranks: 7), so the
+    count stops at the total instead of passing it (it showed 14/13)."""
+    from training.analytic import ExactGenerativeDenoiser
+    net = ExactGenerativeDenoiser(toy_teacher(resolution=8))
+    progress = tqdm.tqdm(total=13, file=io.StringIO())
+    counts = [progress.n for _result in generate_images(net, StandardRGBEncoder(), list(range(13)), ts=[10, 39], batch_size=3,
+        rank=0, world_size=2, progress=progress)]
+    assert counts == [6, 10, 13]
 
 def test_option_errors():
     student = GenerativeDenoiser(toy_teacher(resolution=8))

@@ -24,6 +24,12 @@ def refuse_nonfinite(values, what, advice):
     if not torch.isfinite(values).all():
         raise UserError(f'{what} gave non-finite values (NaN or Inf); {advice}')
 
+def advance_progress(progress, images, world_size):
+    """Count a batch of `images` on each of `world_size` ranks in rank 0's bar, at most up to its total: the ranks'
+    shares differ by up to one batch, and rank 0's is the largest."""
+    if progress is not None:
+        progress.update(min(images * world_size, progress.total - progress.n))
+
 def constant(value, shape=None, dtype=None, device=None, memory_format=None):
     """A tensor of `value` (broadcast to `shape`), built once per distinct request and then reused,
     so that e.g. resampling filters are not rebuilt at every call."""

@@ -118,6 +118,5 @@ def generate_images(net, encoder, seeds, ts=None, steps=DEFAULT_HEUN_STEPS, clas
             misc.refuse_nonfinite(samples, f'sampling the batch of seeds {batch_seeds[0]} to {batch_seeds[-1]}',
                 'where the network computes in float16 or bfloat16, try --precision=fp32')
             images = encoder.decode(samples)
-        if progress is not None:
-            progress.update(len(batch_seeds) * world_size)
+        misc.advance_progress(progress, len(batch_seeds), world_size)
         yield dict(images=images, seeds=batch_seeds, labels=labels)
