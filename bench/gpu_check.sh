@@ -120,8 +120,9 @@ unpack_cache() {            # an earlier machine's packed cache (CACHE_FROM), in
     [ "$made_on" = "$MACHINE" ] || echo "inductor cache: made on another torch, CUDA or GPU, whose entries this machine's keys will not find"
 }
 
-pack_cache() {              # inductor's cache into CACHE_PACK, where it is set
-    [ -n "${CACHE_PACK:-}" ] && [ -d "$TORCHINDUCTOR_CACHE_DIR" ] || return 0
+pack_cache() {              # inductor's cache into CACHE_PACK, where it is set and holds compiled graphs
+    [ -n "${CACHE_PACK:-}" ] || return 0
+    [ -d "$TORCHINDUCTOR_CACHE_DIR/fxgraph" ] || { echo "inductor cache: no compiled graphs, nothing packed"; return 0; }
     echo "$MACHINE" > "$TORCHINDUCTOR_CACHE_DIR/made-on.txt"
     mkdir -p "$CACHE_PACK"; rm -f "$CACHE_PACK/$PART"*
     tar -cz --exclude=./locks -C "$TORCHINDUCTOR_CACHE_DIR" . | split -b 15M -d -a 2 - "$CACHE_PACK/$PART"

@@ -190,8 +190,9 @@ def test_gpu_check_refuses_unknown_modes_and_says_when_cuda_is_missing(tmp_path)
 def test_gpu_check_packs_the_compile_cache_and_a_fresh_machine_unpacks_it(tmp_path):
     """bench/gpu_check.sh CACHE_PACK=DIR: inductor's cache (binary files in folders) becomes parts that, found in
     CACHE_FROM at the start of a later call with an empty cache, unpack to the same files, with the machine they were
-    made on (a pack from another machine is named as such); a cache that is not empty is left as it is. BUDGET=1
-    skips every step: only the packing runs."""
+    made on (a pack from another machine is named as such); a cache that is not empty is left as it is, and one with
+    no compiled graphs packs nothing (a call that compiled nothing cannot replace a pack). BUDGET=1 skips every step:
+    only the packing runs."""
     cache, pack, fresh = tmp_path / 'cache', tmp_path / 'pack', tmp_path / 'fresh'
     files = {'fxgraph/ab/graph': os.urandom(3000), 'triton/0/kernel.cubin': os.urandom(5000)}
     for name, data in files.items():
@@ -202,6 +203,7 @@ def test_gpu_check_packs_the_compile_cache_and_a_fresh_machine_unpacks_it(tmp_pa
         env = dict(os.environ, WORK=str(tmp_path / 'work'), DEVICE='cpu', BUDGET='1', TORCHINDUCTOR_CACHE_DIR=str(cache_dir),
             CACHE_FROM=str(pack), **env)
         return subprocess.run(['bash', 'bench/gpu_check.sh', 'timing'], cwd=ROOT, text=True, capture_output=True, env=env).stdout
+    assert 'no compiled graphs, nothing packed' in run(tmp_path / 'empty', CACHE_PACK=str(pack)) and not pack.exists()
     assert 'inductor cache: packed into 1 part(s)' in run(cache, CACHE_PACK=str(pack))
     assert [path.name for path in pack.iterdir()] == ['inductor-cache.tgz.part-00']
     output = run(fresh)
