@@ -263,6 +263,31 @@ def test_a_compiled_iteration_equals_an_eager_one(speed_options, grouped):
         update = flat(eager_net) - flat(initial)
         assert float((flat(compiled_net) - flat(eager_net)).norm()) <= 1e-3 * float(update.norm()), type(initial).__name__
 
+@pytest.mark.parametrize('flat', [True, False])
+def test_compiled_forward_passes_find_no_gradients(speed_options, monkeypatch, flat):
+    """A compiled iteration unsets the gradients while the losses run the networks forward (dynamo would convert each
+    one, views of a flat buffer or of DDP's buckets with symbolic shapes) and puts them back for the backward pass:
+    in every accumulation round of every phase the networks hold none, and the update equals the eager one bitwise,
+    accumulation over rounds and loss scaling included. The networks stay eager here: what is checked is what they
+    find, with the flat gradients (set before the first round) and without (set by the first round's backward)."""
+    from training import training_loop
+    set_speed_options(flat_gradients=flat)
+    teacher, nets = teacher_and_students()
+    eager = one_iteration(teacher, nets, loss_scaling=4.0)
+    gradients_found = []
+    for method in ('score_loss', 'discriminator_loss', 'generator_loss'):
+        def recording(self, *args, loss=getattr(NCVSDLoss, method), **kwargs):
+            modules = [arg for arg in (*args, *kwargs.values()) if isinstance(arg, torch.nn.Module)]
+            gradients_found.append(sum(param.grad is not None for module in modules for param in module.parameters()))
+            return loss(self, *args, **kwargs)
+        monkeypatch.setattr(NCVSDLoss, method, recording)
+    monkeypatch.setattr(training_loop, 'compile_network', lambda net, **options: net)
+    compiled = one_iteration(teacher, nets, compile_options=dict(backend='inductor'), loss_scaling=4.0)
+    assert gradients_found == [0] * 6
+    for eager_net, compiled_net in zip(eager, compiled):
+        for (name, value), other in zip(eager_net.state_dict().items(), compiled_net.state_dict().values()):
+            assert torch.equal(value, other), name
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs need CUDA')
 def test_cuda_graphed_iterations_equal_eager_ones():
     """--cuda-graphs replays recorded graphs (from the third call on) whose outputs, gradients accumulated over

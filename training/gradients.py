@@ -2,6 +2,7 @@
 exchanged while the backward pass goes on), unscaled and made finite, in a few operations rather than one per
 parameter."""
 
+import contextlib
 import inspect
 
 import torch
@@ -51,6 +52,20 @@ def finish_(gradients, loss_scaling, force_finite):
     for gradient in gradients if force_finite else ():
         torch.nan_to_num(gradient, nan=0, posinf=0, neginf=0, out=gradient)
     return gradients
+
+@contextlib.contextmanager
+def gradients_unset(modules):
+    """The parameters' gradients set to None inside the block and put back after it, for compiled forward passes:
+    dynamo converts every gradient it finds on a parameter, and one that is a view (of FlatGradients' buffer or of a DDP
+    bucket) gets symbolic sizes and storage offset, a quarter of the first iteration's tracing time."""
+    unset = [(param, param.grad) for module in modules for param in module.parameters() if param.grad is not None]
+    for param, _gradient in unset:
+        param.grad = None
+    try:
+        yield
+    finally:
+        for param, gradient in unset:
+            param.grad = gradient
 
 class FlatGradients:
     """One rank's gradients of a network's parameters as views of one flat buffer, as DDP's buckets hold them on

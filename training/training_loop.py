@@ -24,7 +24,7 @@ from training.noise_levels import PAPER_CHAINS, DEFAULT_TS
 from training.phema import PowerFunctionEMA
 from training.sampling import StackedRandomGenerator, random_labels, save_image_grid
 from training import gradients
-from training.gradients import FlatGradients, finish_gradients_, gradient_averaging
+from training.gradients import FlatGradients, finish_gradients_, gradient_averaging, gradients_unset
 from training.speed import compile_network
 
 #----------------------------------------------------------------------------
@@ -158,7 +158,8 @@ class NCVSDIteration:
             synchronize = round_idx == self.num_rounds - 1 or not hasattr(self.averaging[name], 'no_sync')
             with (contextlib.nullcontext() if synchronize else self.averaging[name].no_sync()):    # Exchange once, at the end.
                 images, labels = next(batches)
-                loss = self.phase_loss(name, images, labels if self.teacher.label_dim else None, use_gan)
+                with gradients_unset(self.nets.values()) if self.compiled else contextlib.nullcontext():
+                    loss = self.phase_loss(name, images, labels if self.teacher.label_dim else None, use_gan)
                 loss.sum().mul(self.loss_scaling / self.batch_gpu_total).backward()
         if flat is not None:
             flat.finish_(self.loss_scaling, self.force_finite)
