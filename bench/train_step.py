@@ -131,7 +131,7 @@ def main(preset, batch, iters, warmup, device, threads, off, on, precision, comp
                     variant.peak_mb = max(variant.get('peak_mb', 0), peak_memory_mb(device))
             print(f'{"warm-up" if it < warmup else "timed"} iteration {it + 1}/{warmup + iters}: ' + ', '.join(
                 f'[{variant.label}] {variant.step_ms:.0f} ms' for variant in variants), flush=True)
-    except Exception as error:
+    except (Stopped, Exception) as error:
         if not was_stopped(error):
             raise
         stopped = True
@@ -144,8 +144,10 @@ def main(preset, batch, iters, warmup, device, threads, off, on, precision, comp
             print_profile(variant.label, lambda: variant.step.run(batches, lr=1e-4, use_gan=True), device, profile_top,
                 step_ms=variant.timer.median('iteration'))
 
-class Stopped(Exception):
-    """SIGTERM (e.g. a time limit ran out): report what was measured so far."""
+class Stopped(BaseException):
+    """SIGTERM (e.g. a time limit ran out): report what was measured so far. Not an Exception, as KeyboardInterrupt is
+    not: the compiler's own `except Exception` (inductor probing the CPU's vector units, a cache bypass) would take it
+    for a failure of its own, go on and finish the compile."""
 
 def stop(_signum, _frame):
     raise Stopped()
