@@ -123,7 +123,7 @@ def test_train_step_reports_when_stopped_while_compiling():
 def test_a_sigterm_passes_the_compilers_own_error_handling():
     """The compiler catches Exception around steps it may skip (inductor probing the CPU's vector units by building a
     test program, a cache it may bypass): a SIGTERM there finished the compile and the run as if nothing had happened
-    (1 run in 3 with a cold cache, the signal 3-15 s in). Its Stopped goes through such a handler, and is still
+    (3 cold starts in 8, the signal 2-25 s in). Its Stopped goes through such a handler, and is still
     recognised wrapped in an error of torch.compile's."""
     sys.path.insert(0, os.path.join(ROOT, 'bench'))
     from train_step import Stopped, stop, was_stopped
