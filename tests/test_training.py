@@ -141,6 +141,39 @@ def test_two_process_torchrun_keeps_ranks_identical(assets, tmp_path):
     checkpoint = torch.load(tmp_path / 'run' / 'training-state-0000000.016.pt', weights_only=False)
     assert len(checkpoint['rng']['ranks']) == 2
 
+def test_a_compiled_two_process_run_matches_the_eager_one(assets, tmp_path):
+    """torchrun --compile: the DDP wrappers compiled (dynamo splits their graphs at the buckets), two accumulation
+    rounds per rank, the second under no_sync with the gradients in DDP's buckets. Ranks stay identical, and the
+    weights are the eager run's within 1e-3 of the update (aot_eager: inductor differs only in generated kernels)."""
+    script = tmp_path / 'ddp_compiled.py'
+    script.write_text(textwrap.dedent(f'''
+        import sys, torch
+        sys.path.insert(0, {ROOT!r})
+        from torch_utils import distributed as dist
+        from training.dataset import ImageFolderDataset
+        from training.encoders import StandardRGBEncoder
+        from training.network_io import load_network_data
+        from training.training_loop import training_loop
+        dist.init()
+        for name, compile_options, total_nimg in (('initial', None, 0), ('eager', None, 16), ('compiled', dict(backend='aot_eager'), 16)):
+            teacher = load_network_data({assets["teacher"]!r}, verbose=False)['ema']
+            G, S, D, ema = training_loop(run_dir={str(tmp_path)!r} + '/' + name, teacher=teacher, dataset=ImageFolderDataset({assets["data"]!r}),
+                encoder=StandardRGBEncoder(), network_kwargs={{'use_fp16': False}}, lr_kwargs=dict(ref_lr=0.01, ref_batches=0, rampup_Mimg=0),
+                batch_size=8, batch_gpu=2, total_nimg=total_nimg, status_nimg=0, snapshot_nimg=0, checkpoint_nimg=0, grid_size=4, seed=0,
+                compile_options=compile_options)
+            torch.save(dict(G=G.state_dict(), S=S.state_dict(), D=D.state_dict()), {str(tmp_path)!r} + f'/{{name}}{{dist.get_rank()}}.pt')
+        dist.shutdown()
+    '''))
+    result = run_python(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)], env={'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stderr[-3000:]
+    initial, eager, compiled, other_rank = [torch.load(tmp_path / name) for name in ('initial0.pt', 'eager0.pt', 'compiled0.pt', 'compiled1.pt')]
+    flat = lambda state: torch.cat([value.flatten().float() for value in state.values()])
+    for key in ('G', 'S', 'D'):
+        for name, value in compiled[key].items():
+            assert torch.equal(value, other_rank[key][name]), (key, name)
+        update = flat(eager[key]) - flat(initial[key])
+        assert float(update.norm()) > 0 and float((flat(compiled[key]) - flat(eager[key])).norm()) <= 1e-3 * float(update.norm()), key
+
 def test_sigterm_writes_a_checkpoint_and_the_run_resumes_bitwise(assets, tmp_path):
     """SIGTERM (a scheduler's preemption or time limit) killed the run, losing all since the last checkpoint. Now every
     rank finishes the same iteration, one checkpoint is written, and the resumed run ends with the weights of one never
