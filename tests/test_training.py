@@ -112,7 +112,13 @@ def test_snapshot_loads_in_a_fresh_process_and_samples(assets, tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == 'torch.uint8'
 
-def test_two_process_torchrun_keeps_ranks_identical(assets, tmp_path):
+def run_two_ranks(assets, tmp_path, runs):
+    """Under torchrun, two gloo ranks run training_loop on the test teacher and data once per {name: keyword overrides}
+    (values written by repr), in tmp_path/name; returns [{name: dict(G, S, D state dicts)} of each rank]."""
+    calls = ''.join(f'''
+        G, S, D, ema = training_loop(**dict(options, run_dir={str(tmp_path / name)!r}, **{overrides!r}))
+        torch.save(dict(G=G.state_dict(), S=S.state_dict(), D=D.state_dict()), {str(tmp_path)!r} + f'/{name}{{dist.get_rank()}}.pt')'''
+        for name, overrides in runs.items())
     script = tmp_path / 'ddp_run.py'
     script.write_text(textwrap.dedent(f'''
         import sys, torch
@@ -123,16 +129,16 @@ def test_two_process_torchrun_keeps_ranks_identical(assets, tmp_path):
         from training.network_io import load_network_data
         from training.training_loop import training_loop
         dist.init()
-        teacher = load_network_data({assets["teacher"]!r}, verbose=False)['ema']
-        G, S, D, ema = training_loop(run_dir={str(tmp_path / "run")!r}, teacher=teacher, dataset=ImageFolderDataset({assets["data"]!r}),
+        options = dict(teacher=load_network_data({assets["teacher"]!r}, verbose=False)['ema'], dataset=ImageFolderDataset({assets["data"]!r}),
             encoder=StandardRGBEncoder(), network_kwargs={{'use_fp16': False}}, lr_kwargs=dict(ref_lr=0.01, ref_batches=0, rampup_Mimg=0),
-            batch_size=8, batch_gpu=2, total_nimg=16, status_nimg=8, snapshot_nimg=0, checkpoint_nimg=16, grid_size=4)
-        torch.save(dict(G=G.state_dict(), S=S.state_dict(), D=D.state_dict()), {str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.pt')
-        dist.shutdown()
-    '''))
+            batch_size=8, batch_gpu=2, total_nimg=16, status_nimg=0, snapshot_nimg=0, checkpoint_nimg=0, grid_size=4)''')
+        + textwrap.dedent(calls) + '\ndist.shutdown()\n')
     result = run_python(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)], env={'OMP_NUM_THREADS': '1'})
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
+    return [{name: torch.load(tmp_path / f'{name}{rank}.pt') for name in runs} for rank in range(2)]
+
+def test_two_process_torchrun_keeps_ranks_identical(assets, tmp_path):
+    ranks = [saved['run'] for saved in run_two_ranks(assets, tmp_path, dict(run=dict(status_nimg=8, checkpoint_nimg=16)))]
     initial = load_network_data(assets['teacher'], verbose=False)['ema'].float().state_dict()
     for key in ('G', 'S', 'D'):
         for name, value in ranks[0][key].items():
@@ -145,34 +151,14 @@ def test_a_compiled_two_process_run_matches_the_eager_one(assets, tmp_path):
     """torchrun --compile: the DDP wrappers compiled (dynamo splits their graphs at the buckets), two accumulation
     rounds per rank, the second under no_sync with the gradients in DDP's buckets. Ranks stay identical, and the
     weights are the eager run's within 1e-3 of the update (aot_eager: inductor differs only in generated kernels)."""
-    script = tmp_path / 'ddp_compiled.py'
-    script.write_text(textwrap.dedent(f'''
-        import sys, torch
-        sys.path.insert(0, {ROOT!r})
-        from torch_utils import distributed as dist
-        from training.dataset import ImageFolderDataset
-        from training.encoders import StandardRGBEncoder
-        from training.network_io import load_network_data
-        from training.training_loop import training_loop
-        dist.init()
-        for name, compile_options, total_nimg in (('initial', None, 0), ('eager', None, 16), ('compiled', dict(backend='aot_eager'), 16)):
-            teacher = load_network_data({assets["teacher"]!r}, verbose=False)['ema']
-            G, S, D, ema = training_loop(run_dir={str(tmp_path)!r} + '/' + name, teacher=teacher, dataset=ImageFolderDataset({assets["data"]!r}),
-                encoder=StandardRGBEncoder(), network_kwargs={{'use_fp16': False}}, lr_kwargs=dict(ref_lr=0.01, ref_batches=0, rampup_Mimg=0),
-                batch_size=8, batch_gpu=2, total_nimg=total_nimg, status_nimg=0, snapshot_nimg=0, checkpoint_nimg=0, grid_size=4, seed=0,
-                compile_options=compile_options)
-            torch.save(dict(G=G.state_dict(), S=S.state_dict(), D=D.state_dict()), {str(tmp_path)!r} + f'/{{name}}{{dist.get_rank()}}.pt')
-        dist.shutdown()
-    '''))
-    result = run_python(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)], env={'OMP_NUM_THREADS': '1'})
-    assert result.returncode == 0, result.stderr[-3000:]
-    initial, eager, compiled, other_rank = [torch.load(tmp_path / name) for name in ('initial0.pt', 'eager0.pt', 'compiled0.pt', 'compiled1.pt')]
+    runs = dict(initial=dict(total_nimg=0, seed=0), eager=dict(seed=0), compiled=dict(seed=0, compile_options=dict(backend='aot_eager')))
+    rank0, rank1 = run_two_ranks(assets, tmp_path, runs)
     flat = lambda state: torch.cat([value.flatten().float() for value in state.values()])
     for key in ('G', 'S', 'D'):
-        for name, value in compiled[key].items():
-            assert torch.equal(value, other_rank[key][name]), (key, name)
-        update = flat(eager[key]) - flat(initial[key])
-        assert float(update.norm()) > 0 and float((flat(compiled[key]) - flat(eager[key])).norm()) <= 1e-3 * float(update.norm()), key
+        for name, value in rank0['compiled'][key].items():
+            assert torch.equal(value, rank1['compiled'][key][name]), (key, name)
+        update = flat(rank0['eager'][key]) - flat(rank0['initial'][key])
+        assert float(update.norm()) > 0 and float((flat(rank0['compiled'][key]) - flat(rank0['eager'][key])).norm()) <= 1e-3 * float(update.norm()), key
 
 def test_sigterm_writes_a_checkpoint_and_the_run_resumes_bitwise(assets, tmp_path):
     """SIGTERM (a scheduler's preemption or time limit) killed the run, losing all since the last checkpoint. Now every
