@@ -11,11 +11,15 @@ was measured at about 0.8x of that. Give several `--variant`s to compare them in
 alternate (A B C A B C ...), so a machine whose speed drifts slows them alike, and each gets its ratio to the
 first. A variant is `default` or space-separated settings: off=LIST, on=LIST (speed options, or all),
 precision=fp32|fp16|bf16, compile=True|False, cuda_graphs=True|False (CUDA graphs: alone of torch's kernels, with
-compile=True of inductor's; the first iteration and one warm-up record them).
+compile=True of inductor's; the first iteration and one warm-up record them). A variant that fails (its compiler,
+running out of memory) is left out with its traceback and a one-line reason, the others go on, and the exit status
+is 1.
 """
 
 import signal
 import statistics
+import sys
+import traceback
 
 import click
 import torch
@@ -113,36 +117,70 @@ def main(preset, batch, iters, warmup, device, threads, off, on, precision, comp
     stopped = False
     try:
         for variant in variants:
-            variant.step = make_step(variant.compile_options)
-            variant.timer = PhaseTimer(device)
-            activate(variant)
-            with variant.timer('first'):
-                variant.step.run(batches, lr=1e-4, use_gan=True)
-            print(f'[{variant.label}] first iteration {variant.timer.median("first") / 1000:.1f} s', flush=True)
+            attempt(variant, lambda: first_iteration(variant, make_step, activate, batches, device))
         for it in range(warmup + iters):
             for variant in variants:                        # Alternating: drift of the machine's speed hits every variant.
-                activate(variant)
-                timer = variant.timer if it >= warmup else PhaseTimer(device)
-                own_peak = reset_peak_memory(device)
-                with timer('iteration'):
-                    variant.step.run(batches, lr=1e-4, use_gan=True, timer=timer)
-                variant.step_ms = timer.times['iteration'][-1]
-                if own_peak:
-                    variant.peak_mb = max(variant.get('peak_mb', 0), peak_memory_mb(device))
+                attempt(variant, lambda: timed_iteration(variant, activate, batches, device, timed=it >= warmup))
             print(f'{"warm-up" if it < warmup else "timed"} iteration {it + 1}/{warmup + iters}: ' + ', '.join(
-                f'[{variant.label}] {variant.step_ms:.0f} ms' for variant in variants), flush=True)
+                f'[{variant.label}] {variant.step_ms:.0f} ms' for variant in variants if 'failure' not in variant), flush=True)
     except (Stopped, Exception) as error:
         if not was_stopped(error):
             raise
         stopped = True
         print('Stopped by SIGTERM: the figures below are medians of the iterations finished so far', flush=True)
-    timed = [variant for variant in variants if 'timer' in variant and 'iteration' in variant.timer.times]
+    timed = [variant for variant in variants if 'failure' not in variant and 'timer' in variant and 'iteration' in variant.timer.times]
     report(timed, batch, flops, peak_tflops(device, given_peak), device)
     if profile_top and not stopped:
         for variant in timed:
             activate(variant)
             print_profile(variant.label, lambda: variant.step.run(batches, lr=1e-4, use_gan=True), device, profile_top,
                 step_ms=variant.timer.median('iteration'))
+    failed = [variant for variant in variants if 'failure' in variant]
+    if failed:
+        sys.exit('failed: ' + '; '.join(f'[{variant.label}] {variant.failure}' for variant in failed))
+
+def first_iteration(variant, make_step, activate, batches, device):
+    """Build the variant's iteration and run it once (compilation, cuDNN's algorithm search), timed apart."""
+    variant.step = make_step(variant.compile_options)
+    variant.timer = PhaseTimer(device)
+    activate(variant)
+    with variant.timer('first'):
+        variant.step.run(batches, lr=1e-4, use_gan=True)
+    print(f'[{variant.label}] first iteration {variant.timer.median("first") / 1000:.1f} s', flush=True)
+
+def timed_iteration(variant, activate, batches, device, timed):
+    """One iteration of the variant, into its timer where `timed` (else a warm-up), with its own peak memory."""
+    activate(variant)
+    timer = variant.timer if timed else PhaseTimer(device)
+    own_peak = reset_peak_memory(device)
+    with timer('iteration'):
+        variant.step.run(batches, lr=1e-4, use_gan=True, timer=timer)
+    variant.step_ms = timer.times['iteration'][-1]
+    if own_peak:
+        variant.peak_mb = max(variant.get('peak_mb', 0), peak_memory_mb(device))
+
+def attempt(variant, run):
+    """run() for a variant not yet failed. An error of its own (a compiler's, running out of memory; not a SIGTERM)
+    leaves it out with its traceback and a one-line reason, and the other variants go on: one broken configuration
+    does not cost a lent GPU's call the figures of the rest."""
+    if 'failure' in variant:
+        return
+    try:
+        run()
+    except (Stopped, Exception) as error:
+        if was_stopped(error):
+            raise
+        traceback.print_exc()
+        variant.failure = one_line(error)
+        variant.pop('step', None)                          # Its graphs and buffers go back to the device.
+        print(f'[{variant.label}] failed ({variant.failure}): left out, the other variants go on', flush=True)
+
+def one_line(error):
+    """'Type: message' in one line, the message up to its first line not ending in ':' (torch.compile's errors name
+    the cause on the line after "backend='inductor' raised:")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    end = next((i for i, line in enumerate(lines) if not line.endswith(':')), len(lines) - 1)
+    return ' '.join([f'{type(error).__name__}:', *lines[:end + 1]])
 
 class Stopped(BaseException):
     """SIGTERM (e.g. a time limit ran out): report what was measured so far. Not an Exception, as KeyboardInterrupt is

@@ -54,6 +54,29 @@ def test_train_step_reports_what_it_measured_when_stopped():
     assert 'Stopped by SIGTERM' in stdout and stdout.count('median ms/iter') == 2 and '1.00x [off=all]' in stdout
     assert 'per round 1.00x (1.00-1.00)' in stdout
 
+def test_train_step_leaves_out_a_variant_that_fails_and_times_the_others():
+    """A variant whose compiler breaks (as inductor might on a GPU it never ran on) is left out with its traceback and
+    a one-line reason; the other variants are still timed, compared and profiled, and the exit status says that
+    something failed: a lent GPU's call keeps the figures of the configurations that work."""
+    script = '\n'.join([
+        'import sys, torch',
+        'from training import training_loop',
+        'def broken(graph, inputs): raise RuntimeError("the compiler broke")',
+        'training_loop.compile_network = lambda net, **options: torch.compile(net, backend=broken)',
+        'sys.argv = ["train_step.py", "--preset=bench-a", "--batch=2", "--iters=1", "--warmup=0", "--device=cpu",'
+        ' "--variant=off=all", "--variant=compile=True", "--variant=default", "--profile=2"]',
+        'sys.path.insert(0, "bench")',
+        'import train_step',
+        'train_step.main()'])
+    result = run_python(['-c', script])
+    assert result.returncode == 1 and 'Traceback' in result.stderr, result.stderr[-2000:]
+    reason = "BackendCompilerFailed: backend='broken' raised: RuntimeError: the compiler broke"
+    assert f'[compile=True] failed ({reason}): left out' in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == f'failed: [compile=True] {reason}'
+    assert result.stdout.count('median ms/iter') == 2
+    assert '[default] profiled once' in result.stdout and '[off=all] profiled once' in result.stdout
+    assert 'timed iteration 1/1: [off=all] ' in result.stdout and '[compile=True]' not in result.stdout.split('timed iteration')[1]
+
 def assert_profile_table(lines, top):
     """bench/common.print_profile's lines on the CPU: the busy time, its split by kind of work (adding up to it,
     convolutions among them) and the `top` largest operators."""
@@ -203,6 +226,36 @@ def test_gpu_check_refuses_unknown_modes_and_says_when_cuda_is_missing(tmp_path)
     if not torch.cuda.is_available():
         result = run(DEVICE='cuda')
         assert result.returncode == 1 and result.stdout.splitlines()[-1] == 'GPU check: FAIL (CUDA not available)'
+
+def test_gpu_check_times_the_eager_step_when_the_cold_compile_does_not_finish(tmp_path):
+    """bench/gpu_check.sh timing: where the cold compile did not finish (its time ran out, or the compiler failed), the
+    timed step leaves compile=True out, which would spend the step compiling again and report nothing, so the eager
+    variants are still timed and profiled; where it finished, compile=True is timed beside them. The benchmarks are
+    stood in for by a `python` that records its arguments and exits as the cold compile is told to."""
+    stand_in = tmp_path / 'bin' / 'python'
+    stand_in.parent.mkdir()
+    stand_in.write_text(f'''#!/usr/bin/env bash
+case "$1" in
+    bench/*) echo "$*" >> "$CALLS"; case "$*" in *--iters=0*) exit $COLD_RC;; esac; exit 0;;
+esac
+exec {sys.executable} "$@"
+''')
+    stand_in.chmod(0o755)
+    def timed_step(cold_rc):
+        calls = tmp_path / f'calls-{cold_rc}'
+        env = dict(os.environ, PATH=f'{stand_in.parent}:{os.environ["PATH"]}', CALLS=str(calls), COLD_RC=str(cold_rc),
+            DEVICE='cpu', SLOW='1', BUDGET='300', WORK=str(tmp_path / 'work'), CACHE_FROM=str(tmp_path / 'no-pack'),
+            TORCHINDUCTOR_CACHE_DIR=str(tmp_path / 'cache'))
+        result = subprocess.run(['bash', 'bench/gpu_check.sh', 'timing'], cwd=ROOT, text=True, capture_output=True, env=env)
+        cold, timed, sampled = calls.read_text().splitlines()
+        assert '--iters=0' in cold and 'bench/sample.py' in sampled and '--profile=12' in timed, result.stdout
+        return result.stdout, timed
+    output, timed = timed_step(124)
+    assert 'the cold compile did not finish: the timed step leaves compile=True out' in output
+    assert '--variant=off=all --variant=default --profile=12' in timed and 'compile=True' not in timed
+    assert output.splitlines()[-1] == 'GPU check: PASS'
+    output, timed = timed_step(0)
+    assert 'did not finish' not in output and '--variant=off=all --variant=default --variant=compile=True' in timed
 
 def test_gpu_check_packs_the_compile_cache_and_a_fresh_machine_unpacks_it(tmp_path):
     """bench/gpu_check.sh CACHE_PACK=DIR: inductor's cache (binary files in folders) becomes parts that, found in
