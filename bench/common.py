@@ -4,6 +4,7 @@ import collections
 import contextlib
 import os
 import pickle
+import platform
 import re
 import resource
 import statistics
@@ -22,7 +23,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from training import network_io
 from training.loss import NCVSDLoss
-from training.networks_edm2 import Precond
+from training.networks_edm2 import Precond, computes_natively
 from training.networks_ncvsd import ConditionalPrecond, GenerativeDenoiser
 from training.run_config import load_preset
 from training.training_loop import NCVSDIteration
@@ -100,7 +101,22 @@ def flops_report(flops, seconds, peak):
     return f'{rate:.2f} TFLOP/s' + (f' ({100 * rate / peak:.1f}% of the {peak:g} TFLOP/s dense FP16 peak)' if peak else ' (peak unknown: pass --peak-tflops)')
 
 def device_name(device):
-    return f'{device} ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda})' if device.type == 'cuda' else str(device)
+    """The device as the benchmarks print it: a GPU's name and CUDA version; a CPU's model, the vector instructions
+    torch uses and whether it has bfloat16 units (the CPU figures of bench/README.md came from several machines)."""
+    if device.type == 'cuda':
+        return f'{device} ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda})'
+    if device.type == 'cpu':
+        bfloat16 = 'native' if computes_natively('bf16', device) else 'emulated'
+        return f'cpu ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, bfloat16 {bfloat16})'
+    return str(device)
+
+def cpu_model():
+    """The CPU's model name as the system gives it (Linux: /proc/cpuinfo), else platform's, else 'unknown model'."""
+    try:
+        with open('/proc/cpuinfo') as cpuinfo:
+            return next(line.split(':', 1)[1].strip() for line in cpuinfo if line.startswith('model name'))
+    except (OSError, StopIteration):
+        return platform.processor() or 'unknown model'
 
 def synchronize(device):
     if device.type == 'cuda':

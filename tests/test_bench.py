@@ -54,6 +54,18 @@ def test_train_step_reports_what_it_measured_when_stopped():
     assert 'Stopped by SIGTERM' in stdout and stdout.count('median ms/iter') == 2 and '1.00x [off=all]' in stdout
     assert 'per round 1.00x (1.00-1.00)' in stdout
 
+def test_benchmarks_name_the_cpu_they_ran_on(monkeypatch):
+    """CPU figures depend on the vector units (bf16 ran 7x slower than fp32 on an AVX2 CPU, faster on one with AVX-512
+    BF16), so the benchmarks' header names the CPU's model, torch's vector instructions and whether bf16 is native."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, 'bench'))
+    import common
+    name = common.device_name(torch.device('cpu'))
+    assert re.fullmatch(r'cpu \(.+, [A-Z0-9_]+, bfloat16 (native|emulated)\)', name), name
+    assert torch.backends.cpu.get_cpu_capability() in name
+    assert name.endswith('native)') == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    monkeypatch.setattr(common, 'computes_natively', lambda precision, device: False)
+    assert common.device_name(torch.device('cpu')).endswith(', bfloat16 emulated)')
+
 def test_train_step_leaves_out_a_variant_that_fails_and_times_the_others():
     """A variant whose compiler breaks (as inductor might on a GPU it never ran on) is left out with its traceback and
     a one-line reason; the other variants are still timed, compared and profiled, and the exit status says that
