@@ -212,7 +212,7 @@ elif [ "$MODE" = timing ]; then
     if [ "$LAST_RC" != 0 ]; then    # Its first iteration would spend the step compiling: time and profile the rest.
         COMPILED=(); echo "the cold compile did not finish: the timed step leaves compile=True out (the cache keeps what was compiled)"
     fi
-    step "bench/train_step.py eager and compiled" "$(limit 150)" python bench/train_step.py "${BENCH[@]}" --iters=4 --warmup=1 \
+    step "bench/train_step.py eager${COMPILED[*]:+ and compiled}" "$(limit 150)" python bench/train_step.py "${BENCH[@]}" --iters=4 --warmup=1 \
         --variant=off=all --variant=default ${COMPILED[@]+"${COMPILED[@]}"} --profile=12
     OPTIONAL=1 step "bench/sample.py compiled" "$(limit 60)" python bench/sample.py "${BENCH[@]}" --repeats=3 --compile=True --profile=12
 else

@@ -264,10 +264,12 @@ exec {sys.executable} "$@"
         return result.stdout, timed
     output, timed = timed_step(124)
     assert 'the cold compile did not finish: the timed step leaves compile=True out' in output
+    assert '=== bench/train_step.py eager (limit' in output
     assert '--variant=off=all --variant=default --profile=12' in timed and 'compile=True' not in timed
     assert output.splitlines()[-1] == 'GPU check: PASS'
     output, timed = timed_step(0)
     assert 'did not finish' not in output and '--variant=off=all --variant=default --variant=compile=True' in timed
+    assert '=== bench/train_step.py eager and compiled (limit' in output
 
 def test_gpu_check_packs_the_compile_cache_and_a_fresh_machine_unpacks_it(tmp_path):
     """bench/gpu_check.sh CACHE_PACK=DIR: inductor's cache (binary files in folders) becomes parts that, found in
