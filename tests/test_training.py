@@ -598,17 +598,24 @@ def test_precision_reaches_students_and_teacher(assets, tmp_path, monkeypatch):
     snapshot = pickle.load(open(next(tmp_path.glob('network-snapshot-*-0.050.pkl')), 'rb'))['ema']
     assert snapshot.model.use_fp16 and snapshot.model.reduced_dtype == 'bfloat16'
 
-def test_training_sets_the_published_backends(assets, tmp_path, monkeypatch):
+def test_training_sets_the_published_backends(assets, tmp_path):
     """No TF32 convolutions or matmuls, float16 matmuls reducing in float32 (torch's defaults allow both), cuDNN
-    benchmarking: as the published training sets them."""
+    benchmarking: as the published training sets them. (Restored by hand: torch.backends.cuda.matmul's flags are
+    answered by __getattr__, which pytest 9.2's monkeypatch takes for attributes to delete.)"""
     flags = ((torch.backends.cudnn, 'allow_tf32'), (torch.backends.cuda.matmul, 'allow_tf32'),
         (torch.backends.cuda.matmul, 'allow_fp16_reduced_precision_reduction'))
-    for owner, name in flags:
-        monkeypatch.setattr(owner, name, True)
-    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
-    tiny_run(assets, tmp_path)
-    assert [getattr(owner, name) for owner, name in flags] == [False, False, False]
-    assert torch.backends.cudnn.benchmark
+    settings = {(owner, name): True for owner, name in flags}
+    settings[(torch.backends.cudnn, 'benchmark')] = False
+    before = {flag: getattr(*flag) for flag in settings}
+    try:
+        for (owner, name), value in settings.items():
+            setattr(owner, name, value)
+        tiny_run(assets, tmp_path)
+        assert [getattr(owner, name) for owner, name in flags] == [False, False, False]
+        assert torch.backends.cudnn.benchmark
+    finally:
+        for (owner, name), value in before.items():
+            setattr(owner, name, value)
 
 def test_sec_per_kimg_after_a_resume_is_measured_from_the_resume(assets, tmp_path):
     import re, time
