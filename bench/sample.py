@@ -55,11 +55,12 @@ def main(preset, batch, repeats, heun_steps, device, off, precision, compile_net
     torch.set_grad_enabled(False)
     device = bench_device(device)
     try:
-        set_speed_options(**{**device_defaults(device, compiled=compile_nets), **{name: False for name in option_names(off)}})
+        turned_off = option_names(off)
     except ValueError as err:
         raise click.BadParameter(str(err))
     teacher, config = random_teacher(preset, device)
     precision = precision or ('fp16' if config.get('fp16', False) else 'fp32')
+    set_speed_options(**{**device_defaults(device, compiled=compile_nets, precision=precision), **{name: False for name in turned_off}})
     student = sampling_student(teacher, device)
     for net in (teacher, student):
         set_precision(net, precision)

@@ -6,7 +6,8 @@ The largest part of a training iteration's peak memory (the generator phase keep
 term, the discriminator's, whose weights are then frozen). Counted with autograd's saved-tensor hooks (each storage
 once), so it runs on any device, the CPU included, and needs no allocator statistics: a forward pass at two small
 batches gives the memory per image, printed at --batch. Weights and their normalised copies are not included
-(they do not grow with the batch). Compare against `off=all` (the straightforward implementation).
+(they do not grow with the batch). Compare against `off=all` (the straightforward implementation). The variants
+start from the speed-option defaults of --defaults (CUDA's by default: a GPU is not needed), for the precision.
 """
 
 import click
@@ -39,14 +40,15 @@ def activation_mib(net, teacher, batch, device, trained):
 @click.option('--batch', type=int, default=64, show_default=True, help='Batch the figures are given at')
 @click.option('--precision', type=click.Choice(['fp32', 'fp16', 'bf16']), default='bf16', show_default=True, help='UNet bodies (fp16 computes in float32 off CUDA)')
 @click.option('--device', default='cuda' if torch.cuda.is_available() else 'cpu', show_default=True)
+@click.option('--defaults', type=click.Choice(['cpu', 'cuda']), default='cuda', show_default=True, help='Whose speed-option defaults to start from')
 @click.option('--variant', 'variants', multiple=True, metavar='SPEC', help='As bench/train_step.py\'s: default, off=LIST, on=LIST (repeatable)')
-def main(preset, batch, precision, device, variants):
+def main(preset, batch, precision, device, defaults, variants):
     device = bench_device(device)
-    variants = [parse_variant(spec, device, precision) for spec in variants or ['off=all', 'default']]
+    variants = [parse_variant(spec, torch.device(defaults), precision) for spec in variants or ['off=all', 'default']]
     teacher, _config = random_teacher(preset, device)
     G, _S, D = build_students(teacher, dict(use_fp16=precision != 'fp32'), device)
     print(f'{preset}: activations kept for the backward pass, MiB at batch {batch} (from batches 2 and 4), device {device}, '
-        f'bodies {precision}')
+        f'bodies {precision}, {defaults} defaults')
     reference = None
     for variant in variants:
         set_speed_options(**variant.speed)

@@ -41,8 +41,8 @@ def random_batches(shape, label_dim, device, generator):
 
 def parse_variant(spec, device, default_precision):
     """'off=all precision=bf16 compile=True' -> EasyDict(label, speed={option: bool}, precision, compile_options).
-    off= and on= apply in the order written, from the device's defaults, eager or compiled ('on=all off=masked_clip':
-    all but one)."""
+    off= and on= apply in the order written, from the device's defaults, eager or compiled, for the precision
+    ('on=all off=masked_clip': all but one)."""
     variant = dnnlib.EasyDict(label=spec or 'default', precision=default_precision, compile='False', cuda_graphs='False')
     switches = []
     for setting in spec.split() if spec != 'default' else []:
@@ -54,7 +54,7 @@ def parse_variant(spec, device, default_precision):
             switches.append((key, value))
         else:
             variant[key] = value
-    variant.speed = device_defaults(device, compiled=variant.compile == 'True')
+    variant.speed = device_defaults(device, compiled=variant.compile == 'True', precision=variant.precision)
     for key, value in switches:
         try:
             variant.speed.update({name: key == 'on' for name in option_names(value)})

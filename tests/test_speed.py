@@ -246,6 +246,27 @@ def test_fused_discriminator_pass_equals_two_passes(speed_options):
     assert torch.allclose(joint[:5], disc(x, sigma, y, sy, labels), rtol=1e-5, atol=1e-6)
     assert torch.allclose(joint[5:], disc(x2, sigma, y, sy, labels), rtol=1e-5, atol=1e-6)
 
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_pooled_resampling_is_the_depthwise_convolution(speed_options, device, dtype, memory_format):
+    """EDM2's box filter [1, 1] as average pooling (down) and nearest-neighbour upsampling (up) takes the same sums as
+    its depthwise convolutions (taps 1/4 down, 1 up): values and gradients bitwise on the CPU (CUDA's kernels may add
+    in another order), in the input's memory format. Other filters keep the convolutions."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 8, 8, generator=gen).to(device, dtype).contiguous(memory_format=memory_format)
+    for mode, f in (('down', [1, 1]), ('up', [1, 1]), ('down', [1, 3, 3, 1]), ('up', [1, 3, 3, 1])):
+        results = {}
+        for pooled in (False, True):
+            set_speed_options(pooled_resample=pooled)
+            source = x.detach().requires_grad_()
+            y = networks_edm2.resample(source, f=f, mode=mode)
+            y.backward(torch.randn(y.shape, generator=gen.manual_seed(1)).to(device, dtype))
+            assert y.is_contiguous(memory_format=memory_format)
+            results[pooled] = (y, source.grad)
+        for plain, fast in zip(results[False], results[True]):
+            assert torch.equal(plain, fast) if device == 'cpu' else torch.allclose(plain, fast, rtol=1e-2, atol=1e-2), (mode, f)
+
 @pytest.mark.parametrize('grouped', [False, True])
 def test_a_compiled_iteration_equals_an_eager_one(speed_options, grouped):
     """torch.compile traces each network as one graph in every call of the iteration (fullgraph: a graph break is an
@@ -305,18 +326,24 @@ def explain_inputs(net):
     return (x, sigma, labels) if isinstance(net, Precond) else (x, sigma, x, sigma, labels)
 
 def test_speed_options_follow_the_device(speed_options):
-    from training.speed import use_device_defaults, get_speed_options
+    from training.speed import device_defaults, use_device_defaults, get_speed_options
     use_device_defaults(torch.device('cuda'))                       # A device object needs no GPU.
     assert get_speed_options() == dict(cache_frozen_weights=False, cache_constant_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
-        channels_last=True, folded_scales=True, masked_clip=True, grouped_weight_norm=True, flat_gradients=True)
+        channels_last=True, folded_scales=True, masked_clip=True, grouped_weight_norm=True, pooled_resample=True, flat_gradients=True)
     use_device_defaults(torch.device('cpu'))
     assert get_speed_options() == dict(cache_frozen_weights=True, cache_constant_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
-        channels_last=True, folded_scales=True, masked_clip=True, grouped_weight_norm=False, flat_gradients=True)
+        channels_last=True, folded_scales=True, masked_clip=True, grouped_weight_norm=False, pooled_resample=True, flat_gradients=True)
     use_device_defaults(torch.device('cpu'), compiled=True)         # Inductor's CPU kernels: NCHW measured faster.
     assert get_speed_options() == dict(cache_frozen_weights=True, cache_constant_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
-        channels_last=False, folded_scales=True, masked_clip=True, grouped_weight_norm=False, flat_gradients=True)
+        channels_last=False, folded_scales=True, masked_clip=True, grouped_weight_norm=False, pooled_resample=True, flat_gradients=True)
     use_device_defaults(torch.device('cuda'), compiled=True)
     assert get_speed_options()['channels_last']
+    for compiled in (False, True):          # bf16 on the CPU: torch's flash attention kernel is slower than the einsums.
+        use_device_defaults(torch.device('cpu'), compiled=compiled, precision='bf16')
+        assert get_speed_options() == dict(device_defaults(torch.device('cpu'), compiled), fused_attention=False)
+    for device, precision in (('cuda', 'bf16'), ('cuda', 'fp16'), ('cpu', 'fp16')):
+        use_device_defaults(torch.device(device), precision=precision)
+        assert get_speed_options() == device_defaults(torch.device(device))
 
 def test_module_defaults_are_the_cpu_defaults():
     """Code that builds networks without setting the device's defaults (a library user, a test) runs as the CPU does."""
@@ -326,7 +353,7 @@ def test_module_defaults_are_the_cpu_defaults():
 
 def test_sampling_loads_use_the_device_defaults(speed_options, tmp_path):
     """generate_images and the other sampling CLIs load through network_io.load_network, which sets the options as
-    the device measures best, eager or compiled (as training does), whatever was set before."""
+    the device measures best, eager or compiled, for the bodies' precision (as training does), whatever was set before."""
     import pickle
     import dnnlib
     from training.network_io import load_network
@@ -338,6 +365,8 @@ def test_sampling_loads_use_the_device_defaults(speed_options, tmp_path):
     set_speed_options(**{name: not on for name, on in cpu_defaults.items()})
     load_network(str(tmp_path / 'net.pkl'), torch.device('cpu'), verbose=False)
     assert get_speed_options() == cpu_defaults
+    load_network(str(tmp_path / 'net.pkl'), torch.device('cpu'), precision='bf16', verbose=False)
+    assert get_speed_options() == device_defaults(torch.device('cpu'), precision='bf16') != cpu_defaults
     load_network(str(tmp_path / 'net.pkl'), torch.device('cpu'), compile_backend='inductor', verbose=False)
     assert get_speed_options() == device_defaults(torch.device('cpu'), compiled=True) != cpu_defaults
 

@@ -628,24 +628,35 @@ def test_sec_per_kimg_after_a_resume_is_measured_from_the_resume(assets, tmp_pat
     rate = lambda out: [float(v) for v in re.findall(r'sec/kimg (\S+)', out)]
     assert len(rate(resumed.stdout)) == 1 and rate(resumed.stdout)[0] < 3 * max(rate(first.stdout)) + 200, (first.stdout, resumed.stdout)
 
-def test_the_run_sets_the_published_backends_before_fitting_the_toy_init(tmp_path):
-    """The toy's initial network is fitted under the run's backend settings (no TF32 on a GPU), which launch sets
-    first: torch's default lets cuDNN use TF32 for float32 convolutions."""
+def run_until_the_toy_fit(tmp_path, probe, *options):
+    """Launch the toy preset on the CPU with `options` in a fresh process, which prints `probe` (a Python expression;
+    torch and training.speed imported) where the toy's initial network would be fitted, and stops there."""
     script = tmp_path / 'fit.py'
     script.write_text(textwrap.dedent(f'''
         import sys, torch
         sys.path.insert(0, {ROOT!r})
         import train_ncvsd
-        from training import train_setup
+        from training import speed, train_setup
         def fit(*args, **kwargs):
-            print('cudnn TF32 at the fit:', torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            print('at the fit:', {probe})
             sys.exit(0)
         train_setup.fit_denoiser_network = fit
-        train_ncvsd.main(['--preset=toy', '--outdir={tmp_path / "run"}', '--device=cpu'])
+        train_ncvsd.main(['--preset=toy', '--outdir={tmp_path / "run"}', '--device=cpu', *{list(options)!r}])
     '''))
     result = run_python([str(script)])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert 'cudnn TF32 at the fit: False False' in result.stdout, result.stdout[-2000:]
+    return result.stdout.split('at the fit: ')[-1].strip()
+
+def test_the_run_sets_the_published_backends_before_fitting_the_toy_init(tmp_path):
+    """The toy's initial network is fitted under the run's backend settings (no TF32 on a GPU), which launch sets
+    first: torch's default lets cuDNN use TF32 for float32 convolutions."""
+    assert run_until_the_toy_fit(tmp_path, 'torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32') == 'False False'
+
+def test_the_run_sets_the_speed_options_for_its_precision(tmp_path):
+    """launch sets the speed options as they measure best on its device for its bodies' precision: in bfloat16 on the
+    CPU without torch's fused attention kernel (training.speed.PRECISION_OFF)."""
+    probe = "speed.get_speed_options() == speed.device_defaults(torch.device('cpu'), precision='bf16') != speed.device_defaults(torch.device('cpu'))"
+    assert run_until_the_toy_fit(tmp_path, probe, '--precision=bf16') == 'True'
 
 def test_a_nonfinite_loss_is_named_in_a_warning_after_the_status_line(tmp_path, capsys):
     """A NaN in one sample makes its phase's whole gradient NaN, which the loop zeroes: training goes on learning

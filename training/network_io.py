@@ -62,11 +62,12 @@ def load_network(path_or_url, device, role='sampling', vae=None, precision=None,
             raise UserError(f'--vae was given but {path_or_url} is not a latent-space network; drop --vae')
         encoder = StabilityVAEEncoder(vae_name=vae)
     encoder.init(device)
-    speed.use_device_defaults(device, compiled=compile_backend == 'inductor')
     if precision is not None:
         set_precision(net, precision)
     body = net.model if is_generative_denoiser(net) else net
-    note = emulated_precision_note(network_precision(body), device) if hasattr(body, 'use_fp16') else None
+    body_precision = network_precision(body) if hasattr(body, 'use_fp16') else 'fp32'
+    speed.use_device_defaults(device, compiled=compile_backend == 'inductor', precision=body_precision)
+    note = emulated_precision_note(body_precision, device)
     if verbose and note:
         print(note, flush=True)
     net = prepare_frozen(net, device)

@@ -18,6 +18,7 @@ OPTIONS = dict(
     folded_scales=(networks_edm2, 'FOLDED_SCALES'),
     masked_clip=(networks_edm2, 'MASKED_CLIP'),
     grouped_weight_norm=(networks_edm2, 'GROUPED_WEIGHT_NORM'),
+    pooled_resample=(networks_edm2, 'POOLED_RESAMPLE'),
     flat_gradients=(gradients, 'FLAT_GRADIENTS'),
 )
 
@@ -46,17 +47,23 @@ COMPILED_OFF = dict(
     cpu=('channels_last',),
 )
 
-def device_defaults(device, compiled=False):
-    """{option: on} as the options measure best on `device`'s type, eager or compiled by inductor (devices not
-    measured: as on the CPU)."""
-    off = DEVICE_OFF.get(device.type, DEVICE_OFF['cpu'])
-    if compiled:
-        off += COMPILED_OFF.get(device.type, COMPILED_OFF['cpu'])
+# Off as well where the UNet bodies compute in that precision on that device. In bfloat16 on the CPU torch's fused
+# (flash) attention kernel ran its backward pass 2-3x slower than the two einsums and the softmax (AVX-512 BF16, 64
+# and 256 tokens), and bench-a's bf16 step 0.63x off=all with it against 0.57x without (alternating, session 24).
+PRECISION_OFF = {
+    ('cpu', 'bf16'): ('fused_attention',),
+}
+
+def device_defaults(device, compiled=False, precision='fp32'):
+    """{option: on} as the options measure best on `device`'s type, eager or compiled by inductor, with the UNet bodies
+    in `precision` (devices not measured: as on the CPU)."""
+    kind = device.type if device.type in DEVICE_OFF else 'cpu'
+    off = DEVICE_OFF[kind] + (COMPILED_OFF[kind] if compiled else ()) + PRECISION_OFF.get((kind, precision), ())
     return {name: name not in off for name in OPTIONS}
 
-def use_device_defaults(device, compiled=False):
+def use_device_defaults(device, compiled=False, precision='fp32'):
     """Set the device's defaults; returns the previous settings."""
-    return set_speed_options(**device_defaults(device, compiled))
+    return set_speed_options(**device_defaults(device, compiled, precision))
 
 def option_names(names):
     """'all' or 'a,b' (a command-line list) -> option names; an unknown name is a ValueError naming the choices."""

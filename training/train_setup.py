@@ -101,7 +101,7 @@ def launch(opts, dry_run=False):
     device = dist.init(config.device)
     dnnlib.util.check_output_folder(config.outdir, f'--outdir={config.outdir}')
     check_device_options(config, opts, device)
-    speed.use_device_defaults(device, compiled=config.compile)
+    speed.use_device_defaults(device, compiled=config.compile, precision=config.precision)
     use_published_backends()                                # From the start: the toy's initial fit runs under them too.
     latest = dist.latest_checkpoint(config.outdir)
     finished_nimg = None if latest is None else dist.checkpoint_nimg(latest)    # A damaged checkpoint: found before loading.
