@@ -162,7 +162,8 @@ def test_masked_clip_has_the_gradient_of_clip(speed_options):
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_attention_inputs_need_no_copy(speed_options, monkeypatch, channels_last):
     """With the fast pixel norm, q, k, v are normalised straight into the unit-stride layout that fused attention
-    reads (no copy to keep for the backward pass), with the values of the plain normalisation."""
+    reads (no copy to keep for the backward pass), with the values and gradients of the plain normalisation (to
+    float32's rounding: since session 24 the norm is reduced over channels innermost in that layout, not strided in x's)."""
     set_speed_options(fast_pixel_norm=True, fused_attention=True, channels_last=channels_last)
     layouts, attend = [], networks_edm2.attend
     monkeypatch.setattr(networks_edm2, 'attend', lambda qkv: layouts.append(qkv.is_contiguous()) or attend(qkv))
@@ -173,7 +174,16 @@ def test_attention_inputs_need_no_copy(speed_options, monkeypatch, channels_last
     assert layouts and all(layouts)
     assert float((D_x - edm2['D_x']).norm() / edm2['D_x'].norm()) < 1e-5
     qkv = torch.randn(2, 3, 8, 3, 16, generator=torch.Generator().manual_seed(0))       # [N, heads, c, 3, HW]
-    assert torch.equal(networks_edm2.normalize(qkv, dim=2), networks_edm2.normalize(qkv, dim=2, layout=(0, 1, 3, 4, 2)))
+    weights = torch.randn(qkv.shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for layout in (None, (0, 1, 3, 4, 2)):
+        source = qkv.clone().requires_grad_()
+        y = networks_edm2.normalize(source, dim=2, layout=layout)
+        (y * weights).sum().backward()
+        results.append((y, source.grad))
+    for plain, relaid in zip(*results):
+        assert torch.allclose(plain, relaid, rtol=1e-6, atol=1e-6)
+    assert results[1][0].permute(0, 1, 3, 4, 2).is_contiguous()
 
 def test_weight_cache_follows_weight_updates(speed_options):
     set_speed_options(cache_frozen_weights=True)
