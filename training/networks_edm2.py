@@ -51,8 +51,8 @@ class Normalize(torch.autograd.Function):
     autograd's chain (norm, addition, division) takes about ten. Keeps the output (which the next layer keeps anyway),
     not x. The norm is torch's one-pass vector_norm where `dim` is innermost in memory (NHWC channels), and a sum of
     squares where it is strided (NCHW channels), over which vector_norm runs ~10x slower on the CPU. Given a layout
-    (attention's q, k, v: channels innermost), x is first copied into it and normalised there in place: over strided
-    channels the sum of squares took 6.8x as long as copy, norm and division in bfloat16 on the CPU (session 24)."""
+    (attention's q, k, v: channels innermost), x is first copied into it and normalised there in place: the strided
+    sum of squares was slow in bfloat16 on the CPU (bench-a's bf16 step 0.55x off=all before, 0.53x after; session 24)."""
 
     @staticmethod
     def forward(ctx, x, dim, eps, layout=None):
