@@ -32,7 +32,9 @@ OPTIONS = dict(
 # alternating runs: 0.73x against 0.79-0.80x off=all) and sampling 10-30%, so it is on (eager; compiled: below). The
 # grouped weight normalisation is off on the CPU, where the operations it removes are cheap: bench-a measured no gain
 # (1.00-1.01x at batch 32 and 2, alternating). The flat gradients leave the CPU step unchanged (bench-a, alternating:
-# 1.00x at batch 32 and 2) and keep less: on everywhere.
+# 1.00x at batch 32 and 2) and keep less: on everywhere. So does the pooled resampling (72 MiB less kept in a bench-s64
+# generator forward; the bf16 CPU step 0.54x off=all with it against 0.62x without, fp32 1.00x; session 24), whose
+# time on CUDA is not measured yet (`bash bench/gpu_check.sh options`).
 DEVICE_OFF = dict(
     cuda=('cache_frozen_weights',),
     cpu=('grouped_weight_norm',),
@@ -48,8 +50,9 @@ COMPILED_OFF = dict(
 )
 
 # Off as well where the UNet bodies compute in that precision on that device. In bfloat16 on the CPU torch's fused
-# (flash) attention kernel ran its backward pass 2-3x slower than the two einsums and the softmax (AVX-512 BF16, 64
-# and 256 tokens), and bench-a's bf16 step 0.63x off=all with it against 0.57x without (alternating, session 24).
+# (flash) attention kernel is slow: its backward pass took 36.8-40.1 ms of a profiled bench-a iteration (13.4 ms in
+# float32), and bench-a's bf16 step was 0.60x off=all with it against 0.54x without (alternating; AVX-512 BF16,
+# session 24).
 PRECISION_OFF = {
     ('cpu', 'bf16'): ('fused_attention',),
 }
