@@ -134,10 +134,11 @@ def scale_rows_(x, sizes, scales):
     return x.mul_(_row_scales[key])
 
 def resample(x, f=(1, 1), mode='keep'):
-    """Down- or upsample by 2 with the separable filter `f` (depthwise conv)."""
+    """Down- or upsample by 2 with the separable filter `f` (depthwise conv; for the box filter [1, 1], under
+    POOLED_RESAMPLE, average pooling and nearest upsampling: the same sums, taps 1/4 down and 1 up)."""
     if mode == 'keep':
         return x
-    if POOLED_RESAMPLE and tuple(f) == (1, 1):        # The same sums (taps 1/4 down, 1 up); torch's bf16 CPU convs took ~5 ms.
+    if POOLED_RESAMPLE and tuple(f) == (1, 1):        # torch's bfloat16 CPU depthwise convs are slow (bench/README.md).
         if mode == 'down':
             return torch.nn.functional.avg_pool2d(x, 2)
         assert mode == 'up'
