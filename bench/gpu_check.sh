@@ -21,8 +21,8 @@
 #       cold compile finished, else it would spend the step compiling), then the compiled sampler (and one profiled
 #       batch of its 1-step student) if time is left.
 #   bash bench/gpu_check.sh options  the default against each of the grouped weight normalisation, fast pixel norm,
-#       fused attention, masked clip, folded scales, cached constant weights, flat gradients and pooled resampling off,
-#       and bf16; then against CUDA graphs in a process of its own
+#       fused attention, masked clip, folded scales, cached constant weights, flat gradients, pooled resampling and qkv
+#       blocks off, and bf16; then against CUDA graphs in a process of its own
 #       (their recorded graphs keep their memory: beside other variants an H100 could run out).
 #
 # DEVICE=cpu rehearses the script's own plumbing (time limits, file names, the kill and resume) on a machine without
@@ -219,7 +219,7 @@ elif [ "$MODE" = timing ]; then
 else
     step "bench/train_step.py options" "$(limit 220)" python bench/train_step.py "${BENCH[@]}" --iters=4 --warmup=1 \
         --variant=default --variant=off=grouped_weight_norm --variant=off=fast_pixel_norm --variant=off=fused_attention --variant=off=masked_clip \
-        --variant=off=folded_scales --variant=off=cache_constant_weights --variant=off=flat_gradients --variant=off=pooled_resample \
+        --variant=off=folded_scales --variant=off=cache_constant_weights --variant=off=flat_gradients --variant=off=pooled_resample --variant=off=qkv_blocks \
         --variant=precision=bf16
     [ "$DEVICE" = cuda ] && step "bench/train_step.py CUDA graphs" "$(limit 75)" python bench/train_step.py "${BENCH[@]}" \
         --iters=4 --warmup=1 --variant=default --variant=cuda_graphs=True

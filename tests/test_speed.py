@@ -163,8 +163,9 @@ def test_masked_clip_has_the_gradient_of_clip(speed_options):
 def test_attention_inputs_need_no_copy(speed_options, monkeypatch, channels_last):
     """With the fast pixel norm, q, k, v are normalised straight into the unit-stride layout that fused attention
     reads (no copy to keep for the backward pass), with the values and gradients of the plain normalisation (to
-    float32's rounding: since session 24 the norm is reduced over channels innermost in that layout, not strided in x's)."""
-    set_speed_options(fast_pixel_norm=True, fused_attention=True, channels_last=channels_last)
+    float32's rounding: since session 24 the norm is reduced over channels innermost in that layout, not strided in x's).
+    In EDM2's channel order (qkv_blocks off; with it, test_qkv_blocks_are_attention_without_copies)."""
+    set_speed_options(fast_pixel_norm=True, fused_attention=True, channels_last=channels_last, qkv_blocks=False)
     layouts, attend = [], networks_edm2.attend
     monkeypatch.setattr(networks_edm2, 'attend', lambda qkv: layouts.append(qkv.is_contiguous()) or attend(qkv))
     edm2 = load_fixture('edm2_precond_small.pt')
@@ -339,13 +340,13 @@ def test_speed_options_follow_the_device(speed_options):
     from training.speed import device_defaults, use_device_defaults, get_speed_options
     use_device_defaults(torch.device('cuda'))                       # A device object needs no GPU.
     assert get_speed_options() == dict(cache_frozen_weights=False, cache_constant_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
-        channels_last=True, folded_scales=True, masked_clip=True, grouped_weight_norm=True, pooled_resample=True, flat_gradients=True)
+        channels_last=True, folded_scales=True, masked_clip=True, grouped_weight_norm=True, pooled_resample=True, qkv_blocks=True, flat_gradients=True)
     use_device_defaults(torch.device('cpu'))
     assert get_speed_options() == dict(cache_frozen_weights=True, cache_constant_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
-        channels_last=True, folded_scales=True, masked_clip=True, grouped_weight_norm=False, pooled_resample=True, flat_gradients=True)
+        channels_last=True, folded_scales=True, masked_clip=True, grouped_weight_norm=False, pooled_resample=True, qkv_blocks=True, flat_gradients=True)
     use_device_defaults(torch.device('cpu'), compiled=True)         # Inductor's CPU kernels: NCHW measured faster.
     assert get_speed_options() == dict(cache_frozen_weights=True, cache_constant_weights=True, fused_attention=True, fast_pixel_norm=True, fused_discriminator=True,
-        channels_last=False, folded_scales=True, masked_clip=True, grouped_weight_norm=False, pooled_resample=True, flat_gradients=True)
+        channels_last=False, folded_scales=True, masked_clip=True, grouped_weight_norm=False, pooled_resample=True, qkv_blocks=True, flat_gradients=True)
     use_device_defaults(torch.device('cuda'), compiled=True)
     assert get_speed_options()['channels_last']
     for compiled in (False, True):          # bf16 on the CPU: torch's flash attention kernel is slower than the einsums.
@@ -444,15 +445,19 @@ def test_compiled_networks_are_cacheable_by_aot_autograd():
         torch._functorch.config.autograd_cache_allow_custom_autograd_functions = previous
 
 class OpNames(TorchDispatchMode):
-    """How often each aten operator ran, by name (below autograd: decompositions show as their parts)."""
+    """How often each aten operator ran, by name (below autograd: decompositions show as their parts), and how many
+    copies (copy_, clone, _to_copy) of each size in elements were made."""
 
     def __init__(self):
         super().__init__()
-        self.names = collections.Counter()
+        self.names, self.copied_sizes = collections.Counter(), collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names[func.__name__] += 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if func.__name__.split('.')[0] in ('copy_', 'clone', '_to_copy'):
+            self.copied_sizes[out.numel()] += 1
+        return out
 
 @contextlib.contextmanager
 def deterministic_algorithms():
@@ -486,12 +491,13 @@ def test_flat_gradients_change_no_bit(speed_options, device, monkeypatch):
     assert flat_operations.names['nan_to_num.out'] == 2 * 3
     assert per_parameter.names['nan_to_num.out'] == 2 * sum(len(list(net.parameters())) for net in nets)
 
+@pytest.mark.parametrize('qkv_blocks', [False, True])
 @pytest.mark.parametrize('channels_last', [False, True])
 @pytest.mark.parametrize('device', DEVICES)
-def test_fused_attention_runs_a_fused_kernel(speed_options, device, channels_last):
+def test_fused_attention_runs_a_fused_kernel(speed_options, device, channels_last, qkv_blocks):
     """torch's fused attention kernels need unit-stride channels: strided q, k, v silently fall back to the unfused
     math (a softmax over the materialised attention matrix), slower and larger than the einsums it replaces."""
-    set_speed_options(fused_attention=True, channels_last=channels_last)
+    set_speed_options(fused_attention=True, channels_last=channels_last, qkv_blocks=qkv_blocks)
     edm2 = load_fixture('edm2_precond_small.pt')
     net = Precond(**edm2['config']).to(device)
     ops = OpNames()
@@ -499,6 +505,33 @@ def test_fused_attention_runs_a_fused_kernel(speed_options, device, channels_las
         net(edm2['x'].to(device), edm2['sigma'].to(device), edm2['class_labels'].to(device)).sum().backward()
     attention = sorted(name for name in ops.names if 'attention' in name or 'softmax' in name)
     assert attention and all('flash' in name or 'efficient' in name or 'cudnn' in name for name in attention), attention
+
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('device', DEVICES)
+def test_qkv_blocks_are_attention_without_copies(speed_options, device, channels_last):
+    """With the qkv layer's rows reordered as applied (qkv_blocks: channels (q/k/v, head, channel), not EDM2's (head,
+    channel, q/k/v)), an attention layer has the values and gradients (input and weight) of EDM2's order, and in NHWC
+    memory q, k, v reach attention with no copy of the activations: normalised over unit-stride channels, read as
+    views. In NCHW memory the normalisation writes one copy, as in EDM2's order."""
+    set_speed_options(fast_pixel_norm=True, fused_attention=True, channels_last=channels_last)
+    gen = torch.Generator().manual_seed(0)
+    block = networks_edm2.Block(128, 128, 16, attention=True).eval().to(device)         # Two heads of 64 channels.
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 128, 4, 4, generator=gen).to(device).contiguous(memory_format=memory_format)
+    upstream = torch.randn(x.shape, generator=gen).to(device)
+    results, copies = {}, {}
+    for blocks in (False, True):
+        set_speed_options(qkv_blocks=blocks)
+        source = x.detach().requires_grad_()
+        block.zero_grad(set_to_none=True)
+        with OpNames() as ops:
+            out = block.attention_heads(source)
+        (out * upstream).sum().backward()
+        results[blocks], copies[blocks] = (out, source.grad, block.attn_qkv.weight.grad), ops.copied_sizes[3 * x.numel()]
+    tolerance = dict(rtol=1e-5, atol=1e-6) if device == 'cpu' else dict(rtol=2e-3, atol=2e-3)
+    for plain, fast in zip(results[False], results[True]):
+        assert torch.allclose(plain, fast, **tolerance)
+    assert copies == {False: 1, True: 0 if channels_last else 1}
 
 @pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('scales, dtype', [([1, 1, 1], torch.float32), ([0.3, 1.7, 0.05], torch.float32), ([0.3, 1.7, 0.05], torch.bfloat16)])

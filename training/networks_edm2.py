@@ -25,6 +25,7 @@ FOLDED_SCALES = True            # Constant activation scales (mp_silu's, mp_sum'
 MASKED_CLIP = True              # Activation clipping as one autograd node keeping a one-byte mask, not a copy of x.
 GROUPED_WEIGHT_NORM = False     # Normalise, scale and cast a UNet level's same-shaped weights together: one node per group.
 POOLED_RESAMPLE = True          # The box filter's resampling as average pooling and nearest upsampling, not depthwise convs.
+QKV_BLOCKS = True               # Attention's q, k, v projected as three channel blocks: normalised over unit-stride channels, read as views.
 _normalized_weights = weakref.WeakKeyDictionary()       # MPConv -> ((version, pointer, ...), weight it keeps)
 _pending_groups = {}                                    # MPConv -> its group, in a grouped forward pass until first used
 _grouped_weights = {}                                   # MPConv -> (weight as its group prepared it, (scale, dtype))
@@ -292,11 +293,14 @@ class MPConv(torch.nn.Module):
         return entry[1]
 
     def forward(self, x, gain=1):
-        weight = self.applied_weight(gain, x.dtype)
-        if weight.ndim == 2:
-            return x @ weight
-        assert weight.ndim == 4
-        return torch.nn.functional.conv2d(x, weight, padding=(weight.shape[-1] // 2,))
+        return apply_weight(x, self.applied_weight(gain, x.dtype))
+
+def apply_weight(x, weight):
+    """x through a layer of applied weight `weight`: a linear layer's [in, out] or a convolution's [out, in, k, k]."""
+    if weight.ndim == 2:
+        return x @ weight
+    assert weight.ndim == 4
+    return torch.nn.functional.conv2d(x, weight, padding=(weight.shape[-1] // 2,))
 
 def constant_parameter(gain):
     """Whether a learned gain is a frozen parameter (its network's, frozen with it: its value changes only in place,
@@ -351,13 +355,15 @@ def same_shaped(layers, place):
 def level_weight_groups(net):
     """same_shaped() groups of the MPConvs in `net` that normalise in forward (not cached, not forced), within one
     UNet level (encoder or decoder, one resolution): a level's weight gradients are ready as its backward pass ends,
-    so data-parallel training still exchanges them while the rest runs."""
+    so data-parallel training still exchanges them while the rest runs. Under QKV_BLOCKS attention's qkv layers stay
+    out: their reordered rows are a copy of their own, beside which the group would keep their rows as well."""
+    reordered = {module.attn_qkv for module in net.modules() if isinstance(module, Block)} if QKV_BLOCKS else set()
     places = {}
     for unet in (module for module in net.modules() if isinstance(module, UNet)):
         for part in ('enc', 'dec'):
             for name, layer_or_block in getattr(unet, part, {}).items():
                 for layer in layer_or_block.modules():
-                    if isinstance(layer, MPConv):
+                    if isinstance(layer, MPConv) and layer not in reordered:
                         places[layer] = (id(unet), part, name.split('_')[0], prepared_form(layer)[1])
     layers = [layer for layer in places if not layer.keeps_normalized_weight() and not (layer.training and layer.forced_normalization)]
     return same_shaped(layers, places.get)
@@ -445,24 +451,41 @@ class Block(torch.nn.Module):
         return x
 
     def attention_heads(self, x):
-        """Self-attention over pixels with pixel-normalised q, k, v, before the output projection; channel c of qkv
-        is (head, channel within the head, q/k/v) = c split over (C/heads·3, 3). The normalisation writes q, k, v
-        in the unit-stride layout [N, heads, 3, HW, c] that fused attention reads, so they need no copy."""
+        """Self-attention over pixels with pixel-normalised q, k, v, before the output projection."""
         batch, channels, height, width = x.shape
-        if CHANNELS_LAST:                                           # Stay in NHWC memory: views, no copies.
+        out = attend(self.normalized_qkv(x))                       # [N, heads, HW, c]
+        if CHANNELS_LAST:                                           # Stay in NHWC memory.
+            return out.transpose(1, 2).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+        return out.transpose(2, 3).reshape(*x.shape)
+
+    def normalized_qkv(self, x):
+        """Pixel-normalised q, k, v [N, heads, 3, HW, c], each with unit-stride channels (as fused attention reads them).
+        EDM2's qkv channel is (head, channel within the head, q/k/v). Under QKV_BLOCKS the layer's rows are reordered
+        as applied, so that its output channels are (q/k/v, head, channel): in NHWC memory (or the layouts inductor
+        chooses) q, k, v are then normalised over unit-stride channels and read as views of the result. Otherwise the
+        normalisation writes them into that layout (strided channels in, unit-stride out)."""
+        batch, _channels, height, width = x.shape
+        if QKV_BLOCKS:
+            qkv = apply_weight(x, qkv_blocks(self.attn_qkv.applied_weight(1, x.dtype), self.num_heads))
+            if CHANNELS_LAST:                                       # [N, HW, 3, heads, c]: a view of NHWC memory
+                qkv = qkv.permute(0, 2, 3, 1).reshape(batch, height * width, 3, self.num_heads, -1)
+                return normalize(qkv, dim=4).permute(0, 3, 2, 1, 4)
+            qkv = qkv.reshape(batch, 3, self.num_heads, -1, height * width)               # [N, 3, heads, c, HW]
+            return normalize(qkv, dim=3, layout=(0, 1, 2, 4, 3)).permute(0, 2, 1, 4, 3)
+        if CHANNELS_LAST:
             qkv = self.attn_qkv(x).permute(0, 2, 3, 1).reshape(batch, height * width, self.num_heads, -1, 3)
-            out = attend(normalize(qkv, dim=3, layout=(0, 2, 4, 1, 3)).permute(0, 2, 4, 1, 3))
-            out = out.transpose(1, 2).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
-        else:
-            qkv = self.attn_qkv(x).reshape(batch, self.num_heads, -1, 3, height * width)
-            out = attend(normalize(qkv, dim=2, layout=(0, 1, 3, 4, 2)).permute(0, 1, 3, 4, 2))
-            out = out.transpose(2, 3).reshape(*x.shape)
-        return out
+            return normalize(qkv, dim=3, layout=(0, 2, 4, 1, 3)).permute(0, 2, 4, 1, 3)
+        qkv = self.attn_qkv(x).reshape(batch, self.num_heads, -1, 3, height * width)
+        return normalize(qkv, dim=2, layout=(0, 1, 3, 4, 2)).permute(0, 1, 3, 4, 2)
+
+def qkv_blocks(weight, num_heads):
+    """A qkv layer's weight [heads·c·3, C, 1, 1] with its rows, EDM2's (head, channel, q/k/v), as (q/k/v, head, channel)."""
+    return weight.unflatten(0, (num_heads, -1, 3)).movedim(2, 0).flatten(0, 2)
 
 def attend(qkv):
     """softmax(q·kᵀ/sqrt(c))·v for queries, keys and values qkv [N, heads, 3, HW, c] -> [N, heads, HW, c]."""
     if FUSED_ATTENTION:     # torch's fused kernels need unit-stride channels; strided ones fall back to unfused math.
-        return torch.nn.functional.scaled_dot_product_attention(*qkv.contiguous().unbind(2))
+        return torch.nn.functional.scaled_dot_product_attention(*(qkv if qkv.stride(4) == 1 else qkv.contiguous()).unbind(2))
     q, k, v = qkv.unbind(2)
     weights = torch.einsum('nhqc,nhkc->nhqk', q, k / math.sqrt(q.shape[3])).softmax(dim=3)
     return torch.einsum('nhqk,nhkc->nhqc', weights, v)

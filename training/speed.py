@@ -19,6 +19,7 @@ OPTIONS = dict(
     masked_clip=(networks_edm2, 'MASKED_CLIP'),
     grouped_weight_norm=(networks_edm2, 'GROUPED_WEIGHT_NORM'),
     pooled_resample=(networks_edm2, 'POOLED_RESAMPLE'),
+    qkv_blocks=(networks_edm2, 'QKV_BLOCKS'),
     flat_gradients=(gradients, 'FLAT_GRADIENTS'),
 )
 
