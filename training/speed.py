@@ -34,8 +34,9 @@ OPTIONS = dict(
 # grouped weight normalisation is off on the CPU, where the operations it removes are cheap: bench-a measured no gain
 # (1.00-1.01x at batch 32 and 2, alternating). The flat gradients leave the CPU step unchanged (bench-a, alternating:
 # 1.00x at batch 32 and 2) and keep less: on everywhere. So does the pooled resampling (72 MiB less kept in a bench-s64
-# generator forward; the bf16 CPU step 0.54x off=all with it against 0.62x without, fp32 1.00x; session 24), whose
-# time on CUDA is not measured yet (`bash bench/gpu_check.sh options`).
+# generator forward; the bf16 CPU step 0.54x off=all with it against 0.62x without, fp32 1.00x; session 24), and the
+# qkv blocks (eager CPU neutral; compiled CPU bf16 0.43x against 0.60x, fp32 0.70x against 0.82x; session 25), neither
+# timed on CUDA yet (`bash bench/gpu_check.sh options`).
 DEVICE_OFF = dict(
     cuda=('cache_frozen_weights',),
     cpu=('grouped_weight_norm',),
