@@ -21,6 +21,7 @@ from torch_utils.misc import memory_advice
 from evaluation import frechet
 from training.dataset import ImageFolderDataset
 from training.network_io import load_network
+from training.noise_levels import parse_ts
 from training.sampling import DEFAULT_HEUN_STEPS, check_sampling_options, generate_images
 
 def feature_stats(image_batches, detectors, resolution, device, batch, progress=None):
@@ -112,9 +113,10 @@ def gen(net, ref_path, ts, steps, num, seed, class_idx, out, precision, metrics,
     def run():
         dev = dist.init(device)
         check_file_folder(out, '--out')
+        parsed_ts = parse_ts(ts)                        # Before the loads, which may be long downloads.
         ref = frechet.load_reference(ref_path)
         network, encoder = load_network(net, dev, verbose=dist.get_rank() == 0, precision=precision)
-        checked_ts, checked_steps = check_sampling_options(network, ts, steps, class_idx)
+        checked_ts, checked_steps = check_sampling_options(network, parsed_ts, steps, class_idx)
         detectors = make_detectors(metrics, inception, dinov2, custom)
         images = (r['images'] for r in generate_images(network, encoder, list(range(seed, seed + num)), ts=checked_ts, steps=checked_steps,
             class_idx=class_idx, batch_size=batch, device=dev, rank=dist.get_rank(), world_size=dist.get_world_size()))

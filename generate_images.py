@@ -17,12 +17,13 @@ import tqdm
 from dnnlib.util import run_cli, parse_int_list, check_output_folder, make_output_folder
 from torch_utils import distributed as dist
 from training.network_io import load_network
-from training.noise_levels import DEFAULT_TS
+from training.noise_levels import DEFAULT_TS, parse_ts
 from training.sampling import DEFAULT_HEUN_STEPS, check_sampling_options, generate_images, save_image_grid
 
 def run(net, outdir, seeds, ts=None, steps=None, class_idx=None, subdirs=False, batch=32, device=None, grid=None, vae=None, precision=None, compile=False):
     device = dist.init(device)
     seeds = parse_int_list(seeds)
+    ts = parse_ts(ts)                                   # Before the load, which may be a long download.
     check_output_folder(outdir, f'--outdir={outdir}')
     if grid:
         check_output_folder(os.path.dirname(grid), f'--grid={grid}')

@@ -77,6 +77,13 @@ def test_option_errors():
     with pytest.raises(UserError, match='unconditional'):
         check_sampling_options(uncond, None, 32, 0)
 
+@pytest.mark.parametrize('command', [['generate_images.py', '--outdir=unused'], ['calculate_metrics.py', 'gen', '--ref=missing-ref.pkl']])
+def test_a_bad_ts_is_refused_before_anything_loads(command):
+    """A malformed --ts is the first error, before the network and reference load (each may be a long download)."""
+    result = run_python(command + ['--net=missing.pkl', '--ts=22,10,39'])
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ['Error: --ts=22,10,39: indices must be strictly increasing; e.g. --ts=10,22,39']
+
 def test_running_out_of_memory_names_the_batch(monkeypatch):
     """A GPU out of memory while sampling was torch's traceback; now it names --batch (the training loop's test names
     --batch-gpu)."""
