@@ -106,14 +106,17 @@ def test_teacher_pickles_and_loads(tmp_path):
 @pytest.mark.parametrize('device', DEVICES)
 def test_denoiser_fit_runs_on_the_given_device(device):
     """The students' initial network is fitted on the run's device and handed back on the CPU; the CPU fit is the
-    same whether its device is given or taken from the teacher."""
+    same whether its device is given or taken from the teacher, and follows its seed alone (torch's global
+    generator neither decides it nor is moved by it: two runs with one --seed start from the same weights)."""
     from training.toy import fit_denoiser_network
     teacher = toy_teacher(resolution=8, std=0.1)
     arch = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=16, logvar_channels=8)
     def fit(**kwargs):
-        torch.manual_seed(0)                                        # The initial weights come from torch's CPU generator.
         return fit_denoiser_network(teacher, arch, iterations=3, batch=8, verbose=False, **kwargs)
+    global_state = torch.get_rng_state()
     net = fit(device=device)
+    assert torch.equal(torch.get_rng_state(), global_state)
+    torch.randn(100)
     reference = fit()
     assert teacher.means.device.type == 'cpu'
     for (name, param), ref in zip(net.named_parameters(), reference.parameters()):

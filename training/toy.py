@@ -61,12 +61,16 @@ def fit_denoiser_network(teacher, network_kwargs, iterations=500, batch=32, lr=0
 
     Plays the part of the pretrained EDM2 network when the teacher is a closed form. Fits on `device` (default: the
     teacher's; a run's own device, since on a GPU machine the CPU is shared by every rank) and returns it on the CPU.
+    Its initial weights and data come from `seed` alone, not from torch's global generator (left as it was).
     """
     device = torch.device(device) if device is not None else teacher.means.device
     teacher = copy.deepcopy(teacher).to(device)
     gen = torch.Generator(device).manual_seed(seed)
-    net = Precond(img_resolution=teacher.img_resolution, img_channels=teacher.img_channels,
-        label_dim=teacher.label_dim, use_fp16=False, **network_kwargs).train().to(device)
+    with torch.random.fork_rng(devices=[]):                         # The initial weights follow `seed` alone.
+        torch.manual_seed(seed)
+        net = Precond(img_resolution=teacher.img_resolution, img_channels=teacher.img_channels,
+            label_dim=teacher.label_dim, use_fp16=False, **network_kwargs)
+    net = net.train().to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.99))
     sampler = LogNormalSampler(P_mean, P_std)
     randn_like = randn_like_from(gen)
