@@ -8,7 +8,7 @@
 #         equal eager ones, an iteration with every speed option equal to one without);
 #       - the toy preset under torchrun on CUDA to completion: its 2,000-sample exact metrics (2 steps) must match
 #         the CPU runs' (class accuracy >= 0.95, TV <= 0.2: CPU runs of seeds 0-2 ended between 0.047 and 0.149 over
-#         sessions, rounding alone moving them; a collapsed student is at 0.3-0.6);
+#         sessions, their initial network unseeded until session 27; a collapsed student is at 0.3-0.6);
 #       - a 2 kimg float16 run (batch 64 in two rounds of 32) of a random teacher of the EDM2 img64-s architecture from
 #         a zip with 4 data workers, sent SIGTERM after its first checkpoint (it writes one where it stands and
 #         stops) and resumed to the end, then generate_images.py from its snapshot.
