@@ -4,6 +4,7 @@ parameter."""
 
 import contextlib
 import inspect
+import warnings
 
 import torch
 
@@ -23,6 +24,9 @@ def gradient_averaging(net, device, loss_scaling=1.0, force_finite=True):
     rank."""
     if dist.get_world_size() == 1:
         return net
+    # Gradients reach DDP in the layout autograd keeps, which may differ from the bucket's in size-1 dims only (a 1x1
+    # kernel's on channels-last activations): the same memory, which DDP's stride check reports as slow on every rank.
+    warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides', category=UserWarning)
     wrapper = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None,
         gradient_as_bucket_view=True, **FIXED_BUFFERS)
     wrapper.register_comm_hook(dnnlib.EasyDict(loss_scaling=loss_scaling, force_finite=force_finite), finish_buckets)
