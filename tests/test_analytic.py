@@ -116,7 +116,7 @@ def test_denoiser_fit_runs_on_the_given_device(device):
     global_state = torch.get_rng_state()
     net = fit(device=device)
     assert torch.equal(torch.get_rng_state(), global_state)
-    torch.randn(100)
+    torch.randn(100)                                                # The global generator moves between the fits.
     reference = fit()
     assert teacher.means.device.type == 'cpu'
     for (name, param), ref in zip(net.named_parameters(), reference.parameters()):

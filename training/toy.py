@@ -61,7 +61,7 @@ def fit_denoiser_network(teacher, network_kwargs, iterations=500, batch=32, lr=0
 
     Plays the part of the pretrained EDM2 network when the teacher is a closed form. Fits on `device` (default: the
     teacher's; a run's own device, since on a GPU machine the CPU is shared by every rank) and returns it on the CPU.
-    Its initial weights and data come from `seed` alone, not from torch's global generator (left as it was).
+    Its initial weights and data come from `seed` alone; torch's global generator neither decides them nor moves.
     """
     device = torch.device(device) if device is not None else teacher.means.device
     teacher = copy.deepcopy(teacher).to(device)
