@@ -47,6 +47,7 @@ def test_dataset_resolution_check(tmp_path):
 @pytest.mark.parametrize('case, message', [
     ('empty', 'holds no images'),
     ('corrupt', 'cannot decode'),
+    ('corrupt_into_a_folder', 'not an image format PIL reads'),    # Left a half-written folder that blocked a rerun.
     ('mixed', 'pass --resolution'),
     ('dest', 'not empty'),
     ('transform', 'is not one of'),
@@ -61,8 +62,10 @@ def test_bad_inputs_give_one_line_errors(tmp_path, case, message):
     if case == 'empty':
         (tmp_path / 'empty').mkdir()
         args[2] = f'--source={tmp_path / "empty"}'
-    elif case == 'corrupt':
+    elif case in ('corrupt', 'corrupt_into_a_folder'):
         (src / 'im1.png').write_bytes(b'not a png')
+        if case == 'corrupt_into_a_folder':
+            args[3] = f'--dest={tmp_path / "out"}'
     elif case == 'mixed':
         make_images(tmp_path / 'src2', [(8, 8), (9, 8)])
         args[2] = f'--source={tmp_path / "src2"}'
@@ -84,3 +87,4 @@ def test_bad_inputs_give_one_line_errors(tmp_path, case, message):
     assert message in result.stderr
     assert 'Traceback' not in result.stderr
     assert not (tmp_path / 'out.zip').exists()
+    assert not list(tmp_path.glob('out*'))          # Nor a folder, nor a temporary file or folder.

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import shutil
 import zipfile
 
 import numpy as np
@@ -57,8 +58,9 @@ def open_source(source, max_images=None):
             try:
                 img = PIL.Image.open(io.BytesIO(read(name)))
                 img.load()
-            except (OSError, PIL.UnidentifiedImageError, ValueError) as err:
-                raise UserError(f'cannot decode {name} in {source} ({err}); remove or replace it')
+            except (OSError, ValueError) as err:       # PIL's UnidentifiedImageError (an OSError) names a BytesIO.
+                reason = 'not an image format PIL reads' if isinstance(err, PIL.UnidentifiedImageError) else err
+                raise UserError(f'cannot decode {name} in {source} ({reason}); remove or replace it')
             yield dict(name=name, img=np.array(img), label=labels.get(name))
     return len(image_names), iterate()
 
@@ -112,27 +114,28 @@ def make_transform(transform, width, height):
 # Destinations.
 
 class DatasetWriter:
-    """Writes files into a zip (atomically: temp + rename on close) or a folder."""
+    """Writes files into a zip or a folder under a temporary name beside `dest`, renamed to `dest` on close: a failed
+    conversion (a corrupt image) leaves nothing behind, so running it again needs no clean-up."""
 
     def __init__(self, dest):
         self.dest = dest
+        self._temp = f'{dest}.tmp{os.getpid()}'
         if file_ext(dest) == '.zip':
             if os.path.exists(dest):
                 raise UserError(f'--dest={dest} already exists; remove it or choose another path')
             make_output_folder(os.path.dirname(dest), f'--dest={dest}')
-            self._temp = f'{dest}.tmp{os.getpid()}'
             self._zip = zipfile.ZipFile(self._temp, mode='w', compression=zipfile.ZIP_STORED)
         else:
             if os.path.isdir(dest) and len(os.listdir(dest)) != 0:
                 raise UserError(f'--dest folder {dest} is not empty; remove it or choose another path')
-            make_output_folder(dest, f'--dest={dest}')
+            make_output_folder(self._temp, f'--dest={dest}')
             self._zip = None
 
     def write(self, name, data):
         if self._zip is not None:
             self._zip.writestr(name, data)
         else:
-            path = os.path.join(self.dest, name)
+            path = os.path.join(self._temp, name)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, 'wb') as f:
                 f.write(data)
@@ -140,12 +143,14 @@ class DatasetWriter:
     def close(self):
         if self._zip is not None:
             self._zip.close()
-            os.replace(self._temp, self.dest)
+        os.replace(self._temp, self.dest)       # Onto an empty folder `dest` too (POSIX rename).
 
     def abort(self):
         if self._zip is not None:
             self._zip.close()
             os.remove(self._temp)
+        else:
+            shutil.rmtree(self._temp)
 
 def item_name(idx, ext):
     return f'{idx // 1000:05d}/img{idx:08d}.{ext}'
