@@ -15,7 +15,7 @@ import click
 import torch
 import tqdm
 
-from dnnlib.util import run_cli, check_output_folder, make_output_folder, UserError
+from dnnlib.util import run_cli, check_output_folder, make_output_folder, atomic_file, UserError
 from torch_utils import distributed as dist
 from torch_utils.misc import memory_advice
 from evaluation import frechet
@@ -71,7 +71,7 @@ def report(stats, ref, ref_path, out):
             print(f'{metric} {value:.5g}  ({stats[metric]["num_images"]} images, detector {stats[metric]["detector"]})')
         if out:
             make_output_folder(os.path.dirname(out), f'--out={out}')
-            with open(out, 'w') as f:
+            with atomic_file(out, 'w') as f:
                 json.dump(dict(scores, num_images={m: s['num_images'] for m, s in stats.items()}, reference=ref_path), f, indent=2)
     return scores
 

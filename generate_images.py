@@ -10,12 +10,11 @@ Examples:
 import os
 
 import click
-import PIL.Image
 import torch
 import tqdm
 
 from dnnlib.util import run_cli, parse_int_list, check_output_folder, make_output_folder
-from torch_utils import distributed as dist
+from torch_utils import distributed as dist, misc
 from training.network_io import load_network
 from training.noise_levels import DEFAULT_TS, parse_ts
 from training.sampling import DEFAULT_HEUN_STEPS, check_sampling_options, generate_images, save_image_grid
@@ -39,8 +38,7 @@ def run(net, outdir, seeds, ts=None, steps=None, class_idx=None, subdirs=False, 
         for seed, image in zip(result['seeds'], [] if result['images'] is None else result['images'].cpu()):
             folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
             os.makedirs(folder, exist_ok=True)
-            array = image.permute(1, 2, 0).numpy()
-            PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array[:, :, :3]).save(os.path.join(folder, f'{seed:06d}.png'))
+            misc.save_png(image, os.path.join(folder, f'{seed:06d}.png'))
             if grid:
                 collected.append((seed, image))
     progress.close()

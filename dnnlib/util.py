@@ -251,10 +251,8 @@ def open_url(url, cache_dir=None, num_attempts=3, verbose=True, return_filename=
         name = re.sub(r'[^0-9a-zA-Z-._]', '_', os.path.basename(urllib.parse.urlparse(url).path)) or 'file'
         path = os.path.join(cache_dir, f'{url_md5}_{name}')
         os.makedirs(cache_dir, exist_ok=True)
-        temp = path + f'.tmp{os.getpid()}'
-        with open(temp, 'wb') as f:
+        with atomic_file(path) as f:
             f.write(data)
-        os.replace(temp, path)
         if return_filename:
             return path
     return io.BytesIO(data)

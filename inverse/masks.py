@@ -6,8 +6,10 @@ import click
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
+import torch
 
 from dnnlib.util import make_output_folder, run_cli
+from torch_utils import misc
 
 def box_mask(size=256, box=128):
     mask = np.full((size, size), 255, dtype=np.uint8)
@@ -29,7 +31,7 @@ def write_masks(outdir, size=256):
     make_output_folder(outdir, f'--outdir={outdir}')
     masks = {'box-128.png': box_mask(size), **{f'strokes-{s}.png': random_strokes_mask(size, seed=s) for s in range(3)}}
     for name, mask in masks.items():
-        PIL.Image.fromarray(mask).save(os.path.join(outdir, name))
+        misc.save_png(torch.from_numpy(mask)[None], os.path.join(outdir, name))
     return sorted(masks)
 
 @click.command()

@@ -4,16 +4,16 @@ import json
 import os
 
 import numpy as np
-import PIL.Image
 import torch
 import tqdm
 
-from dnnlib.util import UserError
+from dnnlib.util import UserError, atomic_file
 from evaluation import image_quality
 from inverse.operators import get_operator
 from inverse.pnp import pnp_gd
 from training.dataset import ImageFolderDataset
 from training.encoders import StandardRGBEncoder
+from torch_utils import misc
 from torch_utils.misc import memory_advice, refuse_nonfinite
 from training.networks_ncvsd import is_generative_denoiser
 from training.noise_levels import parse_ts
@@ -75,8 +75,7 @@ def check_network(net, encoder, dataset):
 
 def save_png(x, path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    array = StandardRGBEncoder().decode(x).permute(1, 2, 0).cpu().numpy()
-    PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
+    misc.save_png(StandardRGBEncoder().decode(x), path)
 
 def make_lpips(wanted, vgg_path, heads_path, device):
     """(LPIPS module or None, status string): missing weights never stop a run."""
@@ -146,7 +145,7 @@ def solve_dataset(net, encoder, data, task, outdir, batch=4, seed=0, runs=None, 
     progress.close()
     report = dict(task=task, runs=runs, num_images=len(per_image), grid_images=len(grid_rows),
         lpips_variant=lpips_status, summary=summarize(per_image), per_image=per_image)
-    with open(os.path.join(outdir, 'metrics.json'), 'w') as f:
+    with atomic_file(os.path.join(outdir, 'metrics.json'), 'w') as f:
         json.dump(report, f, indent=2)
     write_eval_md(report, os.path.join(outdir, 'eval.md'))
     save_result_grid(grid_rows, os.path.join(outdir, 'grid.png'))
@@ -157,7 +156,7 @@ def save_result_grid(rows, path):
     picture that cannot be made is reported, not raised."""
     try:
         save_image_grid(StandardRGBEncoder().decode(torch.cat(rows).clamp(-1, 1)), path, grid_w=3)
-    except (RuntimeError, ValueError, OSError) as err:
+    except (RuntimeError, ValueError, UserError) as err:      # UserError: a full disk (misc.save_png).
         print(f'grid.png not written ({type(err).__name__}: {err}); the results are in metrics.json and run*/')
 
 def write_eval_md(report, path):
@@ -168,5 +167,5 @@ def write_eval_md(report, path):
         lines.append(f'| {metric} | {s["mean"]:.4f} | {s["std"]:.4f} | {s["best_of_runs_mean"]:.4f} |')
     lines += ['', f'LPIPS: {report["lpips_variant"]}', '',
         f'grid.png: measurement | reconstruction (run 0) | truth, the first {report["grid_images"]} of {report["num_images"]} images.']
-    with open(path, 'w') as f:
+    with atomic_file(path, 'w') as f:
         f.write('\n'.join(lines) + '\n')

@@ -124,6 +124,23 @@ def test_cli_teacher_and_export(tmp_path):
         assert bad.returncode == 1 and 'is a file, not a folder' in bad.stderr and 'Traceback' not in bad.stderr, bad.stderr
         assert 'Loading network' not in bad.stdout
 
+def test_a_full_disk_names_the_image_and_leaves_no_torn_file(tmp_path, monkeypatch):
+    """Images were written in place by PIL: a full disk was its traceback, and the image being written stayed torn."""
+    import errno
+    import generate_images as cli
+    from torch_utils import misc
+    teacher = make_teacher(tmp_path / 'teacher.pkl')
+    encode_png = misc.encode_png
+    def disk_fills_after_two_images(array, **options):
+        if len(list((tmp_path / 'out').glob('*.png'))) == 2:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return encode_png(array, **options)
+    monkeypatch.setattr(misc, 'encode_png', disk_fills_after_two_images)
+    with pytest.raises(UserError, match=r'cannot write .*000002.png \(OSError: \[Errno 28\] No space left on device\); make room'):
+        cli.run(str(teacher), str(tmp_path / 'out'), '0-3', steps=2, device='cpu')
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['000000.png', '000001.png']    # No temporary file.
+    assert all(np.array(PIL.Image.open(tmp_path / 'out' / name)).shape == (16, 16, 3) for name in ('000000.png', '000001.png'))
+
 def test_export_round_trip(tmp_path):
     import pickle
     import dnnlib

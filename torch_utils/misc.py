@@ -1,11 +1,13 @@
-"""Tensor helpers used by the networks, the training loop and EDM2's embedded sources (misc.const_like)."""
+"""Tensor helpers used by the networks, the training loop and EDM2's embedded sources (misc.const_like), and PNG output."""
 
 import contextlib
+import io
 
 import numpy as np
+import PIL.Image
 import torch
 
-from dnnlib.util import UserError
+from dnnlib.util import UserError, atomic_file
 
 _constants = {}         # (value bytes, dtype, shape, ...) -> tensor
 
@@ -91,6 +93,18 @@ def randn_like_from(generator=None):
     if generator is None:
         return torch.randn_like
     return lambda x: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+def encode_png(array, **options):
+    """uint8 [H, W, C] array (C = 1, 3 or 4: a 4th channel is dropped) -> the bytes of a PNG file (PIL's `options`)."""
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array[:, :, :3]).save(buffer, format='png', **options)
+    return buffer.getvalue()
+
+def save_png(image, path):
+    """uint8 [C, H, W] tensor -> a PNG file at `path`, written atomically: a killed run leaves no torn image, a full
+    disk is a one-line error."""
+    with atomic_file(path) as f:
+        f.write(encode_png(image.permute(1, 2, 0).cpu().numpy()))
 
 def tile_images(x, w, h):
     """[N, C, H, W] -> one [C, h*H, w*W] grid, row-major."""

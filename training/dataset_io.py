@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from dnnlib.util import UserError, make_output_folder
-from torch_utils import distributed as dist
+from torch_utils import distributed as dist, misc
 from training.dataset import IMAGE_EXTENSIONS, file_ext
 
 TRANSFORMS = ['center-crop', 'center-crop-wide', 'center-crop-dhariwal']
@@ -165,9 +165,7 @@ def write_dataset(dest, items, total, info=None):
         for idx, (array, label) in enumerate(tqdm(items, total=total, unit='img', desc=f'Writing {dest}')):
             if array.dtype == np.uint8:
                 name = item_name(idx, 'png')
-                buffer = io.BytesIO()
-                PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buffer, format='png', compress_level=0, optimize=False)
-                writer.write(name, buffer.getvalue())
+                writer.write(name, misc.encode_png(array, compress_level=0, optimize=False))
             else:
                 name = item_name(idx, 'npy').replace('/img', '/img-mean-std-')
                 buffer = io.BytesIO()

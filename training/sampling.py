@@ -1,7 +1,6 @@
 """Sampling utilities shared by training snapshots, generate_images.py and the metrics."""
 
 import numpy as np
-import PIL.Image
 import torch
 
 from dnnlib.util import UserError
@@ -47,8 +46,7 @@ def save_image_grid(images, path, grid_w=None):
     pad = grid_w * grid_h - n
     if pad:
         images = torch.cat([images, torch.zeros([pad, *images.shape[1:]], dtype=images.dtype)])
-    grid = misc.tile_images(images.cpu(), grid_w, grid_h).permute(1, 2, 0).numpy()
-    PIL.Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid[:, :, :3]).save(path)
+    misc.save_png(misc.tile_images(images.cpu(), grid_w, grid_h), path)
 
 DEFAULT_HEUN_STEPS = 32                 # A diffusion teacher's Heun steps when --steps is not given (63 NFE).
 
