@@ -1,4 +1,5 @@
 import io
+import re
 
 import numpy as np
 import PIL.Image
@@ -124,22 +125,29 @@ def test_cli_teacher_and_export(tmp_path):
         assert bad.returncode == 1 and 'is a file, not a folder' in bad.stderr and 'Traceback' not in bad.stderr, bad.stderr
         assert 'Loading network' not in bad.stdout
 
-def test_a_full_disk_names_the_image_and_leaves_no_torn_file(tmp_path, monkeypatch):
+def test_a_full_disk_names_the_image_and_leaves_no_torn_file(tmp_path):
     """Images were written in place by PIL: a full disk was its traceback, and the image being written stayed torn."""
-    import errno
-    import generate_images as cli
-    from torch_utils import misc
+    import textwrap
     teacher = make_teacher(tmp_path / 'teacher.pkl')
-    encode_png = misc.encode_png
-    def disk_fills_after_two_images(array, **options):
-        if len(list((tmp_path / 'out').glob('*.png'))) == 2:
-            raise OSError(errno.ENOSPC, 'No space left on device')
-        return encode_png(array, **options)
-    monkeypatch.setattr(misc, 'encode_png', disk_fills_after_two_images)
-    with pytest.raises(UserError, match=r'cannot write .*000002.png \(OSError: \[Errno 28\] No space left on device\); make room'):
-        cli.run(str(teacher), str(tmp_path / 'out'), '0-3', steps=2, device='cpu')
-    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['000000.png', '000001.png']    # No temporary file.
-    assert all(np.array(PIL.Image.open(tmp_path / 'out' / name)).shape == (16, 16, 3) for name in ('000000.png', '000001.png'))
+    out = tmp_path / 'out'
+    script = tmp_path / 'full_disk.py'
+    script.write_text(textwrap.dedent(f'''
+        import errno, pathlib, sys
+        from torch_utils import misc
+        import generate_images
+        encode_png = misc.encode_png
+        def disk_fills_after_two_images(array, **options):
+            if len(list(pathlib.Path({str(out)!r}).glob('*.png'))) == 2:
+                raise OSError(errno.ENOSPC, 'No space left on device')
+            return encode_png(array, **options)
+        misc.encode_png = disk_fills_after_two_images
+        sys.argv = ['generate_images.py', '--net={teacher}', '--outdir={out}', '--seeds=0-3', '--steps=2', '--device=cpu']
+        generate_images.main()'''))
+    result = run_python([str(script)])
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
+    assert re.search(r'cannot write .*000002.png \(OSError: \[Errno 28\] No space left on device\); make room', result.stderr)
+    assert sorted(p.name for p in out.iterdir()) == ['000000.png', '000001.png']       # No temporary file.
+    assert all(np.array(PIL.Image.open(out / name)).shape == (16, 16, 3) for name in ('000000.png', '000001.png'))
 
 def test_export_round_trip(tmp_path):
     import pickle
