@@ -1,9 +1,10 @@
 """Solve inverse problems with PnP-GD and an NCVSD generative denoiser.
 
 \b
-Example:
+Examples:
   python posterior_sample.py --net=../model_zoo/ncvsd/edm2-ffhq256-xs.pkl --data=../data/test/ffhq \\
       --preset=super_resolution --outdir=results/super_resolution
+  torchrun --standalone --nproc_per_node=8 posterior_sample.py ...      # the batches shared among 8 GPUs
 """
 
 import click
@@ -17,13 +18,14 @@ def run(net, data, preset, outdir, batch, seed, runs, num, metrics, lpips_vgg, l
     device = dist.init(device)
     task, metrics = load_task(preset, overrides), parse_metrics(metrics)
     check_output_folder(outdir, f'--outdir={outdir}')
-    network, encoder = load_network(net, device)
+    network, encoder = load_network(net, device, verbose=dist.get_rank() == 0)
     report = solve_dataset(network, encoder, data, task, outdir, batch=batch, seed=seed, runs=runs, max_images=num,
         metrics=metrics, lpips_vgg=lpips_vgg, lpips_heads=lpips_heads, device=device)
     for metric, s in report['summary'].items():
-        print(f'{metric:6s} mean {s["mean"]:.4f} ± {s["std"]:.4f}   best of {report["runs"]} run(s) {s["best_of_runs_mean"]:.4f}')
-    print(f'LPIPS: {report["lpips_variant"]}')
-    print(f'Results in {outdir} (grid.png, metrics.json, eval.md)')
+        dist.print0(f'{metric:6s} mean {s["mean"]:.4f} ± {s["std"]:.4f}   best of {report["runs"]} run(s) {s["best_of_runs_mean"]:.4f}')
+    dist.print0(f'LPIPS: {report["lpips_variant"]}')
+    dist.print0(f'Results in {outdir} (grid.png, metrics.json, eval.md)')
+    dist.shutdown()
 
 @click.command(help=__doc__)
 @click.option('--net', help='NCVSD network (pickle or export, path or URL)', metavar='PKL', required=True)

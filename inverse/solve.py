@@ -13,7 +13,7 @@ from inverse.operators import get_operator
 from inverse.pnp import pnp_gd
 from training.dataset import ImageFolderDataset
 from training.encoders import StandardRGBEncoder
-from torch_utils import misc
+from torch_utils import distributed as dist, misc
 from torch_utils.misc import memory_advice, refuse_nonfinite
 from training.networks_ncvsd import is_generative_denoiser
 from training.noise_levels import parse_ts
@@ -108,48 +108,65 @@ def summarize(per_image):
 
 def solve_dataset(net, encoder, data, task, outdir, batch=4, seed=0, runs=None, max_images=None, metrics=('psnr', 'ssim', 'lpips'),
     lpips_vgg=None, lpips_heads=None, device=torch.device('cpu')):
+    """PnP-GD on every image of `data`, `runs` times; under torchrun each rank solves every world_size-th batch. Results
+    depend on `seed` and `batch` only (not on the ranks); rank 0 writes metrics.json, eval.md and grid.png."""
     dataset = ImageFolderDataset(data, use_labels=bool(net.label_dim), max_size=max_images)
     check_network(net, encoder, dataset)
     operator_kwargs = dict(task['operator'])
     operator = get_operator(operator_kwargs.pop('name'), img_size=dataset.resolution, channels=dataset.num_channels, **operator_kwargs)
     runs = runs or task.get('runs', 1)
     lpips, lpips_status = make_lpips(metrics, lpips_vgg, lpips_heads, device)
-    generator = torch.Generator(device).manual_seed(seed)
-    per_image, grid_rows = [], []
-    num_batches = (len(dataset) + batch - 1) // batch
-    progress = tqdm.tqdm(total=num_batches * runs * task['steps'], unit='step', desc=task['operator']['name'])
-    for start in range(0, len(dataset), batch):
-        indices = list(range(start, min(start + batch, len(dataset))))
-        truth = torch.stack([torch.as_tensor(dataset[i][0]) for i in indices]).to(device).to(torch.float32) / 127.5 - 1
-        labels = torch.stack([torch.as_tensor(dataset[i][1]) for i in indices]).to(device, torch.float32) if net.label_dim else None
-        y = operator.measure(truth, task['sigma_y'], generator=generator)
-        items = [dict(index=i, runs=[]) for i in indices]
-        for run in range(runs):
-            with memory_advice(device, f'--batch={batch}', 'use a smaller --batch'):
-                recon = pnp_gd(net, y, operator, task['sigma_y'], beta=task.get('beta'), steps=task['steps'],
-                    sigma_min=task['sigma_min'], sigma_max=task['sigma_max'], rho=task['rho'], ts=task.get('ts'),
-                    ema_sigma=task.get('ema_sigma', 0.0), ema_decay=task.get('ema_decay'), generator=generator, labels=labels,
-                    progress=progress)
-            refuse_nonfinite(recon, f'PnP-GD on images {indices[0]} to {indices[-1]}', "check the task's values (--beta, "
-                '--sigma-min, --sigma-max, --rho), and try --precision=fp32 where the network computes in float16 or bfloat16')
-            values = image_metrics(recon, truth, lpips)
-            for j, item in enumerate(items):
-                item['runs'].append({k: v[j] for k, v in values.items() if k in metrics})
-                save_png(recon[j], os.path.join(outdir, f'run{run}', f'{item["index"]:05d}.png'))
-            if run == 0:
-                grid_rows += [torch.stack([operator.to_image(y[j:j + 1])[0], recon[j], truth[j]]).cpu()
-                    for j in range(min(len(indices), GRID_IMAGES - len(grid_rows)))]
-        for j, item in enumerate(items):
-            save_png(operator.to_image(y[j:j + 1])[0].clamp(-1, 1), os.path.join(outdir, 'measurements', f'{item["index"]:05d}.png'))
-        per_image += items
+    starts = list(range(0, len(dataset), batch))[dist.get_rank()::dist.get_world_size()]
+    progress = tqdm.tqdm(total=len(starts) * runs * task['steps'], unit='step', desc=task['operator']['name'],
+        disable=dist.get_rank() != 0)
+    solved = [solve_batch(net, dataset, operator, task, start, batch, runs, outdir, batch_generator(seed, start, device),
+        lpips, metrics, progress) for start in starts]
     progress.close()
+    everything = sorted((item for part in dist.all_gather_object(solved) for items in part for item in items),
+        key=lambda item: item['index'])
+    per_image = [dict(index=item['index'], runs=item['runs']) for item in everything]
+    grid_rows = [item['grid_row'] for item in everything if item['grid_row'] is not None]
     report = dict(task=task, runs=runs, num_images=len(per_image), grid_images=len(grid_rows),
         lpips_variant=lpips_status, summary=summarize(per_image), per_image=per_image)
-    with atomic_file(os.path.join(outdir, 'metrics.json'), 'w') as f:
-        json.dump(report, f, indent=2)
-    write_eval_md(report, os.path.join(outdir, 'eval.md'))
-    save_result_grid(grid_rows, os.path.join(outdir, 'grid.png'))
+    if dist.get_rank() == 0:
+        with atomic_file(os.path.join(outdir, 'metrics.json'), 'w') as f:
+            json.dump(report, f, indent=2)
+        write_eval_md(report, os.path.join(outdir, 'eval.md'))
+        save_result_grid(grid_rows, os.path.join(outdir, 'grid.png'))
     return report
+
+def batch_generator(seed, start, device):
+    """The generator of the batch whose first image is `start`: measurement noise and chains depend on `seed` and the
+    batch, not on which rank solves it."""
+    return torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, start]).generate_state(1)[0]))
+
+def solve_batch(net, dataset, operator, task, start, batch, runs, outdir, generator, lpips, metrics, progress):
+    """Measure the batch of images from `start`, solve each `runs` times and write the results; returns one dict per
+    image: index, per-run metrics and, for the first GRID_IMAGES images, the grid row (measurement, run 0, truth)."""
+    device = generator.device
+    indices = list(range(start, min(start + batch, len(dataset))))
+    truth = torch.stack([torch.as_tensor(dataset[i][0]) for i in indices]).to(device).to(torch.float32) / 127.5 - 1
+    labels = torch.stack([torch.as_tensor(dataset[i][1]) for i in indices]).to(device, torch.float32) if net.label_dim else None
+    y = operator.measure(truth, task['sigma_y'], generator=generator)
+    measurements = torch.cat([operator.to_image(y[j:j + 1]) for j in range(len(indices))])
+    items = [dict(index=i, runs=[], grid_row=None) for i in indices]
+    for run in range(runs):
+        with memory_advice(device, f'--batch={batch}', 'use a smaller --batch'):
+            recon = pnp_gd(net, y, operator, task['sigma_y'], beta=task.get('beta'), steps=task['steps'],
+                sigma_min=task['sigma_min'], sigma_max=task['sigma_max'], rho=task['rho'], ts=task.get('ts'),
+                ema_sigma=task.get('ema_sigma', 0.0), ema_decay=task.get('ema_decay'), generator=generator, labels=labels,
+                progress=progress)
+        refuse_nonfinite(recon, f'PnP-GD on images {indices[0]} to {indices[-1]}', "check the task's values (--beta, "
+            '--sigma-min, --sigma-max, --rho), and try --precision=fp32 where the network computes in float16 or bfloat16')
+        values = image_metrics(recon, truth, lpips)
+        for j, item in enumerate(items):
+            item['runs'].append({k: v[j] for k, v in values.items() if k in metrics})
+            save_png(recon[j], os.path.join(outdir, f'run{run}', f'{item["index"]:05d}.png'))
+            if run == 0 and item['index'] < GRID_IMAGES:
+                item['grid_row'] = torch.stack([measurements[j], recon[j], truth[j]]).cpu()
+    for j, item in enumerate(items):
+        save_png(measurements[j].clamp(-1, 1), os.path.join(outdir, 'measurements', f'{item["index"]:05d}.png'))
+    return items
 
 def save_result_grid(rows, path):
     """measurement | reconstruction | truth, one row per image; the results are already on disk, so a
