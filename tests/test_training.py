@@ -1,6 +1,7 @@
 import copy
 import os
 import pickle
+import sys
 import textwrap
 import zipfile
 
@@ -581,6 +582,23 @@ def test_dry_run_prints_the_resolved_configuration_and_writes_nothing(assets, tm
     split = run_python(['train_ncvsd.py', '--preset=tiny', f'--outdir={tmp_path / "run"}', '--dry-run', '--batch=8', '--batch-gpu=4'],
         env={'WORLD_SIZE': '3'})                    # The ranks torchrun would start: 8 does not split over 3 × 4.
     assert split.returncode != 0 and '--batch=8 is not divisible by ranks × --batch-gpu = 3 × 4' in split.stderr, split.stderr
+
+@pytest.mark.parametrize('script', sorted(f for f in os.listdir(os.path.join(ROOT, 'quick_start')) if f.startswith('train-')))
+def test_quick_start_training_scripts_are_valid_runs_on_eight_ranks(tmp_path, script):
+    """Each quick_start/train-*.sh, its torchrun replaced by one process that sees 8 ranks: its options resolve (preset,
+    batch split, durations) without loading anything."""
+    import json
+    import subprocess
+    (tmp_path / 'torchrun').write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+        f'WORLD_SIZE=8 exec {sys.executable} "$@"\n')
+    (tmp_path / 'torchrun').chmod(0o755)
+    env = dict(os.environ, PATH=f'{tmp_path}{os.pathsep}{os.environ["PATH"]}', PYTHONPATH=ROOT)
+    result = subprocess.run(['bash', os.path.join('quick_start', script), '--dry-run'], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads(result.stdout[:result.stdout.rindex('}') + 1])
+    assert config['preset'] == script[len('train-'):-len('.sh')] and config['batch'] % (8 * config['batch_gpu']) == 0
+    assert 'nothing was loaded or written' in result.stdout
 
 def test_every_option_and_preset_key_is_declared_once_with_its_part_in_the_run_identity():
     """Each CLI option and preset key is a run_config key: part of the identity, or declared resumable."""
