@@ -81,14 +81,27 @@ def profile_overlap(t_a, std_a, t_b, std_b):
     return (exp_a + 1) * (exp_b + 1) * (t_a / t_b) ** later_exp / ((exp_a + exp_b + 1) * np.maximum(t_a, t_b))
 
 def solve_posthoc_coefficients(in_ofs, in_std, out_ofs, out_std):
-    """[num_in, num_out] least-squares coefficients that mix the saved EMA profiles into the requested ones."""
+    """[num_in, num_out] coefficients that mix the saved EMA profiles into the requested ones: the least-squares fit,
+    scaled to sum to 1 as EDM2 does, so that each result is an average of the saved weights (profiles have unit mass)."""
+    gram, target, _wanted_norm = profile_products(in_ofs, in_std, out_ofs, out_std)
+    coefficients = np.linalg.lstsq(gram, target, rcond=None)[0]
+    return coefficients / coefficients.sum(axis=0, keepdims=True)
+
+def profile_fit_error(in_ofs, in_std, out_ofs, out_std, coefficients):
+    """[num_out] relative L2 distance ‖Σ c_i p_i − p_out‖ / ‖p_out‖ between each mixed profile and the requested one."""
+    gram, target, wanted_norm = profile_products(in_ofs, in_std, out_ofs, out_std)
+    squared = wanted_norm - 2 * (coefficients * target).sum(axis=0) + (coefficients * (gram @ coefficients)).sum(axis=0)
+    return np.sqrt(np.maximum(squared, 0) / wanted_norm)
+
+def profile_products(in_ofs, in_std, out_ofs, out_std):
+    """(saved × saved [num_in, num_in], saved × requested [num_in, num_out], requested × itself [num_out]) overlaps."""
     as_column = lambda values: np.float64(values).reshape(-1, 1)
     as_row = lambda values: np.float64(values).reshape(1, -1)
     saved_t, saved_std = np.broadcast_arrays(in_ofs, in_std)
     wanted_t, wanted_std = np.broadcast_arrays(out_ofs, out_std)
     gram = profile_overlap(as_column(saved_t), as_column(saved_std), as_row(saved_t), as_row(saved_std))
     target = profile_overlap(as_column(saved_t), as_column(saved_std), as_row(wanted_t), as_row(wanted_std))
-    return np.linalg.lstsq(gram, target, rcond=None)[0]
+    return gram, target, profile_overlap(wanted_t, wanted_std, wanted_t, wanted_std).reshape(-1)
 
 def list_snapshots(indir):
     """[(kimg, std, path)] of the network-snapshot-<kimg>-<std>.pkl files in `indir`."""
@@ -113,14 +126,18 @@ def reconstruct(indir, outdir, out_stds, out_kimg=None, verbose=True):
     if out_kimg is not None and out_kimg > latest:
         raise UserError(f'--outkimg={out_kimg} lies past the latest snapshot ({latest:g} kimg) in {indir}: '
             'an average over images not yet trained on cannot be reconstructed; leave --outkimg out for the latest')
-    snapshots = [s for s in everything if out_kimg is None or s[0] <= out_kimg]
-    if not snapshots:
-        raise UserError(f'no snapshot at or before {out_kimg} kimg in {indir}')
+    times = sorted({kimg for kimg, _std, _path in everything})
+    if out_kimg is not None and out_kimg not in times:                  # The images since the last snapshot are unseen.
+        raise UserError(f'--outkimg={out_kimg}: no snapshot was taken at {out_kimg} kimg in {indir}; choose one of '
+            f'{", ".join(f"{kimg:g}" for kimg in times)}')
     out_kimg = latest if out_kimg is None else out_kimg
+    snapshots = [s for s in everything if s[0] <= out_kimg]
     dnnlib.util.check_output_folder(outdir, f'--outdir={outdir}')
     in_ofs = np.array([s[0] for s in snapshots], dtype=np.float64)
     in_std = np.array([s[1] for s in snapshots], dtype=np.float64)
-    coefs = solve_posthoc_coefficients(in_ofs, in_std, np.full(len(out_stds), float(out_kimg)), np.array(out_stds, dtype=np.float64))
+    out_ofs, out_std = np.full(len(out_stds), float(out_kimg)), np.array(out_stds, dtype=np.float64)
+    coefs = solve_posthoc_coefficients(in_ofs, in_std, out_ofs, out_std)
+    fit_errors = profile_fit_error(in_ofs, in_std, out_ofs, out_std, coefs)
     outputs = [None] * len(out_stds)
     paths = []
     for (kimg, std, path), row in zip(snapshots, coefs):
@@ -134,7 +151,7 @@ def reconstruct(indir, outdir, out_stds, out_kimg=None, verbose=True):
             for acc, p in zip(outputs[j][1], params):
                 acc.add_(p, alpha=float(coef))
     dnnlib.util.make_output_folder(outdir, f'--outdir={outdir}')
-    for (data, sums), std in zip(outputs, out_stds):
+    for (data, sums), std, fit_error in zip(outputs, out_stds, fit_errors):
         result = copy.deepcopy(data)
         for param, value in zip(result['ema'].parameters(), sums):
             param.copy_(value.to(param.dtype))
@@ -144,7 +161,7 @@ def reconstruct(indir, outdir, out_stds, out_kimg=None, verbose=True):
             pickle.dump(result, f)
         paths.append(path)
         if verbose:
-            print(f'Wrote {path}')
+            print(f'Wrote {path} (its EMA profile fitted to within {fit_error:.1%}, relative L2)')
     return paths
 
 def main(argv):
