@@ -39,6 +39,15 @@ def test_convert_keeps_pixels_and_max_images(tmp_path):
     original = np.array(PIL.Image.open(src / 'im0.png')).transpose(2, 0, 1)
     assert np.array_equal(ImageFolderDataset(str(tmp_path / 'folder'))[0][0], original)
 
+def test_partly_labelled_source_is_written_without_labels_and_says_so(tmp_path, capsys):
+    """EDM2's behaviour, kept: labels for some images only are dropped; that was silent."""
+    src = make_images(tmp_path / 'src', [(8, 8)] * 3, labels=[0, 1, 1])
+    labels = json.loads((src / 'dataset.json').read_text())
+    (src / 'dataset.json').write_text(json.dumps({'labels': labels['labels'][:2]}))
+    convert_dataset(str(src), str(tmp_path / 'out.zip'))
+    assert 'Note: 1 of 3 images have no label' in capsys.readouterr().out
+    assert not ImageFolderDataset(str(tmp_path / 'out.zip')).has_labels
+
 def test_dataset_resolution_check(tmp_path):
     src = make_images(tmp_path / 'src', [(8, 8)] * 2)
     with pytest.raises(UserError, match='8x8 images but 16x16'):

@@ -174,6 +174,10 @@ def write_dataset(dest, items, total, info=None):
             labels.append([name, label] if label is not None else None)
             count += 1
         has_labels = all(x is not None for x in labels) and count > 0
+        labelled = sum(x is not None for x in labels)
+        if 0 < labelled < count:                # EDM2 drops the labels silently here; training would then need --cond=False.
+            print(f'Note: {count - labelled} of {count} images have no label in the source\'s dataset.json, so {dest} is '
+                'written without labels; label every image (or none) to keep them')
         writer.write('dataset.json', json.dumps(dict(info or {}, labels=labels if has_labels else None)).encode('utf-8'))
     except BaseException:
         writer.abort()
