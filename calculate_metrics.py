@@ -63,6 +63,15 @@ def check_file_folder(path, option):
     if path:
         check_output_folder(os.path.dirname(path), f'{option}={path}')
 
+def check_reference_first(ref, ref_path, metrics, resolution=None, detectors=None):
+    """Refuse before the work what report() would refuse after it: a metric the reference lacks, and, once they are
+    known, another image resolution or detector."""
+    planned = {metric: {} for metric in parse_metrics(metrics)}          # The fields of the statistics to come.
+    for metric, fields in planned.items():
+        fields.update({} if resolution is None else dict(resolution=resolution))
+        fields.update({} if detectors is None else dict(detector=detectors[metric].name))
+    frechet.check_reference(ref, planned, ref_path)
+
 def report(stats, ref, ref_path, out):
     frechet.check_reference(ref, stats, ref_path)
     scores = frechet.fd_scores(stats, ref)
@@ -115,13 +124,17 @@ def gen(net, ref_path, ts, steps, num, seed, class_idx, out, precision, metrics,
         check_file_folder(out, '--out')
         parsed_ts = parse_ts(ts)                        # Before the loads, which may be long downloads.
         ref = frechet.load_reference(ref_path)
+        check_reference_first(ref, ref_path, metrics)
         network, encoder = load_network(net, dev, verbose=dist.get_rank() == 0, precision=precision)
         checked_ts, checked_steps = check_sampling_options(network, parsed_ts, steps, class_idx)
+        resolution = network.img_resolution * (8 if hasattr(encoder, '_vae') else 1)
+        check_reference_first(ref, ref_path, metrics, resolution)
         detectors = make_detectors(metrics, inception, dinov2, custom)
+        check_reference_first(ref, ref_path, metrics, resolution, detectors)        # Before 50,000 images are generated.
         images = (r['images'] for r in generate_images(network, encoder, list(range(seed, seed + num)), ts=checked_ts, steps=checked_steps,
             class_idx=class_idx, batch_size=batch, device=dev, rank=dist.get_rank(), world_size=dist.get_world_size()))
         with progress_bar(num) as progress:
-            stats = feature_stats(images, detectors, network.img_resolution * (8 if hasattr(encoder, '_vae') else 1), dev, batch, progress)
+            stats = feature_stats(images, detectors, resolution, dev, batch, progress)
         report(stats, ref, ref_path, out)
         dist.shutdown()
     run_cli(run)
@@ -140,7 +153,9 @@ def calc(images, ref_path, num, workers, out, metrics, batch, inception, dinov2,
         check_file_folder(out, '--out')
         ref = frechet.load_reference(ref_path)
         dataset = ImageFolderDataset(images, use_labels=False)
+        check_reference_first(ref, ref_path, metrics, dataset.resolution)
         detectors = make_detectors(metrics, inception, dinov2, custom)
+        check_reference_first(ref, ref_path, metrics, dataset.resolution, detectors)
         stats = dataset_stats(dataset, num, workers, detectors, dev, batch)
         report(stats, ref, ref_path, out)
         dist.shutdown()

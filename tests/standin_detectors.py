@@ -15,8 +15,15 @@ class PoolingDetector:
         return torch.tanh(pooled @ self.projection.to(images.device))
 
 class OutOfMemoryDetector(PoolingDetector):
-    """Runs out of device memory on its first batch, as a detector too big for the GPU at --batch would."""
-    name = 'out-of-memory-standin'
+    """The pooling stand-in running out of device memory on its first batch, as a detector too big for the GPU at
+    --batch would (its name is the pooling stand-in's, so that the reference's statistics match it)."""
 
     def __call__(self, images):
         raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+
+class OtherDetector(PoolingDetector):
+    """Another detector, which must never score an image against the pooling stand-in's reference."""
+    name = 'other-standin'
+
+    def __call__(self, images):
+        raise AssertionError('other-standin scored images')

@@ -143,3 +143,30 @@ def test_user_paths_are_checked_before_any_detector_is_fetched(tmp_path, command
     result = run_python(args, env=ENV)
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert ('absent.pkl' if command == 'calc' else 'nowhere.zip') in result.stderr and 'inception' not in result.stderr.lower()
+
+@pytest.mark.parametrize('command', ['calc', 'gen'])
+@pytest.mark.parametrize('case, message', [
+    ('metric', 'has no "fid" statistics; choose --metrics from fd_stand'),
+    ('detector', 'computed with detector=pooling-standin but these images have detector=other-standin'),
+    ('resolution', 'computed with resolution=16 but these images have resolution=8'),
+])
+def test_a_reference_that_cannot_match_is_refused_before_the_work(metric_assets, tmp_path, command, case, message):
+    """A reference without the metric, or of another detector or resolution, was refused after every image was scored
+    (with gen, after 50,000 were generated). The stand-ins used here fail on their first batch, so an error other than
+    theirs shows that the refusal came first; a missing metric is refused before its detector is fetched."""
+    from helpers import make_dataset, make_teacher
+    if case == 'resolution':
+        source = (make_teacher(tmp_path / 'teacher8.pkl', resolution=8) if command == 'gen'
+            else make_dataset(tmp_path / 'src', tmp_path / 'data8.zip', resolution=8))
+    else:
+        source = metric_assets['teacher' if command == 'gen' else 'data']
+    args = ['calculate_metrics.py', command, f'--ref={metric_assets["ref"]}', '--device=cpu']
+    args += [f'--net={source}', '--steps=2', '--num-images=12'] if command == 'gen' else [f'--images={source}']
+    args += (['--metrics=fid', '--inception=https://127.0.0.1:9/inception.pkl'] if case == 'metric'
+        else ['--metrics=fd_stand', f'--detector=fd_stand=standin_detectors.{"Other" if case == "detector" else "OutOfMemory"}Detector'])
+    result = run_python(args, env=ENV)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
+    assert message in result.stderr and 'inception' not in result.stderr.lower(), result.stderr
+    assert 'out of memory' not in result.stderr and 'scored images' not in result.stderr, result.stderr
+    if case == 'metric':
+        assert 'Loading network' not in result.stdout
