@@ -114,6 +114,18 @@ def list_snapshots(indir):
         raise UserError(f'no network-snapshot-<kimg>-<std>.pkl files in {indir}')
     return found
 
+def check_out_kimg(times, out_kimg, indir):
+    """The training length to reconstruct at: `out_kimg` if a snapshot was taken then, by default the latest."""
+    if out_kimg is None:
+        return times[-1]
+    if out_kimg > times[-1]:
+        raise UserError(f'--outkimg={out_kimg} lies past the latest snapshot ({times[-1]:g} kimg) in {indir}: '
+            'an average over images not yet trained on cannot be reconstructed; leave --outkimg out for the latest')
+    if out_kimg not in times:                   # The images since the snapshot before it were never averaged.
+        raise UserError(f'--outkimg={out_kimg}: no snapshot was taken at {out_kimg} kimg in {indir}; choose one of '
+            f'{", ".join(f"{kimg:g}" for kimg in times)}')
+    return out_kimg
+
 @torch.no_grad()
 def reconstruct(indir, outdir, out_stds, out_kimg=None, verbose=True):
     """Post-hoc EMA: write network-snapshot-<kimg>-<std>.pkl for each requested std, as least-squares
@@ -122,15 +134,7 @@ def reconstruct(indir, outdir, out_stds, out_kimg=None, verbose=True):
     for std in out_stds:
         check_std(std, '--outstd')
     everything = list_snapshots(indir)
-    latest = max(kimg for kimg, _std, _path in everything)
-    if out_kimg is not None and out_kimg > latest:
-        raise UserError(f'--outkimg={out_kimg} lies past the latest snapshot ({latest:g} kimg) in {indir}: '
-            'an average over images not yet trained on cannot be reconstructed; leave --outkimg out for the latest')
-    times = sorted({kimg for kimg, _std, _path in everything})
-    if out_kimg is not None and out_kimg not in times:                  # The images since the last snapshot are unseen.
-        raise UserError(f'--outkimg={out_kimg}: no snapshot was taken at {out_kimg} kimg in {indir}; choose one of '
-            f'{", ".join(f"{kimg:g}" for kimg in times)}')
-    out_kimg = latest if out_kimg is None else out_kimg
+    out_kimg = check_out_kimg(sorted({kimg for kimg, _std, _path in everything}), out_kimg, indir)
     snapshots = [s for s in everything if s[0] <= out_kimg]
     dnnlib.util.check_output_folder(outdir, f'--outdir={outdir}')
     in_ofs = np.array([s[0] for s in snapshots], dtype=np.float64)
