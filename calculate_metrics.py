@@ -12,6 +12,7 @@ import json
 import os
 
 import click
+import numpy as np
 import torch
 import tqdm
 
@@ -41,6 +42,14 @@ def parse_custom(items):
         metric, class_name = item.split('=', 1)
         custom[metric] = class_name
     return custom
+
+def open_images(path, option):
+    """The images at `path` for the detectors; VAE latents (dataset_tool.py encode) are refused."""
+    dataset = ImageFolderDataset(path, use_labels=False)
+    if dataset[0][0].dtype != np.uint8:
+        raise UserError(f'{option}={path} holds {dataset.num_channels}-channel latents, not images; measure the images they '
+            'were encoded from (EDM2\'s img512 references come from img512.zip)')
+    return dataset
 
 def dataset_stats(dataset, num, workers, detectors, device, batch):
     """feature_stats of a dataset's first `num` images (default: all), each rank's share decoded by `workers`
@@ -152,7 +161,7 @@ def calc(images, ref_path, num, workers, out, metrics, batch, inception, dinov2,
         dev = dist.init(device)
         check_file_folder(out, '--out')
         ref = frechet.load_reference(ref_path)
-        dataset = ImageFolderDataset(images, use_labels=False)
+        dataset = open_images(images, '--images')
         check_reference_first(ref, ref_path, metrics, dataset.resolution)
         detectors = make_detectors(metrics, inception, dinov2, custom)
         check_reference_first(ref, ref_path, metrics, dataset.resolution, detectors)
@@ -172,7 +181,7 @@ def ref(data, dest, num, workers, metrics, batch, inception, dinov2, custom, dev
     def run():
         dev = dist.init(device)
         check_file_folder(dest, '--dest')
-        dataset = ImageFolderDataset(data, use_labels=False)
+        dataset = open_images(data, '--data')
         detectors = make_detectors(metrics, inception, dinov2, custom)
         stats = dataset_stats(dataset, num, workers, detectors, dev, batch)
         if dist.get_rank() == 0:

@@ -200,10 +200,16 @@ def test_two_ranks_share_the_batches_and_agree_with_one(student, tmp_path):
         assert np.abs(a - b).max() <= 1, name                      # Thread counts may round differently.
 
 @pytest.mark.parametrize('case, message', [('task', 'unknown task'), ('size', 'network expects 3x16x16'), ('teacher', 'not an NCVSD'),
-    ('outdir', 'out is a file, not a folder')])
+    ('outdir', 'out is a file, not a folder'),
+    ('rectangular', 'holds 16x12 images but square ones are needed'),          # Was an AssertionError.
+])
 def test_cli_errors(student, tmp_path, case, message):
     from helpers import make_dataset, make_teacher
     data = make_dataset(tmp_path / 'src', tmp_path / 'data.zip', num=2, resolution=8 if case == 'size' else 16)
+    if case == 'rectangular':
+        from training.dataset_io import write_dataset
+        data = tmp_path / 'rectangular.zip'
+        write_dataset(str(data), iter([(np.zeros((12, 16, 3), dtype=np.uint8), 0)] * 2), 2)
     net = make_teacher(tmp_path / 'teacher.pkl') if case == 'teacher' else student
     if case == 'outdir':
         (tmp_path / 'out').write_text('a file where the results should go')

@@ -170,3 +170,23 @@ def test_a_reference_that_cannot_match_is_refused_before_the_work(metric_assets,
     assert 'out of memory' not in result.stderr and 'scored images' not in result.stderr, result.stderr
     if case == 'metric':
         assert 'Loading network' not in result.stdout
+
+@pytest.mark.parametrize('command', ['calc', 'ref'])
+@pytest.mark.parametrize('case, message', [
+    ('rectangular', 'holds 12x8 images but square ones are needed; reconvert with dataset_tool.py convert --resolution=8x8'),
+    ('latents', 'holds 8-channel latents, not images'),
+])
+def test_data_the_detectors_cannot_take_is_one_line(tmp_path, command, case, message):
+    """Images that are not square, and VAE latents (dataset_tool.py encode), were an AssertionError or a shape error
+    deep in a detector."""
+    from training.dataset_io import write_dataset
+    rng = np.random.default_rng(0)
+    items = [(rng.integers(0, 255, (8, 12, 3), dtype=np.uint8) if case == 'rectangular'
+        else rng.standard_normal((8, 4, 4)).astype(np.float32), None) for _ in range(4)]
+    data = tmp_path / 'data.zip'
+    write_dataset(str(data), iter(items), len(items))
+    args = [f'--images={data}', f'--ref={tmp_path / "ref.pkl"}'] if command == 'calc' else [f'--data={data}', f'--dest={tmp_path / "ref.pkl"}']
+    if command == 'calc':
+        frechet.save_reference({'fd_stand': dict(mu=np.zeros(8), sigma=np.eye(8))}, str(tmp_path / 'ref.pkl'))
+    result = run_python(['calculate_metrics.py', command, *args, '--metrics=fd_stand', STANDIN], env=ENV)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr and message in result.stderr, result.stderr

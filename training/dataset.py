@@ -176,8 +176,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     @property
     def resolution(self):
-        assert self._image_shape[1] == self._image_shape[2]
-        return self._image_shape[1]
+        height, width = self._image_shape[1:]
+        if height != width:
+            raise UserError(f'{self._path} holds {width}x{height} images but square ones are needed; reconvert with '
+                f'dataset_tool.py convert --resolution={min(height, width)}x{min(height, width)} --transform=center-crop')
+        return height
 
     @property
     def label_shape(self):
