@@ -48,6 +48,33 @@ def test_partly_labelled_source_is_written_without_labels_and_says_so(tmp_path, 
     assert 'Note: 1 of 3 images have no label' in capsys.readouterr().out
     assert not ImageFolderDataset(str(tmp_path / 'out.zip')).has_labels
 
+@pytest.mark.parametrize('mode, expected', [
+    ('P', [200, 30, 30]),               # np.array of a palette image holds its indices: it was written as index 0, grey.
+    ('CMYK', [200, 30, 30]),            # Its inks: the C, M and Y of the red were written as its R, G and B.
+    ('RGBA', [200, 30, 30]),
+    ('LA', [77]),                       # Two channels were written.
+    ('I;16', [77]),                     # 16 bits were written as a float array (.npy), as if latents.
+])
+@pytest.mark.parametrize('transform', [None, 'center-crop', 'center-crop-dhariwal'])   # Greyscale ones were a TypeError.
+def test_every_image_mode_is_converted_to_its_colours(tmp_path, mode, expected, transform):
+    src = tmp_path / 'src'
+    src.mkdir()
+    red = PIL.Image.new('RGB', (24, 24), (200, 30, 30))
+    image = {'P': lambda: red.convert('P', palette=PIL.Image.ADAPTIVE, colors=4), 'CMYK': lambda: red.convert('CMYK'),
+        'RGBA': lambda: red.convert('RGBA'), 'LA': lambda: PIL.Image.new('LA', (24, 24), (77, 128)),
+        'I;16': lambda: PIL.Image.new('I;16', (24, 24), 77 * 257)}[mode]()
+    if mode == 'CMYK':
+        image.save(src / 'im.jpg', quality=100)                         # PNG holds no CMYK.
+    else:
+        image.save(src / 'im.png')
+    convert_dataset(str(src), str(tmp_path / 'out.zip'), transform=transform, resolution='8x8' if transform else None)
+    pixels, _label = ImageFolderDataset(str(tmp_path / 'out.zip'))[0]
+    assert pixels.dtype == np.uint8 and pixels.shape == (len(expected), 8 if transform else 24, 8 if transform else 24)
+    error = np.abs(pixels.reshape(len(expected), -1).T.astype(int) - expected).max()
+    assert error <= (3 if mode == 'CMYK' else 0), (pixels.reshape(len(expected), -1).T[0], expected)    # JPEG rounds.
+    unconverted, _label = ImageFolderDataset(str(src))[0]               # Training reads a folder of images alike.
+    assert np.abs(unconverted.reshape(len(expected), -1).T.astype(int) - expected).max() <= (3 if mode == 'CMYK' else 0)
+
 def test_dataset_resolution_check(tmp_path):
     src = make_images(tmp_path / 'src', [(8, 8)] * 2)
     with pytest.raises(UserError, match='8x8 images but 16x16'):

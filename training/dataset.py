@@ -62,17 +62,29 @@ class _Storage:
     def __getstate__(self):
         return dict(self.__dict__, _zip=None, _zip_pid=None)
 
+GREYSCALE_MODES = {'1', 'L', 'LA', 'La'}
+SIXTEEN_BIT_MODES = {'I', 'I;16', 'I;16L', 'I;16B', 'I;16N'}     # PIL's modes of 16-bit greyscale PNGs.
+
+def image_pixels(image):
+    """A PIL image as uint8 [H, W, C] pixels: C = 1 for greyscale (alpha dropped, 16 bits scaled to 8), else C = 3 (palette,
+    CMYK, YCbCr, RGBA, ... converted to RGB: np.array of a palette image holds its indices, of a CMYK one its inks)."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        return np.round(np.array(image, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8)[:, :, None]
+    if image.mode == 'F':
+        raise ValueError('32-bit float pixels have no range to map to 8 bits')
+    if image.mode in GREYSCALE_MODES:
+        return np.array(image.convert('L'))[:, :, None]
+    return np.array(image.convert('RGB'))
+
 def decode_item(data, name, where):
     """File bytes -> [C, H, W] array (uint8 image or float32 latents)."""
     if file_ext(name) == '.npy':
         array = np.load(io.BytesIO(data))
         return array.reshape(-1, *array.shape[-2:])
     try:
-        pixels = np.array(PIL.Image.open(io.BytesIO(data)))
-    except (OSError, PIL.UnidentifiedImageError, ValueError):
+        pixels = image_pixels(PIL.Image.open(io.BytesIO(data)))
+    except (OSError, ValueError):
         raise UserError(f'{where}: cannot decode image {name}; remove it or reconvert the dataset')
-    if pixels.ndim == 2:
-        pixels = pixels[:, :, None]
     return pixels.transpose(2, 0, 1)
 
 def one_hot(label, num_classes):

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from dnnlib.util import UserError, make_output_folder
 from torch_utils import distributed as dist, misc
-from training.dataset import IMAGE_EXTENSIONS, file_ext
+from training.dataset import IMAGE_EXTENSIONS, file_ext, image_pixels
 
 TRANSFORMS = ['center-crop', 'center-crop-wide', 'center-crop-dhariwal']
 
@@ -56,16 +56,20 @@ def open_source(source, max_images=None):
     def iterate():
         for name in image_names:
             try:
-                img = PIL.Image.open(io.BytesIO(read(name)))
-                img.load()
+                img = image_pixels(PIL.Image.open(io.BytesIO(read(name))))
             except (OSError, ValueError) as err:       # PIL's UnidentifiedImageError (an OSError) names a BytesIO.
                 reason = 'not an image format PIL reads' if isinstance(err, PIL.UnidentifiedImageError) else err
                 raise UserError(f'cannot decode {name} in {source} ({reason}); remove or replace it')
-            yield dict(name=name, img=np.array(img), label=labels.get(name))
+            yield dict(name=name, img=img, label=labels.get(name))
     return len(image_names), iterate()
 
 #----------------------------------------------------------------------------
 # Transforms.
+
+def resized(img, width, height, resample=PIL.Image.LANCZOS):
+    """uint8 [H, W, C] (C = 1 or 3) resized by PIL to [height, width, C]."""
+    pil = PIL.Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).resize((width, height), resample=resample)
+    return np.array(pil).reshape(height, width, img.shape[2])
 
 def make_transform(transform, width, height):
     """Function HWC uint8 -> HWC uint8 (or the input when nothing is asked)."""
@@ -73,7 +77,7 @@ def make_transform(transform, width, height):
         def scale(img):
             if width is None or (img.shape[1] == width and img.shape[0] == height):
                 return img
-            return np.array(PIL.Image.fromarray(img).resize((width, height), PIL.Image.LANCZOS))
+            return resized(img, width, height)
         return scale
     if width is None:
         raise UserError(f'--transform={transform} needs --resolution=WxH')
@@ -81,16 +85,14 @@ def make_transform(transform, width, height):
     def center_crop(img):
         side = min(img.shape[0], img.shape[1])
         top, left = (img.shape[0] - side) // 2, (img.shape[1] - side) // 2
-        img = PIL.Image.fromarray(img[top:top + side, left:left + side])
-        return np.array(img.resize((width, height), PIL.Image.LANCZOS))
+        return resized(img[top:top + side, left:left + side], width, height)
 
     def center_crop_wide(img):
         ch = int(np.round(width * img.shape[0] / height))
         if img.shape[1] < width or ch < height:
             return None
         top = (img.shape[0] - ch) // 2
-        img = PIL.Image.fromarray(img[top:top + ch])
-        img = np.array(img.resize((width, height), PIL.Image.LANCZOS))
+        img = resized(img[top:top + ch], width, height)
         canvas = np.zeros([width, width, img.shape[2]], dtype=np.uint8)
         canvas[(width - height) // 2:(width + height) // 2] = img
         return canvas
@@ -99,14 +101,12 @@ def make_transform(transform, width, height):
         # ADM's preprocessing: halve with a box filter while large, bicubic to the size, then crop.
         if width != height:
             raise UserError('--transform=center-crop-dhariwal needs a square --resolution')
-        pil = PIL.Image.fromarray(img)
-        while min(*pil.size) >= 2 * width:
-            pil = pil.resize(tuple(s // 2 for s in pil.size), resample=PIL.Image.BOX)
-        scale = width / min(*pil.size)
-        pil = pil.resize(tuple(round(s * scale) for s in pil.size), resample=PIL.Image.BICUBIC)
-        arr = np.array(pil)
-        top, left = (arr.shape[0] - width) // 2, (arr.shape[1] - width) // 2
-        return arr[top:top + width, left:left + width]
+        while min(img.shape[:2]) >= 2 * width:
+            img = resized(img, img.shape[1] // 2, img.shape[0] // 2, PIL.Image.BOX)
+        scale = width / min(img.shape[:2])
+        img = resized(img, round(img.shape[1] * scale), round(img.shape[0] * scale), PIL.Image.BICUBIC)
+        top, left = (img.shape[0] - width) // 2, (img.shape[1] - width) // 2
+        return img[top:top + width, left:left + width]
 
     return {'center-crop': center_crop, 'center-crop-wide': center_crop_wide, 'center-crop-dhariwal': center_crop_dhariwal}[transform]
 
@@ -197,14 +197,9 @@ def convert_dataset(source, dest, max_images=None, transform=None, resolution=No
 
     def items():
         for item in source_items:
-            img = item['img']
-            img = img[:, :, np.newaxis] if img.ndim == 2 else img
-            if img.shape[2] == 4:
-                img = img[:, :, :3]
-            img = apply(img)
+            img = apply(item['img'])
             if img is None:
                 continue
-            img = img[:, :, np.newaxis] if img.ndim == 2 else img
             if 'shape' not in expected:
                 expected['shape'] = img.shape
             elif img.shape != expected['shape']:
