@@ -57,6 +57,9 @@ def dataset_stats(dataset, num, workers, detectors, device, batch):
     num = len(dataset) if num is None else num
     if len(dataset) < num:
         raise UserError(f'{dataset.path} holds {len(dataset)} images, fewer than --num={num}; lower --num or add images')
+    if num < 2:                                 # --num is at least 2; a folder of one image was a LinAlgError.
+        raise UserError(f'{dataset.path} holds 1 image; the covariance of a Fréchet distance needs at least 2 (and '
+            'thousands for a meaningful one)')
     share = torch.utils.data.Subset(dataset, range(dist.get_rank(), num, dist.get_world_size()))
     loader = torch.utils.data.DataLoader(share, batch_size=batch, num_workers=workers, pin_memory=(device.type == 'cuda'),
         prefetch_factor=(2 if workers > 0 else None))

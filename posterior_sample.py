@@ -35,7 +35,7 @@ def run(net, data, preset, outdir, batch, seed, runs, num, metrics, lpips_vgg, l
 @click.option('--batch', help='Images per batch (one chain each)', metavar='INT', type=click.IntRange(min=1), default=4, show_default=True)
 @click.option('--seed', help='Random seed (measurements and chains)', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--runs', help='Independent runs per image (default: the preset\'s)', metavar='INT', type=click.IntRange(min=1))
-@click.option('--num', help='Use at most this many images', metavar='INT', type=click.IntRange(min=1))
+@click.option('--num', '--num-images', 'num', help='Use at most this many images (under torchrun write --num-images: torchrun takes --num for --numa-binding)', metavar='INT', type=click.IntRange(min=1))
 @click.option('--metrics', help='psnr,ssim,lpips', metavar='LIST', default='psnr,ssim,lpips', show_default=True)
 @click.option('--beta', help='Likelihood temperature β [default: the preset\'s; 2σ_y² where it sets none]', type=float)
 @click.option('--ema-sigma', help='Average x over steps with σ below this', type=float)

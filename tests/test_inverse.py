@@ -183,7 +183,7 @@ def test_two_ranks_share_the_batches_and_agree_with_one(student, tmp_path):
     from helpers import make_dataset
     data = make_dataset(tmp_path / 'src', tmp_path / 'data.zip', num=5)
     args = ['posterior_sample.py', f'--net={student}', f'--data={data}', '--preset=box_inpainting', '--steps=3', '--runs=2',
-        '--batch=2', '--metrics=psnr,ssim', '--device=cpu']
+        '--batch=2', '--metrics=psnr,ssim', '--device=cpu', '--num-images=5']     # torchrun took --num for --numa-binding.
     one = run_python([*args, f'--outdir={tmp_path / "one"}'])
     assert one.returncode == 0, one.stderr[-2000:]
     two = run_python(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args, f'--outdir={tmp_path / "two"}'],

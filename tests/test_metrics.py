@@ -175,14 +175,16 @@ def test_a_reference_that_cannot_match_is_refused_before_the_work(metric_assets,
 @pytest.mark.parametrize('case, message', [
     ('rectangular', 'holds 12x8 images but square ones are needed; reconvert with dataset_tool.py convert --resolution=8x8'),
     ('latents', 'holds 8-channel latents, not images'),
+    ('one_image', 'holds 1 image; the covariance of a Fréchet distance needs at least 2'),     # Was a LinAlgError.
 ])
 def test_data_the_detectors_cannot_take_is_one_line(tmp_path, command, case, message):
-    """Images that are not square, and VAE latents (dataset_tool.py encode), were an AssertionError or a shape error
-    deep in a detector."""
+    """Images that are not square, VAE latents (dataset_tool.py encode) and a single image were an AssertionError, a
+    shape error deep in a detector and scipy's error."""
     from training.dataset_io import write_dataset
     rng = np.random.default_rng(0)
-    items = [(rng.integers(0, 255, (8, 12, 3), dtype=np.uint8) if case == 'rectangular'
-        else rng.standard_normal((8, 4, 4)).astype(np.float32), None) for _ in range(4)]
+    shape = dict(rectangular=(8, 12, 3), one_image=(8, 8, 3)).get(case)
+    items = [(rng.integers(0, 255, shape, dtype=np.uint8) if shape else rng.standard_normal((8, 4, 4)).astype(np.float32), None)
+        for _ in range(1 if case == 'one_image' else 4)]
     data = tmp_path / 'data.zip'
     write_dataset(str(data), iter(items), len(items))
     args = [f'--images={data}', f'--ref={tmp_path / "ref.pkl"}'] if command == 'calc' else [f'--data={data}', f'--dest={tmp_path / "ref.pkl"}']
