@@ -110,7 +110,7 @@ def solve_dataset(net, encoder, data, task, outdir, batch=4, seed=0, runs=None, 
     lpips_vgg=None, lpips_heads=None, device=torch.device('cpu')):
     """PnP-GD on every image of `data`, `runs` times; under torchrun each rank solves every world_size-th batch. Results
     depend on `seed` and `batch` only (not on the ranks); rank 0 writes metrics.json, eval.md and grid.png."""
-    dataset = ImageFolderDataset(data, use_labels=bool(net.label_dim), max_size=max_images)
+    dataset = ImageFolderDataset(data, use_labels=bool(net.label_dim), max_size=max_images, label_dim=net.label_dim or None)
     check_network(net, encoder, dataset)
     operator_kwargs = dict(task['operator'])
     operator = get_operator(operator_kwargs.pop('name'), img_size=dataset.resolution, channels=dataset.num_channels, **operator_kwargs)

@@ -124,3 +124,19 @@ def test_bad_inputs_give_one_line_errors(tmp_path, case, message):
     assert 'Traceback' not in result.stderr
     assert not (tmp_path / 'out.zip').exists()
     assert not list(tmp_path.glob('out*'))          # Nor a folder, nor a temporary file or folder.
+
+def test_images_of_a_networks_first_classes_take_its_label_dim(tmp_path):
+    """Images of classes 0 and 1 only (a subset, or `python -m training.toy images --num=2`) had 2-class labels, refused by
+    a 4-class teacher in training and by posterior_sample.py; the network's classes now set the one-hot width."""
+    import dnnlib
+    from helpers import make_dataset, make_teacher
+    from training.network_io import load_network_data
+    from training.train_setup import make_data, check_data_matches
+    data = make_dataset(tmp_path / 'src', tmp_path / 'data.zip', num=2)                # Labels 0 and 1.
+    assert ImageFolderDataset(str(data)).label_dim == 2
+    teacher = load_network_data(str(make_teacher(tmp_path / 'teacher.pkl', label_dim=4)), verbose=False)['ema']
+    dataset, encoder, _kwargs = make_data(dnnlib.EasyDict(data=str(data), cond=True, vae=None, seed=0), teacher, None)
+    check_data_matches(dataset, encoder, teacher, cond=True)
+    assert dataset.label_dim == 4 and dataset[1][1].tolist() == [0, 1, 0, 0]
+    with pytest.raises(UserError, match='has labels up to 1 but the network has 1 classes'):
+        ImageFolderDataset(str(data), label_dim=1)

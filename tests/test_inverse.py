@@ -334,6 +334,18 @@ def test_class_conditional_student_takes_the_labels_of_toy_test_images(tmp_path)
     with pytest.raises(UserError, match='class-conditional'):
         solve.solve_dataset(net, StandardRGBEncoder(), str(tmp_path / 'toy'), task, str(tmp_path / 'out2'), metrics=('psnr',))
 
+def test_toy_test_images_of_the_first_classes_only_are_solved(tmp_path):
+    """Two toy test images (classes 0 and 1) were refused: "the images carry 2 labels" for a 4-class network."""
+    from training.analytic import ExactGenerativeDenoiser
+    from training.encoders import StandardRGBEncoder
+    from training.toy import toy_teacher
+    result = run_python(['-m', 'training.toy', 'images', f'--dest={tmp_path / "toy"}', '--num=2'])
+    assert result.returncode == 0, result.stderr
+    task = solve.load_task('box_inpainting', dict(steps=4))
+    report = solve.solve_dataset(ExactGenerativeDenoiser(toy_teacher()), StandardRGBEncoder(), str(tmp_path / 'toy'), task,
+        str(tmp_path / 'out'), metrics=('psnr',))
+    assert report['num_images'] == 2
+
 def test_masks_are_written_or_refused_naming_the_folder(tmp_path):
     from inverse.masks import write_masks
     assert write_masks(str(tmp_path / 'masks'), size=16) == ['box-128.png', 'strokes-0.png', 'strokes-1.png', 'strokes-2.png']

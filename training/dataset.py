@@ -98,9 +98,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """Images (or .npy latents) in a folder or a zip, with optional dataset.json labels.
 
     max_size keeps a fixed random subset (chosen by random_seed); xflip appends mirrored copies;
-    cache keeps decoded items in memory; use_labels=False drops the labels (label_dim 0)."""
+    cache keeps decoded items in memory; use_labels=False drops the labels (label_dim 0); label_dim sets the classes of
+    the one-hot labels (default: the largest label + 1), for images of a network's first classes only."""
 
-    def __init__(self, path, resolution=None, use_labels=True, max_size=None, xflip=False, random_seed=0, cache=False):
+    def __init__(self, path, resolution=None, use_labels=True, max_size=None, xflip=False, random_seed=0, cache=False,
+        label_dim=None):
         self._path = path
         self._storage = _Storage(path)
         self._files = [name for name in self._storage.names if file_ext(name) in IMAGE_EXTENSIONS]
@@ -113,6 +115,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise UserError(f'{path} holds {width}x{height} images but {resolution}x{resolution} are needed; '
                 f'reconvert with dataset_tool.py convert --resolution={resolution}x{resolution}')
         self._labels = self._read_labels() if use_labels else None
+        self._label_dim = label_dim
+        if label_dim is not None and self._labels is not None and self._labels.ndim == 1 and self._labels.max() >= label_dim:
+            raise UserError(f'{path} has labels up to {self._labels.max()} but the network has {label_dim} classes '
+                f'(0 to {label_dim - 1}); use images of its classes')
         self._cache = {} if cache else None
         order = np.arange(len(self._files), dtype=np.int64)
         if max_size is not None and max_size < len(order):
@@ -199,7 +205,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if self._labels is None:
             return [0]
         if self._labels.ndim == 1:
-            return [int(self._labels.max()) + 1]
+            return [max(int(self._labels.max()) + 1, self._label_dim or 0)]
         return list(self._labels.shape[1:])
 
     @property

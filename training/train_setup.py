@@ -43,7 +43,7 @@ def make_data(config, teacher, encoder):
     """(dataset, encoder, dataset_kwargs) from --data, or samples of an exact teacher."""
     if config.data:
         dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=config.data,
-            use_labels=bool(config.cond), xflip=False, cache=True)
+            use_labels=bool(config.cond), xflip=False, cache=True, label_dim=teacher.label_dim or None)
         dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
         if dataset.num_channels == 2 * teacher.img_channels:        # VAE latents: decode with --vae, else the encoding VAE
             vae = config.vae or dataset.info.get('vae')
