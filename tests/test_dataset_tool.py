@@ -33,7 +33,7 @@ def test_convert_round_trip(tmp_path, transform):
 
 def test_convert_keeps_pixels_and_max_images(tmp_path):
     src = make_images(tmp_path / 'src', [(8, 8)] * 4)
-    convert_dataset(str(src), str(tmp_path / 'folder'), max_images=3)
+    convert_dataset(str(src), str(tmp_path / 'folder') + '/', max_images=3)       # The slash put the temporary folder inside.
     dataset = ImageFolderDataset(str(tmp_path / 'folder'), max_size=2)
     assert len(dataset) == 2 and not dataset.has_labels
     original = np.array(PIL.Image.open(src / 'im0.png')).transpose(2, 0, 1)

@@ -118,8 +118,8 @@ class DatasetWriter:
     conversion (a corrupt image) leaves nothing behind, so running it again needs no clean-up."""
 
     def __init__(self, dest):
-        self.dest = dest
-        self._temp = f'{dest}.tmp{os.getpid()}'
+        self.dest = os.path.normpath(dest)                              # 'out/' too: its temporary folder beside it.
+        self._temp = f'{self.dest}.tmp{os.getpid()}'
         if file_ext(dest) == '.zip':
             if os.path.exists(dest):
                 raise UserError(f'--dest={dest} already exists; remove it or choose another path')
