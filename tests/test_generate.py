@@ -149,6 +149,15 @@ def test_a_full_disk_names_the_image_and_leaves_no_torn_file(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ['000000.png', '000001.png']       # No temporary file.
     assert all(np.array(PIL.Image.open(out / name)).shape == (16, 16, 3) for name in ('000000.png', '000001.png'))
 
+def test_a_training_state_given_as_a_network_names_the_snapshots(tmp_path):
+    """It was "not an NCVSD export ... make one with python -m training.network_io export", which takes a snapshot."""
+    from training.network_io import load_network_data
+    path = tmp_path / 'training-state-0000016.pt'
+    torch.save(dict(state=dict(cur_nimg=16384), G={}, S={}, D={}, ema=dict(stds=[0.05])), path)
+    with pytest.raises(UserError, match="training-state-0000016.pt is a training-state checkpoint, for resuming its run; "
+            "pass one of the run's network-snapshot-"):
+        load_network_data(str(path), verbose=False)
+
 def test_export_round_trip(tmp_path):
     import pickle
     import dnnlib

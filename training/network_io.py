@@ -184,6 +184,9 @@ def load_exported(f, name='the file'):
         export = torch.load(f, map_location='cpu', weights_only=True)
     except Exception as err:
         raise UserError(f'{name} is not a weights-only network file ({dnnlib.util.error_summary(err)})')
+    if isinstance(export, dict) and {'state', 'G', 'ema'} <= set(export):          # torch_utils.distributed.CheckpointIO's.
+        raise UserError(f'{name} is a training-state checkpoint, for resuming its run; pass one of the run\'s '
+            'network-snapshot-*.pkl files')
     if not isinstance(export, dict) or export.get('format') != EXPORT_FORMAT:
         raise UserError(f'{name} is not an NCVSD export (expected format {EXPORT_FORMAT}); make one with python -m training.network_io export')
     net = _construct(export['network'], EXPORTABLE_NETWORKS)
