@@ -381,6 +381,13 @@ def test_sampling_loads_use_the_device_defaults(speed_options, tmp_path):
     load_network(str(tmp_path / 'net.pkl'), torch.device('cpu'), compile_backend='inductor', verbose=False)
     assert get_speed_options() == device_defaults(torch.device('cpu'), compiled=True) != cpu_defaults
 
+def test_compile_network_works_in_a_fresh_process():
+    """compile_network set an option of torch._functorch.config, which `import torch` does not load: in the suite some
+    earlier import had loaded it, but generate_images.py --compile stopped with an AttributeError."""
+    result = run_python(['-c', 'import torch\nfrom training.speed import compile_network\n'
+        'net = compile_network(torch.nn.Linear(2, 2))\nprint(torch._functorch.config.autograd_cache_allow_custom_autograd_functions)'])
+    assert result.returncode == 0 and result.stdout.strip() == 'True', result.stderr[-2000:]
+
 @pytest.mark.parametrize('fused_attention', [True, False])
 def test_channels_last_reaches_every_convolution(speed_options, monkeypatch, fused_attention):
     """With channels_last, every convolution of the UNet (resampling and attention included) gets NHWC activations,

@@ -4,6 +4,7 @@ the networks are compiled.
 Used by the before/after equivalence test and by bench/train_step.py to measure each option."""
 
 import torch
+import torch._functorch.config          # Not loaded by `import torch`: generate_images.py --compile failed on it.
 
 from training import gradients, networks_edm2
 from training.loss import NCVSDLoss
