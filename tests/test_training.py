@@ -161,6 +161,49 @@ def test_a_compiled_two_process_run_matches_the_eager_one(assets, tmp_path):
         update = flat(rank0['eager'][key]) - flat(rank0['initial'][key])
         assert float(update.norm()) > 0 and float((flat(rank0['compiled'][key]) - flat(rank0['eager'][key])).norm()) <= 1e-3 * float(update.norm()), key
 
+def test_a_checkpoint_resumes_on_another_number_of_ranks(assets, tmp_path, capsys):
+    """A preempted job given fewer or more processes was refused. Now the run goes on from the checkpoint's weights with a
+    note; each rank draws new noise, different from the other ranks' and the same when the resume is rerun."""
+    import shutil
+    options = dict(teacher=load_network_data(assets['teacher'], verbose=False)['ema'], dataset=ImageFolderDataset(assets['data']),
+        encoder=StandardRGBEncoder(), network_kwargs={'use_fp16': False}, lr_kwargs=dict(ref_lr=0.01, ref_batches=0, rampup_Mimg=0),
+        batch_size=8, batch_gpu=2, status_nimg=0, snapshot_nimg=0, checkpoint_nimg=8, grid_size=4, device='cpu')
+    training_loop(run_dir=str(tmp_path / 'grown'), total_nimg=16, **options)
+    ranks = run_two_ranks(assets, tmp_path, dict(halved=dict(total_nimg=16, checkpoint_nimg=8), grown=dict(total_nimg=24, checkpoint_nimg=8)))
+    grown = torch.load(tmp_path / 'grown' / 'training-state-0000000.024.pt', weights_only=False)
+    first, second = grown['rng']['ranks']
+    assert not torch.equal(first['generator'], second['generator']) and not torch.equal(first['cpu'], second['cpu'])
+    for key in ('G', 'S', 'D'):
+        for name, value in ranks[0]['grown'][key].items():
+            assert torch.equal(value, ranks[1]['grown'][key][name]), (key, name)
+    capsys.readouterr()
+    shrunk = []
+    for name in ('shrunk', 'shrunk_again'):
+        shutil.copytree(tmp_path / 'halved', tmp_path / name)
+        G, S, D, ema = training_loop(run_dir=str(tmp_path / name), total_nimg=24, **options)
+        shrunk.append(torch.load(tmp_path / name / 'training-state-0000000.024.pt', weights_only=False))
+        assert 'written by 2 ranks and this run has 1' in capsys.readouterr().out
+    halved = torch.load(tmp_path / 'halved' / 'training-state-0000000.016.pt', weights_only=False)
+    assert shrunk[0]['state']['cur_nimg'] == 24
+    for key in ('G', 'S', 'D'):
+        assert_same_weights(shrunk[0][key], shrunk[1][key], 'cpu', key)
+        assert any(not torch.equal(value, halved[key][name]) for name, value in shrunk[0][key].items()), key
+
+@pytest.mark.parametrize('start', [0, 24, 45])
+def test_the_data_stream_resumes_at_the_same_images_on_any_number_of_ranks(start):
+    """Rank r of W reads positions start + r, start + r + W, ... of one shuffled stream (epochs of 10 images here), so the
+    images of each phase batch are the same whatever the number of ranks a run resumes on."""
+    import itertools
+    from torch_utils.misc import InfiniteSampler
+    def batches(world, num_batches=6, batch=8):
+        streams = [iter(InfiniteSampler(range(10), rank=rank, num_replicas=world, seed=3, start_idx=start)) for rank in range(world)]
+        return [sorted(itertools.chain.from_iterable(list(itertools.islice(stream, batch // world)) for stream in streams))
+            for _ in range(num_batches)]
+    order = InfiniteSampler(range(10), seed=3).epoch_order
+    positions = range(start, start + 48)
+    assert batches(1) == [sorted(int(order(p // 10)[p % 10]) for p in positions[i:i + 8]) for i in range(0, 48, 8)]
+    assert batches(2) == batches(4) == batches(1)
+
 def test_sigterm_writes_a_checkpoint_and_the_run_resumes_bitwise(assets, tmp_path):
     """SIGTERM (a scheduler's preemption or time limit) killed the run, losing all since the last checkpoint. Now every
     rank finishes the same iteration, one checkpoint is written, and the resumed run ends with the weights of one never

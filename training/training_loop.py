@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
@@ -55,6 +56,7 @@ class RandomState:
         self.device = torch.device(device)
         self.rng = torch.Generator(self.device).manual_seed(seed)
         torch.manual_seed(seed)
+        self.saved_ranks = None             # After a resume on another number of ranks: how many wrote the checkpoint.
 
     def state_dict(self):
         state = dict(device=self.device.type, generator=self.rng.get_state(), cpu=torch.get_rng_state())
@@ -63,18 +65,27 @@ class RandomState:
         return dict(ranks=dist.all_gather_object(state))
 
     def load_state_dict(self, states):
-        if len(states['ranks']) != dist.get_world_size():
-            raise UserError(f'the checkpoint was written by {len(states["ranks"])} ranks but this run has {dist.get_world_size()}; '
-                'resume with the same number of processes')
-        state = states['ranks'][dist.get_rank()]
-        saved_device = state.get('device', 'cpu')
+        saved_device = states['ranks'][0].get('device', 'cpu')
         if saved_device != self.device.type:
             raise UserError(f'the checkpoint was written by a run on {saved_device} but this run is on {self.device.type}; '
                 f'resume with --device={saved_device}, or start a new --outdir')
+        if len(states['ranks']) != dist.get_world_size():
+            self.start_new_streams(states['ranks'])
+            return
+        state = states['ranks'][dist.get_rank()]
         self.rng.set_state(state['generator'])
         torch.set_rng_state(state['cpu'])
         if 'cuda' in state:
             torch.cuda.set_rng_state(state['cuda'], self.device)
+
+    def start_new_streams(self, saved):
+        """Resumed on another number of ranks, no saved stream is this rank's: each rank seeds new ones from all the saved
+        streams and its rank, so that its noise differs from the other ranks' and a rerun draws the same."""
+        digest = hashlib.sha256(b''.join(state['generator'].numpy().tobytes() for state in saved)).digest()
+        seed = int(np.random.SeedSequence([int.from_bytes(digest, 'little'), dist.get_rank()]).generate_state(1, np.uint64)[0])
+        self.rng.manual_seed(seed)
+        torch.manual_seed(seed)
+        self.saved_ranks = len(saved)
 
 def infinite_batches(data_loader, encoder, device):
     """Endless (images in network space [N, C, H, W], labels [N, L]) on `device`; copied from pinned memory without
@@ -415,6 +426,10 @@ def training_loop(
     checkpoint = dist.CheckpointIO(state=state, G=G, S=S, D=D, S_opt=optimizers['score'], D_opt=optimizers['discriminator'],
         G_opt=optimizers['generator'], ema=ema, rng=random_state)
     checkpoint.load_latest(run_dir)
+    if random_state.saved_ranks is not None:
+        dist.print0(f'Note: the checkpoint was written by {random_state.saved_ranks} ranks and this run has {world_size}: the weights, '
+            'optimizer states, EMAs and data position go on, with new random streams, so the run will not end bit-identical to '
+            f'one on {random_state.saved_ranks} ranks')
 
     # Data: each rank reads its share; the sampler resumes at the same position.
     stop = dist.StopOnSignal()                              # SIGTERM: a checkpoint, then stop.
