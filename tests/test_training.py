@@ -189,6 +189,33 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks(assets, tmp_path, capsy
         assert_same_weights(shrunk[0][key], shrunk[1][key], 'cpu', key)
         assert any(not torch.equal(value, halved[key][name]) for name, value in shrunk[0][key].items()), key
 
+def test_ranks_that_see_different_checkpoints_stop_with_a_clear_error(assets, tmp_path):
+    """An --outdir that is not shared between nodes: rank 0 found its checkpoint and resumed at 8 images, rank 1 found
+    none and started at 0, so the ranks ran different numbers of iterations and the run hung at the end. Rank 1's view
+    is stood in for by a folder of its own."""
+    options = dict(teacher=load_network_data(assets['teacher'], verbose=False)['ema'], dataset=ImageFolderDataset(assets['data']),
+        encoder=StandardRGBEncoder(), network_kwargs={'use_fp16': False}, lr_kwargs=dict(ref_lr=0.01, ref_batches=0, rampup_Mimg=0),
+        batch_size=8, batch_gpu=2, status_nimg=0, snapshot_nimg=0, checkpoint_nimg=8, grid_size=4, device='cpu')
+    training_loop(run_dir=str(tmp_path / 'node0'), total_nimg=8, **options)
+    script = tmp_path / 'unshared.py'
+    script.write_text(textwrap.dedent(f'''
+        import sys
+        sys.path.insert(0, {ROOT!r})
+        from torch_utils import distributed as dist
+        from training.dataset import ImageFolderDataset
+        from training.encoders import StandardRGBEncoder
+        from training.network_io import load_network_data
+        from training.training_loop import training_loop
+        dist.init()
+        training_loop(run_dir={str(tmp_path)!r} + f'/node{{dist.get_rank()}}', teacher=load_network_data({assets["teacher"]!r}, verbose=False)['ema'],
+            dataset=ImageFolderDataset({assets["data"]!r}), encoder=StandardRGBEncoder(), network_kwargs={{'use_fp16': False}},
+            batch_size=8, batch_gpu=2, total_nimg=24, status_nimg=0, snapshot_nimg=0, checkpoint_nimg=8, grid_size=4)
+        '''))
+    result = run_python(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)], env={'OMP_NUM_THREADS': '1'},
+        timeout=120)
+    assert result.returncode != 0
+    assert 'the ranks see different checkpoints' in result.stderr and 'rank 0: training-state-0000000.008.pt, rank 1: none' in result.stderr, result.stderr[-3000:]
+
 @pytest.mark.parametrize('start', [0, 24, 45])
 def test_the_data_stream_resumes_at_the_same_images_on_any_number_of_ranks(start):
     """Rank r of W reads positions start + r, start + r + W, ... of one shuffled stream (epochs of 10 images here), so the

@@ -239,8 +239,20 @@ def checkpoint_nimg(path):
     return int(read_checkpoint(path, mmap=True)['state']['cur_nimg'])
 
 def latest_checkpoint(run_dir):
-    """The newest training-state-<kimg>.pt of `run_dir`, or None. A whole <kimg> (0000005) stands for any image count
-    within that kimg: where a stopped run's exact one (0000005.040) shares it, the counts stored in the files decide."""
+    """The newest training-state-<kimg>.pt of `run_dir`, or None; the same on every rank, else a UserError (ranks on
+    nodes that do not share the folder would resume from different points and hang at the end)."""
+    path = newest_checkpoint(run_dir)
+    views = all_gather_object(path)
+    if len(set(views)) > 1:
+        seen = ', '.join(f'rank {rank}: {os.path.basename(view) if view else "none"}' for rank, view in enumerate(views))
+        raise UserError(f'the ranks see different checkpoints in {run_dir} ({seen}); every rank must read the same '
+            'folder: put --outdir on storage that all nodes share')
+    return path
+
+def newest_checkpoint(run_dir):
+    """The newest training-state-<kimg>.pt in this process's view of `run_dir`, or None. A whole <kimg> (0000005) stands
+    for any image count within that kimg: where a stopped run's exact one (0000005.040) shares it, the counts stored in
+    the files decide."""
     if not os.path.isdir(run_dir):
         return None
     stamps = {name: m.group(1) for name in os.listdir(run_dir) if (m := CHECKPOINT_NAME.fullmatch(name))}
