@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # NCVSD ffhq256-xs: distill edm2-ffhq256-xs.pkl (download it into ../model_zoo/edm2, see quick_start/edm2.txt).
-# Edit DISTRIBUTED_ARGS for your cluster; --batch-gpu suits an A100-80G and does not change the results.
+# Edit DISTRIBUTED_ARGS for your cluster; --batch-gpu suits an A100-80G; lowering it changes no hyperparameter.
 set -e
 DISTRIBUTED_ARGS="--standalone --nproc_per_node=8"
 

@@ -537,6 +537,49 @@ def test_non_finite_gradients_are_zeroed(loss_scaling):
     assert net.weight.grad[0, 0] == 0 and net.weight.grad[1, 2] == 0 and net.bias.grad[0] == 0
     assert net.weight.grad[0, 1] == 2.0 and net.bias.grad[1] == 2.0
 
+def test_batch_gpu_splits_the_batch_into_rounds_and_changes_no_update(monkeypatch):
+    """--batch-gpu decides how a rank's batch is split into accumulation rounds. Where every random draw is a function of
+    its image alone (here), any split gives the same update to float rounding: the losses are normalised by the whole
+    per-rank batch, GAN term included. (In a run the draws are dealt in round order, so a split changes them as a seed
+    would.)"""
+    from conftest import load_fixture
+    from training import loss as loss_module
+    from training.loss import NCVSDLoss
+    from training.networks_edm2 import Precond, mark_constant
+    from training.training_loop import NCVSDIteration, phase_networks
+    def pseudo_noise(x):                                    # Unit variance, a function of x alone.
+        return torch.sin(x * 1000) * 2 ** 0.5
+    class PerImageDraws(NCVSDLoss):
+        def sample_condition(self, images, rng=None):
+            sigma = images.flatten(1).mean(1).abs().mul(10).add(0.05).reshape(-1, 1, 1, 1)
+            return images + pseudo_noise(images) * sigma, sigma
+        def sample_t(self, images, rng=None):
+            return images.flatten(1).std(1).reshape(-1, 1, 1, 1)
+    monkeypatch.setattr(loss_module, 'randn_like_from', lambda rng: pseudo_noise)
+    data = load_fixture('ncvsd_networks_small.pt')
+    teacher = mark_constant(Precond(**data['config']).eval().requires_grad_(False))
+    teacher.load_state_dict(data['teacher_state_dict'])
+    torch.manual_seed(0)
+    initial = build_students(teacher, {'use_fp16': False}, 'cpu')
+    gen = torch.Generator().manual_seed(1)
+    phase_batches = [(torch.randn(8, 3, 16, 16, generator=gen) * 0.5, torch.eye(10)[torch.randint(10, [8], generator=gen)])
+        for _phase in range(3)]
+    results = {}
+    for batch_gpu in (8, 4, 2):
+        G, S, D = [copy.deepcopy(net) for net in initial]
+        optimizers = {phase: torch.optim.SGD(net.parameters()) for phase, net in phase_networks(G, S, D).items()}   # Adam's first
+        step = NCVSDIteration(G, S, D, teacher, PerImageDraws(), optimizers, 0.414, num_rounds=8 // batch_gpu,          # step is ±lr.
+            batch_gpu_total=8, g_lr_scaling=1.0, d_lr_scaling=1.0)
+        rounds = ((images[i:i + batch_gpu], labels[i:i + batch_gpu]) for images, labels in phase_batches for i in range(0, 8, batch_gpu))
+        step.run(rounds, lr=1e-3, use_gan=True)
+        results[batch_gpu] = [torch.cat([value.flatten() for value in net.state_dict().values()]) for net in (G, S, D)]
+    before = [torch.cat([value.flatten() for value in net.state_dict().values()]) for net in initial]
+    for index, name in enumerate('GSD'):
+        update = float((results[8][index] - before[index]).norm())
+        assert update > 0, name
+        for batch_gpu in (4, 2):
+            assert float((results[batch_gpu][index] - results[8][index]).norm()) <= 1e-3 * update, (name, batch_gpu)
+
 def test_flat_gradients_accumulate_and_finish_in_their_parameters():
     """FlatGradients: after zero_(), backward passes accumulate into the parameters' views of the buffer (the values of
     per-parameter gradients); finish_ unscales and zeroes non-finite values there; release() unsets the gradients and

@@ -41,7 +41,7 @@ KEYS = dict(
     copy_teacher_logvar = Key(False, False, 'Students\' logvar heads start as the teacher\'s (published: their own random init).'),
     # Optimisation.
     batch               = Key(REQUIRED, False, 'Images per iteration and phase, over all ranks.'),
-    batch_gpu           = Key(None, True, 'Images per rank and accumulation round (default: batch / ranks); results do not change.'),
+    batch_gpu           = Key(None, True, 'Images per rank and accumulation round (default: batch / ranks); the update stays the same, the noise is dealt differently.'),
     lr                  = Key(REQUIRED, False, 'Reference learning rate of the fake score.'),
     ref_batches         = Key(REQUIRED, False, 'Inverse-square-root decay after this many batches (0: constant).'),
     rampup_Mimg         = Key(REQUIRED, False, 'Linear learning-rate warm-up over this many million images (0: none).'),

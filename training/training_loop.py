@@ -481,7 +481,7 @@ def training_loop(
                     'minutes, unless inductor\'s cache, TORCHINDUCTOR_CACHE_DIR, holds them from an earlier run)', flush=True)
             iteration_start = time.time()
             with misc.memory_advice(device, f'--batch-gpu={batch_gpu}', 'use a smaller --batch-gpu (gradient accumulation keeps '
-                    'the results the same)'):
+                    'the training the same)'):
                 iteration.run(batches, lr, use_gan=use_gan, timer=reported_phase if compiling else None)
             if compiling:
                 dist.print0(f'torch.compile: iteration {time.time() - iteration_start:.1f} s, compilation included')
