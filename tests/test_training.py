@@ -283,7 +283,7 @@ def test_the_newest_checkpoint_is_found_where_a_whole_kimg_and_an_exact_one_shar
     assert latest_checkpoint(str(tmp_path)).endswith('training-state-0000005.pt')
 
 OPTION_ERRORS = {'ts', 'batch', 'duration', 'no_duration', 'outdir_file', 'torn_checkpoint', 'fp16', 'precision_fp16', 'cuda_graphs', 'precision_contradiction', 'preset',
-    'preset_unknown_key', 'preset_missing_key', 'preset_ema_std'}
+    'preset_unknown_key', 'preset_missing_key', 'preset_ema_std', 'lr_nan', 'preset_not_finite', 'device'}
 
 @pytest.mark.parametrize('case, message', [
     ('ts', 'strictly increasing'),
@@ -307,6 +307,9 @@ OPTION_ERRORS = {'ts', 'batch', 'duration', 'no_duration', 'outdir_file', 'torn_
     ('preset_unknown_key', 'unknown key(s) learning_rate'),
     ('preset_missing_key', 'lacks P_mean, lr'),
     ('preset_ema_std', 'ema_stds=0.5: the std of a power-function EMA'),   # Found when the EMA was built, after loading.
+    ('lr_nan', 'lr=nan: not a finite number'),                         # Was accepted: every step zeroed, with warnings.
+    ('preset_not_finite', 'P_mean=inf: not a finite number'),
+    ('device', '--device=tpu is not a device this code runs on'),     # Was torch's traceback.
     ('corrupt_image_in_a_worker', 'corrupt.zip: cannot decode image 00000/img000000'),  # Was the worker's traceback.
 ])
 def test_clear_errors(assets, tmp_path, case, message):
@@ -346,6 +349,10 @@ def test_clear_errors(assets, tmp_path, case, message):
         extra = ['--cuda-graphs=True']
     elif case == 'precision_contradiction':
         extra = ['--fp16=True', '--precision=bf16']
+    elif case == 'lr_nan':
+        extra = ['--lr=nan']
+    elif case == 'device':
+        extra = ['--device=tpu']
     elif case == 'corrupt_image_in_a_worker':       # DataLoader workers are the CUDA default.
         data = str(tmp_path / 'corrupt.zip')
         with zipfile.ZipFile(assets['data']) as source, zipfile.ZipFile(data, 'w') as dest:
@@ -365,6 +372,8 @@ def test_clear_errors(assets, tmp_path, case, message):
             values['learning_rate'] = values['lr']
         elif case == 'preset_ema_std':
             values['ema_stds'] = [0.05, 0.5]
+        elif case == 'preset_not_finite':
+            values['P_mean'] = float('inf')
         else:
             del values['lr'], values['P_mean']
         preset = str(tmp_path / 'custom.json')
@@ -408,6 +417,9 @@ def test_device_choice_and_its_errors(monkeypatch):
     assert choose_device(None, local_ranks=2) == (torch.device('cpu'), None)
     with pytest.raises(UserError, match='CUDA is not available'):
         choose_device('cuda')
+    for requested in ('tpu', 'cuda:x', 'meta'):                         # Were torch's RuntimeError, or accepted.
+        with pytest.raises(UserError, match=f'--device={requested} is not a device'):
+            choose_device(requested)
 
 @pytest.mark.parametrize('native', [False, True])
 def test_emulated_bfloat16_is_noted_and_not_suggested(assets, monkeypatch, capsys, native):

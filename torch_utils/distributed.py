@@ -21,13 +21,24 @@ _device = None          # This rank's device, chosen by init().
 def _env_int(name, default):
     return int(os.environ.get(name, default))
 
+def parse_device(requested):
+    """torch.device of a --device value; a UserError unless it names cpu, cuda, cuda:N or mps."""
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda', 'mps'):
+        raise UserError(f'--device={requested} is not a device this code runs on; use cuda, cuda:N, cpu or mps')
+    return device
+
 def choose_device(requested=None, local_ranks=1, local_rank=0):
     """(device, note or None) for this rank. requested: None (automatic), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
     num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    kind = None if requested is None else torch.device(requested).type
+    device = None if requested is None else parse_device(requested)
+    kind = None if device is None else device.type
     if kind == 'cuda' and num_gpus == 0:
         raise UserError(f'--device={requested} but CUDA is not available here; use --device=cpu (or leave --device out)')
-    index = None if requested is None else torch.device(requested).index
+    index = None if device is None else device.index
     if kind == 'cuda' and index is not None and index >= num_gpus:
         raise UserError(f'--device={requested} but this machine has {num_gpus} GPU(s), cuda:0 to cuda:{num_gpus - 1}; '
             'choose one of them')
@@ -37,7 +48,7 @@ def choose_device(requested=None, local_ranks=1, local_rank=0):
     if kind == 'mps' and not torch.backends.mps.is_available():
         raise UserError(f'--device={requested} but MPS is not available here; use --device=cpu')
     if kind not in (None, 'cuda'):
-        return torch.device(requested), None
+        return device, None
     if kind is None and local_ranks > num_gpus:
         note = (f'Note: {local_ranks} ranks on this machine but {num_gpus} GPU(s): computing on the CPU with gloo; '
             f'use --nproc_per_node={num_gpus} to compute on CUDA') if num_gpus else None

@@ -3,6 +3,7 @@ whether it is part of the run's identity, and what it means. Presets are data (p
 
 import collections
 import json
+import math
 import os
 
 import dnnlib
@@ -97,6 +98,9 @@ def resolve_options(opts):
     if missing:
         raise UserError(f'preset "{opts["preset"]}" lacks {", ".join(missing)}; add them to it (see presets/img64-s.json)'
             + (' or pass --duration' if missing == ['duration'] else ''))
+    not_finite = [f'{name}={value}' for name, value in config.items() if isinstance(value, float) and not math.isfinite(value)]
+    if not_finite:
+        raise UserError(f'{", ".join(not_finite)}: not a finite number; give the option or preset key a number')
     for name in ('duration', 'status', 'snapshot', 'checkpoint'):
         config[name] = dnnlib.util.parse_nimg(config[name])
     if config.duration <= 0:
