@@ -292,6 +292,7 @@ OPTION_ERRORS = {'ts', 'batch', 'duration', 'no_duration', 'outdir_file', 'torn_
     ('no_duration', '--duration=0 trains on no images'),            # Wrote a 0-kimg snapshot and a nonsense status line.
     ('resolution', 'the teacher expects [3, 8, 8]'),
     ('labels', 'pass --cond=False'),
+    ('unlabelled', '--cond=False but the teacher is class-conditional (label_dim=4)'),   # Was a traceback in the first iteration.
     ('not_a_network', 'holds no network'),
     ('damaged_pickle', 'junk.pkl is not a network pickle (ValueError'),
     ('damaged_export', 'junk.pt is not a weights-only network file'),
@@ -327,6 +328,8 @@ def test_clear_errors(assets, tmp_path, case, message):
         net = assets['teacher_res8']
     elif case == 'labels':
         net = assets['teacher_uncond']
+    elif case == 'unlabelled':
+        extra = ['--cond=False']
     elif case == 'not_a_network':
         net = str(tmp_path / 'junk.pkl')
         with open(net, 'wb') as f:

@@ -29,6 +29,9 @@ def check_data_matches(dataset, encoder, teacher, cond):
             'use the matching dataset, or --cond=False for an unconditional teacher')
     if cond and teacher.label_dim == 0 and dataset.label_dim != 0:
         raise UserError('the teacher is unconditional but the dataset has labels; pass --cond=False')
+    if not cond and teacher.label_dim != 0:
+        raise UserError(f'--cond=False but the teacher is class-conditional (label_dim={teacher.label_dim}) and needs a class '
+            'for every image; drop --cond=False (and use a dataset with its labels)')
 
 def load_teacher(config):
     """(teacher, encoder or None) from --net, or the preset's built-in exact teacher."""
