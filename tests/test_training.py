@@ -700,6 +700,31 @@ def test_rerunning_a_finished_run_changes_nothing(assets, tmp_path):
     assert 'finished run' in again.stdout and 'nothing changed' in again.stdout
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir()} == before
 
+def test_a_second_run_in_a_running_runs_outdir_is_refused_and_a_killed_run_leaves_no_lock(assets, tmp_path):
+    """Two jobs in one --outdir (a job started twice, a requeued job whose first copy still runs) both resumed and
+    interleaved their checkpoints and logs. Now the second is refused before it writes; the lock dies with its process."""
+    import signal
+    import subprocess
+    from dnnlib.util import UserError
+    from torch_utils.distributed import run_folder_lock
+    outdir = tmp_path / 'run'
+    holder = subprocess.Popen([sys.executable, '-c', 'import sys, time; from torch_utils.distributed import run_folder_lock\n'
+        f'with run_folder_lock({str(outdir)!r}, "--outdir"):\n    print("locked", flush=True); time.sleep(300)'],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        second = train_cli(assets, outdir, '--duration=8')
+        assert second.returncode != 0 and f'another run (pid {holder.pid} on ' in second.stderr, second.stderr[-2000:]
+        assert sorted(p.name for p in outdir.iterdir()) == ['.run-lock']        # It wrote nothing.
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with run_folder_lock(str(outdir), '--outdir'):
+        with pytest.raises(UserError, match='another run'):     # Another open of the file, as another process would.
+            with run_folder_lock(str(outdir), '--outdir'):
+                pass
+    assert train_cli(assets, outdir, '--duration=8').returncode == 0
+
 def test_dry_run_prints_the_resolved_configuration_and_writes_nothing(assets, tmp_path):
     import json
     result = train_cli(assets, tmp_path / 'run', '--dry-run', '--lr=0.5')

@@ -3,17 +3,19 @@
 The backend follows the device: nccl when every local rank owns a GPU, gloo on the CPU otherwise.
 """
 
+import contextlib
 import functools
 import gc
 import multiprocessing
 import os
 import re
 import signal
+import socket
 import threading
 
 import torch
 
-from dnnlib.util import UserError, STAMP_PATTERN, atomic_file, error_summary
+from dnnlib.util import UserError, STAMP_PATTERN, atomic_file, error_summary, make_output_folder
 from . import training_stats
 
 _device = None          # This rank's device, chosen by init().
@@ -201,6 +203,38 @@ def _restore(obj, saved):
         obj.update(saved)
     else:
         obj.load_state_dict(saved)
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir, option):
+    """Held by rank 0 while a run writes `run_dir` (made if needed), so that a second run started there (the same job
+    twice, a requeued job whose first copy still runs) is refused at once instead of interleaving its files. The OS
+    releases the lock when the process ends, however it ends; where the file system has no locks, there is none."""
+    lock, holder = None, None
+    if get_rank() == 0:
+        make_output_folder(run_dir, option)
+        lock = open(os.path.join(run_dir, '.run-lock'), 'a+')
+        try:
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or 'a process'
+            lock.close()
+        except (ImportError, OSError):          # No fcntl (Windows), or a file system without flock.
+            pass
+        else:
+            lock.truncate(0)
+            lock.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+            lock.flush()
+    holder = all_gather_object(holder)[0]
+    if holder is not None:
+        raise UserError(f'{option}: another run ({holder}) is writing to this folder; wait for it to end, or choose '
+            'another folder')
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
 
 class CheckpointIO:
     """One file holding the state of named objects (dicts, or anything with state_dict/load_state_dict)."""

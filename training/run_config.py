@@ -126,9 +126,8 @@ def run_identity(options):
     return {name: value for name, value in options.items() if name in KEYS and not KEYS[name].resumable}
 
 def check_run_options(run_dir, options, finished_nimg=None):
-    """An outdir belongs to one run: refuse to resume it with a different identity, and write
-    training_options.json. Returns True when the run has already reached options['duration']: then
-    nothing is written. finished_nimg: images of the latest checkpoint, None when there is none."""
+    """An outdir belongs to one run: refuse to resume it with a different identity. Returns True when the run has
+    already reached options['duration']. finished_nimg: images of the latest checkpoint, None when there is none."""
     path = os.path.join(run_dir, 'training_options.json')
     if finished_nimg is not None and os.path.isfile(path):
         with open(path) as f:
@@ -142,8 +141,10 @@ def check_run_options(run_dir, options, finished_nimg=None):
         dist.print0(f'--outdir={run_dir} holds a finished run ({finished_nimg / 1000:g} kimg); nothing to do, nothing changed. '
             'Pass a longer --duration to continue it.')
         return True
-    if dist.get_rank() == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        with dnnlib.util.atomic_file(path, 'w') as f:
-            json.dump(options, f, indent=2)
     return False
+
+def write_run_options(run_dir, options):
+    """training_options.json of the run (rank 0)."""
+    if dist.get_rank() == 0:
+        with dnnlib.util.atomic_file(os.path.join(run_dir, 'training_options.json'), 'w') as f:
+            json.dump(options, f, indent=2)

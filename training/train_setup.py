@@ -114,16 +114,18 @@ def launch(opts, dry_run=False):
     if run_config.check_run_options(config.outdir, config, finished_nimg):
         dist.shutdown()
         return
-    logger = dnnlib.util.Logger(os.path.join(config.outdir, 'log.txt')) if dist.get_rank() == 0 else None
     exit_status = 0
-    try:
-        run_training(config, teacher, dataset, encoder, dataset_kwargs)
-    except Stopped as stopped:
-        dist.print0(stopped, flush=True)
-        exit_status = stopped.exit_status
-    finally:
-        if logger is not None:
-            logger.close()
+    with dist.run_folder_lock(config.outdir, f'--outdir={config.outdir}'):
+        run_config.write_run_options(config.outdir, config)
+        logger = dnnlib.util.Logger(os.path.join(config.outdir, 'log.txt')) if dist.get_rank() == 0 else None
+        try:
+            run_training(config, teacher, dataset, encoder, dataset_kwargs)
+        except Stopped as stopped:
+            dist.print0(stopped, flush=True)
+            exit_status = stopped.exit_status
+        finally:
+            if logger is not None:
+                logger.close()
     dist.shutdown()
     if exit_status:
         sys.exit(exit_status)
