@@ -300,6 +300,7 @@ OPTION_ERRORS = {'ts', 'batch', 'duration', 'no_duration', 'outdir_file', 'torn_
     ('torn_checkpoint', 'training-state-0000000.008.pt cannot be read (RuntimeError'),
     ('missing', 'file not found'),
     ('other_run', 'different run'),
+    ('other_run_without_checkpoint', 'different run that wrote no checkpoint (differs in seed)'),    # Its snapshots were overwritten.
     ('preset', 'unknown preset'),
     ('fp16', '--fp16=True needs CUDA'),
     ('precision_fp16', '--precision=fp16 needs CUDA'),
@@ -363,9 +364,11 @@ def test_clear_errors(assets, tmp_path, case, message):
                 corrupt = name.endswith('.png') and name != '00000/img00000000.png'     # The first is read at start-up.
                 dest.writestr(name, b'not a png' if corrupt else source.read(name))
         extra = ['--workers=2']
-    elif case == 'other_run':
+    elif case.startswith('other_run'):
         assert train_cli(assets, outdir, '--duration=8').returncode == 0
         extra = ['--duration=16', '--seed=5']
+        for checkpoint in (outdir.glob('training-state-*.pt') if case == 'other_run_without_checkpoint' else ()):
+            checkpoint.unlink()                     # Killed before its first checkpoint.
     preset = {'preset': 'nonsense'}.get(case, 'tiny')
     if case.startswith('preset_'):
         import json
@@ -388,7 +391,7 @@ def test_clear_errors(assets, tmp_path, case, message):
     assert 'Traceback' not in result.stderr
     if case in OPTION_ERRORS:                       # Found before anything is loaded or fitted: at once.
         assert 'Loading network' not in result.stdout, result.stdout[-2000:]
-    if case not in ('other_run', 'outdir_file', 'torn_checkpoint', 'corrupt_image_in_a_worker'):
+    if case not in ('other_run', 'other_run_without_checkpoint', 'outdir_file', 'torn_checkpoint', 'corrupt_image_in_a_worker'):
         assert not outdir.exists()                  # A refused run leaves no empty run folder.
 
 @pytest.mark.filterwarnings('ignore:This DataLoader will create')

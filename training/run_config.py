@@ -126,17 +126,21 @@ def run_identity(options):
     return {name: value for name, value in options.items() if name in KEYS and not KEYS[name].resumable}
 
 def check_run_options(run_dir, options, finished_nimg=None):
-    """An outdir belongs to one run: refuse to resume it with a different identity. Returns True when the run has
-    already reached options['duration']. finished_nimg: images of the latest checkpoint, None when there is none."""
+    """An outdir belongs to one run: refuse to resume it, or to write over its files, with a different identity. Returns
+    True when the run has already reached options['duration']. finished_nimg: images of the latest checkpoint, None
+    when there is none."""
     path = os.path.join(run_dir, 'training_options.json')
-    if finished_nimg is not None and os.path.isfile(path):
+    if os.path.isfile(path):
         with open(path) as f:
             previous = json.load(f)
         ours = run_identity(options)
         changed = sorted(name for name in ours if ours[name] != previous.get(name, KEYS[name].default))
-        if changed:
+        if changed and finished_nimg is not None:
             raise UserError(f'--outdir={run_dir} holds checkpoints of a different run (differs in {", ".join(changed)}); '
                 'use a new --outdir, or the original settings to resume')
+        if changed:
+            raise UserError(f'--outdir={run_dir} holds the files of a different run that wrote no checkpoint (differs in '
+                f'{", ".join(changed)}); use a new --outdir, or delete that one')
     if finished_nimg is not None and finished_nimg >= options['duration']:
         dist.print0(f'--outdir={run_dir} holds a finished run ({finished_nimg / 1000:g} kimg); nothing to do, nothing changed. '
             'Pass a longer --duration to continue it.')
