@@ -161,13 +161,17 @@ def test_a_compiled_two_process_run_matches_the_eager_one(assets, tmp_path):
         update = flat(rank0['eager'][key]) - flat(rank0['initial'][key])
         assert float(update.norm()) > 0 and float((flat(rank0['compiled'][key]) - flat(rank0['eager'][key])).norm()) <= 1e-3 * float(update.norm()), key
 
+def loop_options(assets):
+    """training_loop() arguments of the tiny runs below: batch 8 in rounds of 2, a checkpoint every 8 images, on the CPU."""
+    return dict(teacher=load_network_data(assets['teacher'], verbose=False)['ema'], dataset=ImageFolderDataset(assets['data']),
+        encoder=StandardRGBEncoder(), network_kwargs={'use_fp16': False}, lr_kwargs=dict(ref_lr=0.01, ref_batches=0, rampup_Mimg=0),
+        batch_size=8, batch_gpu=2, status_nimg=0, snapshot_nimg=0, checkpoint_nimg=8, grid_size=4, device='cpu')
+
 def test_a_checkpoint_resumes_on_another_number_of_ranks(assets, tmp_path, capsys):
     """A preempted job given fewer or more processes was refused. Now the run goes on from the checkpoint's weights with a
     note; each rank draws new noise, different from the other ranks' and the same when the resume is rerun."""
     import shutil
-    options = dict(teacher=load_network_data(assets['teacher'], verbose=False)['ema'], dataset=ImageFolderDataset(assets['data']),
-        encoder=StandardRGBEncoder(), network_kwargs={'use_fp16': False}, lr_kwargs=dict(ref_lr=0.01, ref_batches=0, rampup_Mimg=0),
-        batch_size=8, batch_gpu=2, status_nimg=0, snapshot_nimg=0, checkpoint_nimg=8, grid_size=4, device='cpu')
+    options = loop_options(assets)
     training_loop(run_dir=str(tmp_path / 'grown'), total_nimg=16, **options)
     ranks = run_two_ranks(assets, tmp_path, dict(halved=dict(total_nimg=16, checkpoint_nimg=8), grown=dict(total_nimg=24, checkpoint_nimg=8)))
     grown = torch.load(tmp_path / 'grown' / 'training-state-0000000.024.pt', weights_only=False)
@@ -193,10 +197,7 @@ def test_ranks_that_see_different_checkpoints_stop_with_a_clear_error(assets, tm
     """An --outdir that is not shared between nodes: rank 0 found its checkpoint and resumed at 8 images, rank 1 found
     none and started at 0, so the ranks ran different numbers of iterations and the run hung at the end. Rank 1's view
     is stood in for by a folder of its own."""
-    options = dict(teacher=load_network_data(assets['teacher'], verbose=False)['ema'], dataset=ImageFolderDataset(assets['data']),
-        encoder=StandardRGBEncoder(), network_kwargs={'use_fp16': False}, lr_kwargs=dict(ref_lr=0.01, ref_batches=0, rampup_Mimg=0),
-        batch_size=8, batch_gpu=2, status_nimg=0, snapshot_nimg=0, checkpoint_nimg=8, grid_size=4, device='cpu')
-    training_loop(run_dir=str(tmp_path / 'node0'), total_nimg=8, **options)
+    training_loop(run_dir=str(tmp_path / 'node0'), total_nimg=8, **loop_options(assets))
     script = tmp_path / 'unshared.py'
     script.write_text(textwrap.dedent(f'''
         import sys
@@ -585,8 +586,9 @@ def test_batch_gpu_splits_the_batch_into_rounds_and_changes_no_update(monkeypatc
     results = {}
     for batch_gpu in (8, 4, 2):
         G, S, D = [copy.deepcopy(net) for net in initial]
-        optimizers = {phase: torch.optim.SGD(net.parameters()) for phase, net in phase_networks(G, S, D).items()}   # Adam's first
-        step = NCVSDIteration(G, S, D, teacher, PerImageDraws(), optimizers, 0.414, num_rounds=8 // batch_gpu,          # step is ±lr.
+        # SGD: an update linear in the gradient (Adam's first step is ±lr, which would amplify rounding).
+        optimizers = {phase: torch.optim.SGD(net.parameters()) for phase, net in phase_networks(G, S, D).items()}
+        step = NCVSDIteration(G, S, D, teacher, PerImageDraws(), optimizers, 0.414, num_rounds=8 // batch_gpu,
             batch_gpu_total=8, g_lr_scaling=1.0, d_lr_scaling=1.0)
         rounds = ((images[i:i + batch_gpu], labels[i:i + batch_gpu]) for images, labels in phase_batches for i in range(0, 8, batch_gpu))
         step.run(rounds, lr=1e-3, use_gan=True)
@@ -711,7 +713,7 @@ def test_a_second_run_in_a_running_runs_outdir_is_refused_and_a_killed_run_leave
     from dnnlib.util import UserError
     from torch_utils.distributed import run_folder_lock
     outdir = tmp_path / 'run'
-    holder = subprocess.Popen([sys.executable, '-c', 'import sys, time; from torch_utils.distributed import run_folder_lock\n'
+    holder = subprocess.Popen([sys.executable, '-c', 'import time; from torch_utils.distributed import run_folder_lock\n'
         f'with run_folder_lock({str(outdir)!r}, "--outdir"):\n    print("locked", flush=True); time.sleep(300)'],
         cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE, text=True)
     try:
