@@ -218,7 +218,10 @@ def _url_to_local_path(url):
 def check_is_file(path, given):
     """`path` (the user wrote `given`) must be a file: a folder gets its own message, not "not found"."""
     if os.path.isdir(path):
-        raise UserError(f'{given} is a folder; give the file inside it')
+        networks = [name for name in os.listdir(path) if name.endswith(('.pkl', '.pt', '.npz'))]
+        newest = lambda name: (name.endswith('.pkl'), os.path.getmtime(os.path.join(path, name)))     # A run's last snapshot.
+        example = f', e.g. {os.path.join(given, max(networks, key=newest))}' if networks else ''
+        raise UserError(f'{given} is a folder; give the file inside it{example}')
     if not os.path.isfile(path):
         raise UserError(f'file not found: {given}')
 

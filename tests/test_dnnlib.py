@@ -51,8 +51,16 @@ def test_open_url_local_and_file_url(tmp_path):
     with pytest.raises(util.UserError, match='not found'):
         util.open_url(str(tmp_path / 'missing.pkl'))
     for folder in (str(tmp_path), tmp_path.as_uri()):      # Was "file not found" for a folder that is there.
-        with pytest.raises(util.UserError, match='is a folder; give the file inside it'):
+        with pytest.raises(util.UserError, match='is a folder; give the file inside it$'):
             util.open_url(folder)
+    run = tmp_path / 'run'                                  # A run folder: its last snapshot is the example.
+    run.mkdir()
+    names = ('student-init.pkl', 'log.txt', 'network-snapshot-0000008-0.050.pkl', 'network-snapshot-0000016-0.100.pkl', 'training-state-0000016.pt')
+    for age, name in enumerate(names):                      # In the order a run writes them.
+        (run / name).write_bytes(b'')
+        os.utime(run / name, (1e9 + age, 1e9 + age))
+    with pytest.raises(util.UserError, match=f'is a folder; give the file inside it, e.g. {run}/network-snapshot-0000016-0.100.pkl'):
+        util.open_url(str(run))
 
 def test_open_url_http_is_cached(tmp_path):
     served = tmp_path / 'served'
