@@ -730,6 +730,16 @@ def test_a_second_run_in_a_running_runs_outdir_is_refused_and_a_killed_run_leave
                 pass
     assert train_cli(assets, outdir, '--duration=8').returncode == 0
 
+@pytest.mark.skipif(not os.path.exists('/dev/full'), reason='needs /dev/full, a device that is always full')
+def test_the_lock_of_a_run_folder_on_a_full_disk_leaves_the_error_to_the_files(tmp_path):
+    """Writing the holder's pid into the lock file is for the message only: a full disk there is no traceback, at entry
+    or at exit (the run's next write names the disk). The lock file is stood in for by /dev/full."""
+    from torch_utils.distributed import run_folder_lock
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / '.run-lock').symlink_to('/dev/full')
+    with run_folder_lock(str(tmp_path / 'run'), '--outdir'):
+        pass
+
 def test_dry_run_prints_the_resolved_configuration_and_writes_nothing(assets, tmp_path):
     import json
     result = train_cli(assets, tmp_path / 'run', '--dry-run', '--lr=0.5')

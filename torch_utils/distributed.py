@@ -223,9 +223,9 @@ def run_folder_lock(run_dir, option):
         except (ImportError, OSError):          # No fcntl (Windows), or a file system without flock.
             pass
         else:
-            lock.truncate(0)
-            lock.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
-            lock.flush()
+            with contextlib.suppress(OSError):      # Who holds it, for the message (unbuffered): no reason to fail.
+                os.ftruncate(lock.fileno(), 0)
+                os.write(lock.fileno(), f'pid {os.getpid()} on {socket.gethostname()}\n'.encode())
     holder = all_gather_object(holder)[0]
     if holder is not None:
         raise UserError(f'{option}: another run ({holder}) is writing to this folder; wait for it to end, or choose '
