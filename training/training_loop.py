@@ -94,6 +94,15 @@ def infinite_batches(data_loader, encoder, device):
         images = encoder.encode_latents(torch.as_tensor(images).to(device, non_blocking=True))
         yield images, torch.as_tensor(labels).to(device, torch.float32, non_blocking=True)
 
+def data_batches(dataset, encoder, device, seed, batch_size, batch_gpu, cur_nimg, num_workers=0, worker_init_fn=None):
+    """infinite_batches() of this rank's share of the data, from where a run at cur_nimg stands in the shuffled order:
+    each iteration reads 3 × batch_size images over all ranks, one batch per phase."""
+    sampler = misc.InfiniteSampler(dataset, rank=dist.get_rank(), num_replicas=dist.get_world_size(), seed=seed,
+        start_idx=(cur_nimg // batch_size) * 3 * batch_size)
+    data_loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu, num_workers=num_workers,
+        pin_memory=(device.type == 'cuda'), prefetch_factor=(2 if num_workers > 0 else None), worker_init_fn=worker_init_fn)
+    return infinite_batches(data_loader, encoder, device)
+
 #----------------------------------------------------------------------------
 # Set-up.
 
@@ -124,6 +133,23 @@ def build_optimizers(G, S, D, betas=(0.9, 0.99), eps=1e-8):
     implementation = dict(fused=True) if next(G.parameters()).device.type == 'cuda' else dict(foreach=True)
     return {phase: torch.optim.Adam(net.parameters(), lr=0, betas=betas, eps=eps, **implementation)
         for phase, net in phase_networks(G, S, D).items()}
+
+def build_run(teacher, init_net, network_kwargs, precision, loss_kwargs, optimizer_kwargs, ema_stds, copy_logvar, seed, device):
+    """Everything a run trains and keeps, new (EasyDict): the frozen teacher, G, S, D, loss_fn, optimizers, ema,
+    random_state and state (images seen, training time), and checkpoint, the CheckpointIO that saves and restores them."""
+    run = dnnlib.EasyDict(teacher=network_io.prepare_frozen(teacher, device))
+    torch.manual_seed(seed)                                 # The same initial weights on every rank.
+    run.G, run.S, run.D = build_students(run.teacher if init_net is None else init_net.to(device), network_kwargs, device, copy_logvar)
+    for net in ((run.G, run.S, run.D, run.teacher) if precision is not None else ()):
+        set_precision(net, precision)
+    run.loss_fn = dnnlib.util.construct_class_by_name(class_name='training.loss.NCVSDLoss', **loss_kwargs)
+    run.optimizers = build_optimizers(run.G, run.S, run.D, **optimizer_kwargs)
+    run.ema = PowerFunctionEMA(run.G, stds=ema_stds)
+    run.random_state = RandomState(device, seed + dist.get_rank())
+    run.state = dnnlib.EasyDict(cur_nimg=0, total_elapsed_time=0.0)
+    run.checkpoint = dist.CheckpointIO(state=run.state, G=run.G, S=run.S, D=run.D, S_opt=run.optimizers['score'],
+        D_opt=run.optimizers['discriminator'], G_opt=run.optimizers['generator'], ema=run.ema, rng=run.random_state)
+    return run
 
 class NCVSDIteration:
     """One NCVSD iteration: fake score, discriminator and generator phases, each on its own
@@ -293,6 +319,19 @@ def compiled_graphs_needed(cur_nimg, start_nimg, batch_size, gan_warmup_nimg):
     return None
 
 @contextlib.contextmanager
+def compilation_report(compiling, compile_options):
+    """Around an iteration: where it compiles (`compiling`, from compiled_graphs_needed; None: it does not), says what
+    before and its time after."""
+    if not compiling:
+        yield
+        return
+    dist.print0(f'torch.compile ({", ".join(map(str, compile_options.values()))}): {compiling} (with inductor: '
+        'minutes, unless inductor\'s cache, TORCHINDUCTOR_CACHE_DIR, holds them from an earlier run)', flush=True)
+    start = time.time()
+    yield
+    dist.print0(f'torch.compile: iteration {time.time() - start:.1f} s, compilation included')
+
+@contextlib.contextmanager
 def reported_phase(name):
     """Prints the time a phase took, in an iteration that compiles (compiled_graphs_needed)."""
     start = time.time()
@@ -345,6 +384,40 @@ def memory_report():
     cpu = psutil.Process(os.getpid()).memory_info().rss / 2**30
     gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     return cpu, gpu
+
+class ScheduledOutputs:
+    """What a run writes between iterations: snapshots, status lines (and stats.jsonl records) and checkpoints, each at
+    the multiples of its interval (0: none) and at the end, and a checkpoint when the run is stopped. Keeps the run's
+    clock: the training time since the start or the last checkpoint, added to state.total_elapsed_time at each one."""
+
+    def __init__(self, run_dir, state, checkpoint, snapshots, status_nimg, snapshot_nimg, checkpoint_nimg, fine_stamps):
+        self.run_dir, self.state, self.checkpoint, self.snapshots = run_dir, state, checkpoint, snapshots
+        self.intervals = dict(status=status_nimg, snapshot=snapshot_nimg, checkpoint=checkpoint_nimg)
+        self.fine_stamps = fine_stamps
+        self.stats_path = os.path.join(run_dir, 'stats.jsonl')
+        self.start_nimg = state.cur_nimg
+        self.start_time = time.time()
+        self.prev_status = (self.start_time, state.cur_nimg)      # (time, images) the next status line measures from.
+
+    def on_schedule(self, name):
+        return bool(self.intervals[name]) and self.state.cur_nimg % self.intervals[name] == 0
+
+    def write(self, done, stopped):
+        """Write what is due at state.cur_nimg. A run that resumes writes nothing before its first iteration (the run
+        it resumes wrote it), unless it is done; a finished run resumed writes no checkpoint."""
+        progressed = self.state.cur_nimg != self.start_nimg
+        if done or (progressed and self.on_schedule('snapshot')):
+            exact = self.snapshots.save(self.state.cur_nimg)
+            report0_from_rank0({f'Exact{suffix}/{name}': value for suffix, metrics in exact.items()
+                for name, value in (metrics or {}).items()})
+        if done or (progressed and self.on_schedule('status')):
+            self.prev_status = report_status(self.state, self.start_time, *self.prev_status, self.stats_path)
+        on_schedule = done or self.on_schedule('checkpoint')
+        if (on_schedule or stopped) and progressed:
+            self.state.total_elapsed_time += time.time() - self.start_time
+            self.start_time = time.time()
+            stamp = dnnlib.util.nimg_stamp(self.state.cur_nimg, self.fine_stamps or not on_schedule)   # Off the schedule: exact.
+            self.checkpoint.save(os.path.join(self.run_dir, f'training-state-{stamp}.pt'))
 
 class Stopped(Exception):
     """The loop stopped on a signal after writing a checkpoint. The message says how to resume; exit_status is the
@@ -405,90 +478,54 @@ def training_loop(
 ):
     device = torch.device(device) if device is not None else dist.get_device()
     world_size = dist.get_world_size()
-    batch_gpu_total = batch_size // world_size
     batch_gpu, num_rounds = batch_rounds(batch_size, batch_gpu, world_size,
         dict(duration=total_nimg, status=status_nimg, snapshot=snapshot_nimg, checkpoint=checkpoint_nimg))
     use_published_backends()
     if dist.get_rank() == 0:
         os.makedirs(run_dir, exist_ok=True)
 
-    # Networks, loss, optimizers, EMA.
-    teacher = network_io.prepare_frozen(teacher, device)
-    torch.manual_seed(seed)                                 # The same initial weights on every rank.
-    G, S, D = build_students(teacher if init_net is None else init_net.to(device), network_kwargs, device, copy_teacher_logvar)
-    for net in ((G, S, D, teacher) if precision is not None else ()):
-        set_precision(net, precision)
-    loss_fn = dnnlib.util.construct_class_by_name(class_name='training.loss.NCVSDLoss', **loss_kwargs)
-    optimizers = build_optimizers(G, S, D, **optimizer_kwargs)
-    ema = PowerFunctionEMA(G, stds=ema_stds)
-    random_state = RandomState(device, seed + dist.get_rank())
-    state = dnnlib.EasyDict(cur_nimg=0, total_elapsed_time=0.0)
-    checkpoint = dist.CheckpointIO(state=state, G=G, S=S, D=D, S_opt=optimizers['score'], D_opt=optimizers['discriminator'],
-        G_opt=optimizers['generator'], ema=ema, rng=random_state)
-    checkpoint.load_latest(run_dir)
-    if random_state.saved_ranks is not None:
-        dist.print0(f'Note: the checkpoint was written by {random_state.saved_ranks} ranks and this run has {world_size}: the weights, '
-            'optimizer states, EMAs and data position go on, with new random streams, so the run will not end bit-identical to '
-            f'one on {random_state.saved_ranks} ranks')
-
-    # Data: each rank reads its share; the sampler resumes at the same position.
+    # Networks, loss, optimizers, EMA and random streams, resumed from the latest checkpoint.
+    run = build_run(teacher, init_net, network_kwargs, precision, loss_kwargs, optimizer_kwargs, ema_stds,
+        copy_teacher_logvar, seed, device)
+    run.checkpoint.load_latest(run_dir)
+    state = run.state                                       # Images seen and training time, as checkpointed.
+    if run.random_state.saved_ranks is not None:
+        dist.print0(f'Note: the checkpoint was written by {run.random_state.saved_ranks} ranks and this run has {world_size}: the '
+            'weights, optimizer states, EMAs and data position go on, with new random streams, so the run will not end '
+            f'bit-identical to one on {run.random_state.saved_ranks} ranks')
     stop = dist.StopOnSignal()                              # SIGTERM: a checkpoint, then stop.
-    sampler = misc.InfiniteSampler(dataset, rank=dist.get_rank(), num_replicas=world_size, seed=seed,
-        start_idx=(state.cur_nimg // batch_size) * 3 * batch_size)
-    data_loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu, num_workers=num_workers,
-        pin_memory=(device.type == 'cuda'), prefetch_factor=(2 if num_workers > 0 else None), worker_init_fn=stop.worker_init_fn)
-    batches = infinite_batches(data_loader, encoder, device)
+    batches = data_batches(dataset, encoder, device, seed, batch_size, batch_gpu, state.cur_nimg, num_workers, stop.worker_init_fn)
 
     dist.print0(f'Training: {total_nimg // 1000} kimg, batch {batch_size} = {world_size} ranks × {num_rounds} rounds × {batch_gpu}, '
         f'device {device}, starting at {state.cur_nimg // 1000} kimg')
-    iteration = NCVSDIteration(G, S, D, teacher, loss_fn, optimizers, gamma, num_rounds, batch_gpu_total,
-        g_lr_scaling, d_lr_scaling, loss_scaling, force_finite, random_state.rng, compile_options)
+    iteration = NCVSDIteration(run.G, run.S, run.D, run.teacher, run.loss_fn, run.optimizers, gamma, num_rounds,
+        batch_size // world_size, g_lr_scaling, d_lr_scaling, loss_scaling, force_finite, run.random_state.rng, compile_options)
     fine_stamps = fine_stamps_needed(total_nimg, snapshot_nimg, checkpoint_nimg)
-    snapshots = SnapshotWriter(run_dir, ema, gamma, encoder, loss_fn, teacher, ts, list(range(grid_size)), device,
+    snapshots = SnapshotWriter(run_dir, run.ema, gamma, encoder, run.loss_fn, run.teacher, ts, list(range(grid_size)), device,
         dataset_kwargs, fine_stamps)
-    stats_path = os.path.join(run_dir, 'stats.jsonl')
-    start_time = time.time()
+    outputs = ScheduledOutputs(run_dir, state, run.checkpoint, snapshots, status_nimg, snapshot_nimg, checkpoint_nimg, fine_stamps)
     start_nimg = state.cur_nimg
-    prev_status_time, prev_status_nimg = start_time, state.cur_nimg
 
     with stop:
         while True:
             done = state.cur_nimg >= total_nimg
             stopped = not done and stop.requested()
-            progressed = state.cur_nimg != start_nimg
-            if (done or (snapshot_nimg and state.cur_nimg % snapshot_nimg == 0)) and (progressed or done):
-                exact = snapshots.save(state.cur_nimg)
-                report0_from_rank0({f'Exact{suffix}/{name}': value for suffix, metrics in exact.items() for name, value in (metrics or {}).items()})
-            if (done or (status_nimg and state.cur_nimg % status_nimg == 0)) and (progressed or done):
-                prev_status_time, prev_status_nimg = report_status(state, start_time, prev_status_time, prev_status_nimg, stats_path)
-            on_schedule = done or (checkpoint_nimg and state.cur_nimg % checkpoint_nimg == 0)
-            if (on_schedule or stopped) and progressed:
-                state.total_elapsed_time += time.time() - start_time
-                start_time = time.time()
-                stamp = dnnlib.util.nimg_stamp(state.cur_nimg, fine_stamps or not on_schedule)   # Off the schedule: exact.
-                checkpoint.save(os.path.join(run_dir, f'training-state-{stamp}.pt'))
+            outputs.write(done, stopped)
             if stopped:
                 raise Stopped(f'Stopped by {stop.name} at {state.cur_nimg / 1000:.3f} kimg; the last checkpoint holds the run: '
                     'run the same command to resume it', 128 + stop.signum)
             if done:
                 break
-
             lr = learning_rate_schedule(state.cur_nimg, batch_size, **lr_kwargs)     # At the images seen before this iteration.
-            use_gan = state.cur_nimg >= gan_warmup_nimg
             compiling = compile_options and compiled_graphs_needed(state.cur_nimg, start_nimg, batch_size, gan_warmup_nimg)
-            if compiling:
-                dist.print0(f'torch.compile ({", ".join(map(str, compile_options.values()))}): {compiling} (with inductor: '
-                    'minutes, unless inductor\'s cache, TORCHINDUCTOR_CACHE_DIR, holds them from an earlier run)', flush=True)
-            iteration_start = time.time()
-            with misc.memory_advice(device, f'--batch-gpu={batch_gpu}', 'use a smaller --batch-gpu (gradient accumulation keeps '
-                    'the training the same)'):
-                iteration.run(batches, lr, use_gan=use_gan, timer=reported_phase if compiling else None)
-            if compiling:
-                dist.print0(f'torch.compile: iteration {time.time() - iteration_start:.1f} s, compilation included')
+            with compilation_report(compiling, compile_options), misc.memory_advice(device, f'--batch-gpu={batch_gpu}',
+                    'use a smaller --batch-gpu (more accumulation rounds: the same hyperparameters, the random draws '
+                    'dealt to other images)'):
+                iteration.run(batches, lr, use_gan=state.cur_nimg >= gan_warmup_nimg, timer=reported_phase if compiling else None)
             state.cur_nimg += batch_size
-            ema.update(cur_nimg=state.cur_nimg, batch_size=batch_size)
+            run.ema.update(cur_nimg=state.cur_nimg, batch_size=batch_size)
 
-    if hasattr(teacher, 'exact_metrics'):
-        report0_from_rank0(final_exact_metrics(ema, gamma, teacher, device, final_samples) if dist.get_rank() == 0 else {})
-        append_stats(stats_path, time.time())
-    return G, S, D, ema
+    if hasattr(run.teacher, 'exact_metrics'):
+        report0_from_rank0(final_exact_metrics(run.ema, gamma, run.teacher, device, final_samples) if dist.get_rank() == 0 else {})
+        append_stats(outputs.stats_path, time.time())
+    return run.G, run.S, run.D, run.ema
