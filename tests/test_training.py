@@ -823,6 +823,53 @@ def test_sec_per_kimg_after_a_resume_is_measured_from_the_resume(assets, tmp_pat
     rate = lambda out: [float(v) for v in re.findall(r'sec/kimg (\S+)', out)]
     assert len(rate(resumed.stdout)) == 1 and rate(resumed.stdout)[0] < 3 * max(rate(first.stdout)) + 200, (first.stdout, resumed.stdout)
 
+def test_status_lines_count_snapshot_writing_as_maintenance_not_training(assets, tmp_path, monkeypatch):
+    """As in EDM2, sec/kimg is the time spent in iterations; writing snapshots (and grids, checkpoints) is reported as
+    maintenance. Each snapshot here takes 100 s on the loop's clock, in both status intervals."""
+    import json, types, time
+    from training import training_loop as loop
+    clock = types.SimpleNamespace(offset=0.0)
+    monkeypatch.setattr(loop, 'time', types.SimpleNamespace(time=lambda: time.time() + clock.offset))
+    save = loop.SnapshotWriter.save
+    def slow_save(self, cur_nimg):
+        clock.offset += 100
+        return save(self, cur_nimg)
+    monkeypatch.setattr(loop.SnapshotWriter, 'save', slow_save)
+    training_loop(run_dir=str(tmp_path), total_nimg=16, **dict(loop_options(assets), status_nimg=8, snapshot_nimg=8))
+    records = [json.loads(line) for line in open(tmp_path / 'stats.jsonl')]
+    assert len(records) == 2
+    for record in records:
+        assert record['Timing/maintenance_sec']['mean'] >= 100
+        assert record['Timing/sec_per_kimg']['mean'] * 8 / 1000 < 100
+
+def test_cpu_memory_in_a_status_line_counts_the_data_workers():
+    """cpumem, as in EDM2, is the resident memory of the process and its children (the DataLoader workers): a child
+    holding 256 MiB adds at least that much."""
+    import subprocess, psutil
+    from training.training_loop import memory_report
+    child = subprocess.Popen([sys.executable, '-c', 'import sys; block = b"x" * (256 << 20); print("ready", flush=True); sys.stdin.read()'],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == 'ready\n'
+        assert memory_report()[0] - psutil.Process().memory_info().rss / 2**30 >= 0.25
+    finally:
+        child.stdin.close()
+        child.wait()
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_gpu_memory_in_a_status_line_is_the_intervals_peak(device):
+    """gpumem and reserved, as in EDM2, are the peaks on the run's device since the last status line (zeros off CUDA):
+    a 256 MiB block freed before one status line counts in it, and not in the next."""
+    from training.training_loop import memory_report
+    block = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    del block
+    _, first_peak, first_reserved = memory_report(torch.device(device))
+    _, second_peak, _ = memory_report(torch.device(device))
+    if device == 'cpu':
+        assert first_peak == first_reserved == second_peak == 0
+    else:
+        assert first_peak >= 0.25 and first_reserved >= 0.25 and second_peak < first_peak - 0.2
+
 def run_until_the_toy_fit(tmp_path, probe, *options):
     """Launch the toy preset on the CPU with `options` in a fresh process, which prints `probe` (a Python expression;
     torch and training.speed imported) where the toy's initial network would be fitted, and stops there."""

@@ -343,21 +343,28 @@ def report0_from_rank0(values):
     for name, value in dist.all_gather_object(values)[0].items():
         training_stats.report0(name, value)
 
-def report_status(state, start_time, prev_time, prev_nimg, stats_path):
-    """One status line and one stats.jsonl record; returns the new (time, nimg) reference."""
+def report_status(state, start_time, prev_time, prev_nimg, stats_path, training_sec=None, device=None):
+    """One status line and one stats.jsonl record of the interval since (prev_time, prev_nimg); returns the new
+    reference. As in EDM2, sec/kimg counts the seconds spent in iterations (training_sec; default: the whole interval)
+    and maintenance the rest (snapshots, sample grids, checkpoints); GPU memory peaks are those of the interval."""
     cur_time = time.time()
     kimg = state.cur_nimg / 1000
-    sec_per_kimg = (cur_time - prev_time) / max((state.cur_nimg - prev_nimg) / 1000, 1e-8)
-    cpu_mem, gpu_mem = memory_report()
+    training_sec = cur_time - prev_time if training_sec is None else training_sec
+    sec_per_kimg = training_sec / max((state.cur_nimg - prev_nimg) / 1000, 1e-8)
+    maintenance_sec = max(cur_time - prev_time - training_sec, 0.0)
+    cpu_mem, gpu_mem, gpu_reserved = memory_report(device)
     training_stats.report0('Progress/kimg', kimg)
     training_stats.report0('Timing/sec_per_kimg', sec_per_kimg)
+    training_stats.report0('Timing/maintenance_sec', maintenance_sec)
     training_stats.report0('Resources/cpu_mem_gb', cpu_mem)
     training_stats.report0('Resources/peak_gpu_mem_gb', gpu_mem)
+    training_stats.report0('Resources/peak_gpu_mem_reserved_gb', gpu_reserved)
     collector = append_stats(stats_path, cur_time)
     means = {name.split('/')[1]: collector.mean(name) for name in ('Loss/score', 'Loss/discriminator', 'Loss/generator') if collector.num(name)}
     losses = '  '.join(f'{name} {mean:<8.4f}' for name, mean in means.items())
     dist.print0(f'kimg {kimg:<9.3f} time {dnnlib.util.format_time(state.total_elapsed_time + cur_time - start_time):<9s} '
-        f'sec/kimg {sec_per_kimg:<8.2f} {losses}  cpumem {cpu_mem:<5.2f} gpumem {gpu_mem:<5.2f}', flush=True)
+        f'sec/kimg {sec_per_kimg:<8.2f} maintenance {maintenance_sec:<7.2f} {losses}  cpumem {cpu_mem:<5.2f} '
+        f'gpumem {gpu_mem:<5.2f} reserved {gpu_reserved:<5.2f}', flush=True)
     warning = nonfinite_loss_warning(means)
     if warning:
         dist.print0(warning, flush=True)
@@ -380,24 +387,41 @@ def append_stats(stats_path, timestamp):
             f.write(json.dumps(dict(collector.as_dict(), timestamp=timestamp)) + '\n')
     return collector
 
-def memory_report():
-    cpu = psutil.Process(os.getpid()).memory_info().rss / 2**30
-    gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-    return cpu, gpu
+def memory_report(device=None):
+    """GiB of (this process's resident memory with its data workers', the peak GPU memory allocated and reserved on
+    `device` since the last call: the peaks restart here; zeros off CUDA)."""
+    process = psutil.Process(os.getpid())
+    cpu = process.memory_info().rss
+    for worker in process.children(recursive=True):
+        with contextlib.suppress(psutil.Error):             # A worker may end between the listing and the reading.
+            cpu += worker.memory_info().rss
+    if device is None or torch.device(device).type != 'cuda':
+        return cpu / 2**30, 0.0, 0.0
+    gpu, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return cpu / 2**30, gpu / 2**30, reserved / 2**30
 
 class ScheduledOutputs:
     """What a run writes between iterations: snapshots, status lines (and stats.jsonl records) and checkpoints, each at
     the multiples of its interval (0: none) and at the end, and a checkpoint when the run is stopped. Keeps the run's
     clock: the training time since the start or the last checkpoint, added to state.total_elapsed_time at each one."""
 
-    def __init__(self, run_dir, state, checkpoint, snapshots, status_nimg, snapshot_nimg, checkpoint_nimg, fine_stamps):
-        self.run_dir, self.state, self.checkpoint, self.snapshots = run_dir, state, checkpoint, snapshots
+    def __init__(self, run_dir, state, checkpoint, snapshots, status_nimg, snapshot_nimg, checkpoint_nimg, fine_stamps, device):
+        self.run_dir, self.state, self.checkpoint, self.snapshots, self.device = run_dir, state, checkpoint, snapshots, device
         self.intervals = dict(status=status_nimg, snapshot=snapshot_nimg, checkpoint=checkpoint_nimg)
         self.fine_stamps = fine_stamps
         self.stats_path = os.path.join(run_dir, 'stats.jsonl')
         self.start_nimg = state.cur_nimg
         self.start_time = time.time()
         self.prev_status = (self.start_time, state.cur_nimg)      # (time, images) the next status line measures from.
+        self.training_sec = 0.0                                     # Seconds in iterations since the last status line.
+
+    @contextlib.contextmanager
+    def training(self):
+        """Around an iteration: its seconds count as training in the next status line, the rest as maintenance."""
+        start = time.time()
+        yield
+        self.training_sec += time.time() - start
 
     def on_schedule(self, name):
         return bool(self.intervals[name]) and self.state.cur_nimg % self.intervals[name] == 0
@@ -411,7 +435,9 @@ class ScheduledOutputs:
             report0_from_rank0({f'Exact{suffix}/{name}': value for suffix, metrics in exact.items()
                 for name, value in (metrics or {}).items()})
         if done or (progressed and self.on_schedule('status')):
-            self.prev_status = report_status(self.state, self.start_time, *self.prev_status, self.stats_path)
+            self.prev_status = report_status(self.state, self.start_time, *self.prev_status, self.stats_path, self.training_sec,
+                self.device)
+            self.training_sec = 0.0
         on_schedule = done or self.on_schedule('checkpoint')
         if (on_schedule or stopped) and progressed:
             self.state.total_elapsed_time += time.time() - self.start_time
@@ -503,7 +529,8 @@ def training_loop(
     fine_stamps = fine_stamps_needed(total_nimg, snapshot_nimg, checkpoint_nimg)
     snapshots = SnapshotWriter(run_dir, run.ema, gamma, encoder, run.loss_fn, run.teacher, ts, list(range(grid_size)), device,
         dataset_kwargs, fine_stamps)
-    outputs = ScheduledOutputs(run_dir, state, run.checkpoint, snapshots, status_nimg, snapshot_nimg, checkpoint_nimg, fine_stamps)
+    outputs = ScheduledOutputs(run_dir, state, run.checkpoint, snapshots, status_nimg, snapshot_nimg, checkpoint_nimg, fine_stamps,
+        device)
     start_nimg = state.cur_nimg
 
     with stop:
@@ -518,12 +545,13 @@ def training_loop(
                 break
             lr = learning_rate_schedule(state.cur_nimg, batch_size, **lr_kwargs)     # At the images seen before this iteration.
             compiling = compile_options and compiled_graphs_needed(state.cur_nimg, start_nimg, batch_size, gan_warmup_nimg)
-            with compilation_report(compiling, compile_options), misc.memory_advice(device, f'--batch-gpu={batch_gpu}',
-                    'use a smaller --batch-gpu (more accumulation rounds: the same hyperparameters, the random draws '
-                    'dealt to other images)'):
-                iteration.run(batches, lr, use_gan=state.cur_nimg >= gan_warmup_nimg, timer=reported_phase if compiling else None)
-            state.cur_nimg += batch_size
-            run.ema.update(cur_nimg=state.cur_nimg, batch_size=batch_size)
+            with outputs.training():
+                with compilation_report(compiling, compile_options), misc.memory_advice(device, f'--batch-gpu={batch_gpu}',
+                        'use a smaller --batch-gpu (more accumulation rounds: the same hyperparameters, the random draws '
+                        'dealt to other images)'):
+                    iteration.run(batches, lr, use_gan=state.cur_nimg >= gan_warmup_nimg, timer=reported_phase if compiling else None)
+                state.cur_nimg += batch_size
+                run.ema.update(cur_nimg=state.cur_nimg, batch_size=batch_size)
 
     if hasattr(run.teacher, 'exact_metrics'):
         report0_from_rank0(final_exact_metrics(run.ema, gamma, run.teacher, device, final_samples) if dist.get_rank() == 0 else {})
