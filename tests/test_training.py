@@ -841,6 +841,7 @@ def test_status_lines_count_snapshot_writing_as_maintenance_not_training(assets,
     for record in records:
         assert record['Timing/maintenance_sec']['mean'] >= 100
         assert record['Timing/sec_per_kimg']['mean'] * 8 / 1000 < 100
+    assert records[1]['Timing/total_sec']['mean'] >= 200                    # The run's time includes its maintenance.
 
 def test_cpu_memory_in_a_status_line_counts_the_data_workers():
     """cpumem, as in EDM2, is the resident memory of the process and its children (the DataLoader workers): a child

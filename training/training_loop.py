@@ -352,8 +352,10 @@ def report_status(state, start_time, prev_time, prev_nimg, stats_path, training_
     training_sec = cur_time - prev_time if training_sec is None else training_sec
     sec_per_kimg = training_sec / max((state.cur_nimg - prev_nimg) / 1000, 1e-8)
     maintenance_sec = max(cur_time - prev_time - training_sec, 0.0)
+    total_sec = state.total_elapsed_time + cur_time - start_time         # The run's time, over its resumes.
     cpu_mem, gpu_mem, gpu_reserved = memory_report(device)
     training_stats.report0('Progress/kimg', kimg)
+    training_stats.report0('Timing/total_sec', total_sec)
     training_stats.report0('Timing/sec_per_kimg', sec_per_kimg)
     training_stats.report0('Timing/maintenance_sec', maintenance_sec)
     training_stats.report0('Resources/cpu_mem_gb', cpu_mem)
@@ -362,7 +364,7 @@ def report_status(state, start_time, prev_time, prev_nimg, stats_path, training_
     collector = append_stats(stats_path, cur_time)
     means = {name.split('/')[1]: collector.mean(name) for name in ('Loss/score', 'Loss/discriminator', 'Loss/generator') if collector.num(name)}
     losses = '  '.join(f'{name} {mean:<8.4f}' for name, mean in means.items())
-    dist.print0(f'kimg {kimg:<9.3f} time {dnnlib.util.format_time(state.total_elapsed_time + cur_time - start_time):<9s} '
+    dist.print0(f'kimg {kimg:<9.3f} time {dnnlib.util.format_time(total_sec):<9s} '
         f'sec/kimg {sec_per_kimg:<8.2f} maintenance {maintenance_sec:<7.2f} {losses}  cpumem {cpu_mem:<5.2f} '
         f'gpumem {gpu_mem:<5.2f} reserved {gpu_reserved:<5.2f}', flush=True)
     warning = nonfinite_loss_warning(means)
