@@ -148,6 +148,43 @@ def test_two_process_torchrun_keeps_ranks_identical(assets, tmp_path):
     checkpoint = torch.load(tmp_path / 'run' / 'training-state-0000000.016.pt', weights_only=False)
     assert len(checkpoint['rng']['ranks']) == 2
 
+def test_ranks_that_diverge_stop_at_the_checkpoint_with_a_clear_error(assets, tmp_path):
+    """Averaged gradients keep the ranks' weights identical, and each checkpoint checks it (as EDM2 does): where one
+    rank's weights drift (here rank 1 nudges a weight of G after each iteration), every rank stops after the checkpoint
+    with one line naming the tensor, instead of training on with ranks that disagree. Rank 0's state is saved."""
+    script = tmp_path / 'drift.py'
+    script.write_text(textwrap.dedent(f'''
+        import sys, torch
+        sys.path.insert(0, {ROOT!r})
+        from dnnlib.util import UserError
+        from torch_utils import distributed as dist
+        from training import training_loop as loop
+        from training.dataset import ImageFolderDataset
+        from training.encoders import StandardRGBEncoder
+        from training.network_io import load_network_data
+        run = loop.NCVSDIteration.run
+        def drifting_run(self, *args, **kwargs):
+            run(self, *args, **kwargs)
+            if dist.get_rank() == 1:
+                with torch.no_grad():
+                    dict(self.nets['generator'].named_parameters())['enc.enc.16x16_conv.weight'].add_(1e-3)
+        loop.NCVSDIteration.run = drifting_run
+        dist.init()
+        try:
+            loop.training_loop(run_dir={str(tmp_path / 'run')!r}, teacher=load_network_data({assets["teacher"]!r}, verbose=False)['ema'],
+                dataset=ImageFolderDataset({assets["data"]!r}), encoder=StandardRGBEncoder(), network_kwargs={{'use_fp16': False}},
+                batch_size=8, batch_gpu=2, total_nimg=16, status_nimg=0, snapshot_nimg=0, checkpoint_nimg=8, grid_size=4)
+        except UserError as err:
+            print(f'rank {{dist.get_rank()}}: {{err}}')
+        dist.shutdown()
+    '''))
+    result = run_python(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)], env={'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(2):
+        assert (f"rank {rank}: the ranks have diverged: G.enc.enc.16x16_conv.weight differs from rank 0's on 1 of the 1 other ranks"
+            in result.stdout), result.stdout
+    assert os.listdir(tmp_path / 'run') == ['training-state-0000000.008.pt']
+
 def test_a_compiled_two_process_run_matches_the_eager_one(assets, tmp_path):
     """torchrun --compile: the DDP wrappers compiled (dynamo splits their graphs at the buckets), two accumulation
     rounds per rank, the second under no_sync with the gradients in DDP's buckets. Ranks stay identical, and the
@@ -842,6 +879,7 @@ def test_status_lines_count_snapshot_writing_as_maintenance_not_training(assets,
         assert record['Timing/maintenance_sec']['mean'] >= 100
         assert record['Timing/sec_per_kimg']['mean'] * 8 / 1000 < 100
     assert records[1]['Timing/total_sec']['mean'] >= 200                    # The run's time includes its maintenance.
+    assert [record['Loss/learning_rate']['mean'] for record in records] == [pytest.approx(0.01)] * 2   # EDM2's record of it.
 
 def test_cpu_memory_in_a_status_line_counts_the_data_workers():
     """cpumem, as in EDM2, is the resident memory of the process and its children (the DataLoader workers): a child

@@ -6,6 +6,7 @@ The backend follows the device: nccl when every local rank owns a GPU, gloo on t
 import contextlib
 import functools
 import gc
+import itertools
 import multiprocessing
 import os
 import re
@@ -129,6 +130,36 @@ def all_gather_object(obj):
     everyone = [None for _ in range(get_world_size())]
     torch.distributed.all_gather_object(everyone, obj)
     return everyone
+
+def _bits(tensor):
+    """A float tensor's bits as integers of its width, so that NaN equals NaN; other tensors as they are."""
+    if not tensor.is_floating_point():
+        return tensor
+    return tensor.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+
+def check_ranks_agree(modules, advice):
+    """A UserError on every rank where any rank's parameters or buffers of `modules` ({name: module}) differ from rank
+    0's by a bit, naming the first such tensor; `advice` says what to do. Averaged gradients keep the ranks identical,
+    so a difference is a defect (a tensor outside the averaging, an update of one rank's own). One broadcast per tensor
+    and one host sync: a check for checkpoints, not iterations."""
+    if not is_distributed():
+        return
+    names, differs = [], []
+    for module_name, module in modules.items():
+        for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+            reference = tensor.detach().clone(memory_format=torch.contiguous_format)
+            torch.distributed.broadcast(reference, src=0)
+            differs.append((_bits(reference) != _bits(tensor.detach())).any())
+            names.append(f'{module_name}.{name}')
+    if not names:
+        return
+    ranks_differing = torch.stack(differs).to(torch.int32)     # [tensors]: how many ranks differ from rank 0
+    torch.distributed.all_reduce(ranks_differing)
+    differing = ranks_differing.nonzero().flatten().tolist()
+    if differing:
+        first = differing[0]
+        raise UserError(f'the ranks have diverged: {names[first]} differs from rank 0\'s on {ranks_differing[first].item()} of '
+            f'the {get_world_size() - 1} other ranks ({len(differing)} tensors differ); {advice}')
 
 #----------------------------------------------------------------------------
 # Stopping on SIGTERM.

@@ -408,8 +408,9 @@ class ScheduledOutputs:
     the multiples of its interval (0: none) and at the end, and a checkpoint when the run is stopped. Keeps the run's
     clock: the training time since the start or the last checkpoint, added to state.total_elapsed_time at each one."""
 
-    def __init__(self, run_dir, state, checkpoint, snapshots, status_nimg, snapshot_nimg, checkpoint_nimg, fine_stamps, device):
+    def __init__(self, run_dir, state, checkpoint, snapshots, status_nimg, snapshot_nimg, checkpoint_nimg, fine_stamps, device, nets):
         self.run_dir, self.state, self.checkpoint, self.snapshots, self.device = run_dir, state, checkpoint, snapshots, device
+        self.nets = nets                                            # {name: trained network}, checked at each checkpoint.
         self.intervals = dict(status=status_nimg, snapshot=snapshot_nimg, checkpoint=checkpoint_nimg)
         self.fine_stamps = fine_stamps
         self.stats_path = os.path.join(run_dir, 'stats.jsonl')
@@ -446,6 +447,8 @@ class ScheduledOutputs:
             self.start_time = time.time()
             stamp = dnnlib.util.nimg_stamp(self.state.cur_nimg, self.fine_stamps or not on_schedule)   # Off the schedule: exact.
             self.checkpoint.save(os.path.join(self.run_dir, f'training-state-{stamp}.pt'))
+            dist.check_ranks_agree(self.nets, f'gradient averaging should prevent it: please report it with log.txt. training-state-'
+                f'{stamp}.pt holds rank 0\'s state, from which the same command resumes every rank alike')
 
 class Stopped(Exception):
     """The loop stopped on a signal after writing a checkpoint. The message says how to resume; exit_status is the
@@ -532,7 +535,7 @@ def training_loop(
     snapshots = SnapshotWriter(run_dir, run.ema, gamma, encoder, run.loss_fn, run.teacher, ts, list(range(grid_size)), device,
         dataset_kwargs, fine_stamps)
     outputs = ScheduledOutputs(run_dir, state, run.checkpoint, snapshots, status_nimg, snapshot_nimg, checkpoint_nimg, fine_stamps,
-        device)
+        device, dict(G=run.G, S=run.S, D=run.D))
     start_nimg = state.cur_nimg
 
     with stop:
@@ -546,6 +549,7 @@ def training_loop(
             if done:
                 break
             lr = learning_rate_schedule(state.cur_nimg, batch_size, **lr_kwargs)     # At the images seen before this iteration.
+            training_stats.report('Loss/learning_rate', lr)                     # The fake score's; G's and D's are scaled.
             compiling = compile_options and compiled_graphs_needed(state.cur_nimg, start_nimg, batch_size, gan_warmup_nimg)
             with outputs.training():
                 with compilation_report(compiling, compile_options), misc.memory_advice(device, f'--batch-gpu={batch_gpu}',
