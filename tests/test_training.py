@@ -104,6 +104,7 @@ def test_snapshot_loads_in_a_fresh_process_and_samples(assets, tmp_path):
         data = pickle.load(open({str(tmp_path / "network-snapshot-0000000.008-0.050.pkl")!r}, 'rb'))
         net = data['ema']
         assert type(net).__name__ == 'GenerativeDenoiser' and set(data) >= {{'ema', 'encoder', 'dataset_kwargs', 'loss_fn'}}
+        assert {{value.dtype for value in net.state_dict().values()}} == {{torch.float16}}     # As EDM2 stores its networks.
         labels = torch.eye(4)[:2]
         x = net(torch.randn(2, 3, 16, 16) * 80, 80.0, labels=labels, ts=[10, 22, 39])
         assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()

@@ -256,16 +256,20 @@ class SnapshotWriter:
         self.dataset_kwargs, self.fine_stamps = dataset_kwargs, fine_stamps
 
     def save(self, cur_nimg):
-        """Write the snapshots (rank 0); returns {ema suffix: exact metrics of the grid samples, or None}."""
+        """Write the snapshots (rank 0), their networks in float16 as EDM2 and the published code store them, and a grid
+        sampled from the stored weights; returns {ema suffix: exact metrics of the grid samples, or None}."""
         results = {}
         for ema_net, suffix in self.ema.get():
-            denoiser = GenerativeDenoiser(copy.deepcopy(ema_net).eval().requires_grad_(False).cpu(), gamma=self.gamma)
+            if dist.get_rank() != 0:
+                continue
+            stored = copy.deepcopy(ema_net).eval().requires_grad_(False).to('cpu', torch.float16)
+            denoiser = GenerativeDenoiser(stored, gamma=self.gamma)
             data = dnnlib.EasyDict(ema=denoiser, encoder=self.encoder, dataset_kwargs=self.dataset_kwargs, loss_fn=self.loss_fn)
             base = os.path.join(self.run_dir, f'network-snapshot-{dnnlib.util.nimg_stamp(cur_nimg, self.fine_stamps)}{suffix}')
-            if dist.get_rank() == 0:
-                with dnnlib.util.atomic_file(base + '.pkl') as f:
-                    pickle.dump(data, f)
-                results[suffix] = save_sample_grid(denoiser.to(self.device), self.encoder, self.ts, self.teacher, self.grid_seeds, base + '.png')
+            with dnnlib.util.atomic_file(base + '.pkl') as f:
+                pickle.dump(data, f)
+            results[suffix] = save_sample_grid(denoiser.to(self.device, torch.float32), self.encoder, self.ts, self.teacher,
+                self.grid_seeds, base + '.png')
         return results
 
 _skipped_grid_reasons = set()
