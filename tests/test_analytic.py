@@ -1,7 +1,5 @@
 """The exact teachers against Monte-Carlo and against each other."""
 
-import math
-
 import pytest
 import torch
 

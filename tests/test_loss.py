@@ -64,7 +64,6 @@ def test_score_loss_is_smallest_for_the_exact_fake_score():
 def test_score_loss_value_matches_formula():
     """λ(t)/e^u·‖S − x‖² + u: with S ≡ x + 1 and u = 0 the loss is λ(t) per element."""
     loss_fn = NCVSDLoss(P_mean=0.0, P_std=0.0)        # t = 1 exactly
-    gen = ShiftedGenerator(0.0)
     score = lambda x_t, t, y, sigma, class_labels=None, return_logvar=False: (x_t * 0 + 1 + gen_out[0], torch.zeros(x_t.shape[0], 1, 1, 1))
     gen_out = [None]
     def recording_gen(y, sigma, labels=None, return_logvar=False, randn_like=torch.randn_like):

@@ -808,7 +808,7 @@ def test_quick_start_training_scripts_are_valid_runs_on_eight_ranks(tmp_path, sc
 
 def test_every_option_and_preset_key_is_declared_once_with_its_part_in_the_run_identity():
     """Each CLI option and preset key is a run_config key: part of the identity, or declared resumable."""
-    import glob, json
+    import glob
     import train_ncvsd
     from training.run_config import KEYS, load_preset
     options = {param.name for param in train_ncvsd.main.params} - {'dry_run'}
