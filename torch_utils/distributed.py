@@ -159,7 +159,7 @@ def check_ranks_agree(modules, advice):
     if differing:
         first = differing[0]
         raise UserError(f'the ranks have diverged: {names[first]} differs from rank 0\'s on {ranks_differing[first].item()} of '
-            f'the {get_world_size() - 1} other ranks ({len(differing)} tensors differ); {advice}')
+            f'the {get_world_size() - 1} other ranks ({len(differing)} of the {len(names)} tensors differ); {advice}')
 
 #----------------------------------------------------------------------------
 # Stopping on SIGTERM.
