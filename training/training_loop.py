@@ -410,7 +410,8 @@ def memory_report(device=None):
 class ScheduledOutputs:
     """What a run writes between iterations: snapshots, status lines (and stats.jsonl records) and checkpoints, each at
     the multiples of its interval (0: none) and at the end, and a checkpoint when the run is stopped. Keeps the run's
-    clock: the training time since the start or the last checkpoint, added to state.total_elapsed_time at each one."""
+    clocks: the time since the start or the last checkpoint, added to state.total_elapsed_time at each one, and the
+    seconds spent in iterations since the last status line."""
 
     def __init__(self, run_dir, state, checkpoint, snapshots, status_nimg, snapshot_nimg, checkpoint_nimg, fine_stamps, device, nets):
         self.run_dir, self.state, self.checkpoint, self.snapshots, self.device = run_dir, state, checkpoint, snapshots, device
