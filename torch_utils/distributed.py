@@ -153,8 +153,7 @@ def check_ranks_agree(modules, advice):
             names.append(f'{module_name}.{name}')
     if not names:
         return
-    ranks_differing = torch.stack(differs).to(torch.int32)     # [tensors]: how many ranks differ from rank 0
-    torch.distributed.all_reduce(ranks_differing)
+    ranks_differing = all_reduce_sum(torch.stack(differs).to(torch.int32))    # [tensors]: how many ranks differ from rank 0
     differing = ranks_differing.nonzero().flatten().tolist()
     if differing:
         first = differing[0]
