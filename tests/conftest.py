@@ -1,13 +1,21 @@
 import os
 import sys
 
+def threads_per_process():
+    """Threads for torch in a test process and the processes it starts: at most 2, and under pytest-xdist (`-n N`)
+    the cores' share of each worker: 2 workers of 2 threads on 2 cores spin-wait for each other's cores."""
+    return max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))))
+
+if 'PYTEST_XDIST_WORKER_COUNT' in os.environ:         # Before torch starts its threads; the tests' processes inherit it.
+    os.environ['OMP_NUM_THREADS'] = str(threads_per_process())
+
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
 sys.path.insert(0, ROOT)
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(threads_per_process())
 
 def pytest_configure(config):
     """torch's deprecation warning about its own code (importing inductor defines torch.utils.mkldnn's TorchScript
@@ -24,6 +32,13 @@ def load_fixture(name):
 def _isolated_cache(tmp_path, monkeypatch):
     """Never touch the user's download cache from a test."""
     monkeypatch.setenv('NCVSD_CACHE_DIR', str(tmp_path / 'cache'))
+
+@pytest.fixture(autouse=True)
+def _fresh_statistics_interval():
+    """Each test starts a statistics interval of its own: what an earlier test in this process reported (an xdist
+    worker runs the tests in any order) is collected here, never in the test's status lines."""
+    from torch_utils import training_stats
+    training_stats.default_collector.update()
 
 @pytest.fixture
 def speed_options():
