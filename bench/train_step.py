@@ -92,8 +92,6 @@ def main(preset, batch, iters, warmup, device, threads, off, on, precision, comp
         variants = [' '.join(f'{key}={value}' for key, value in dict(off=off, on=on, precision=precision, compile=compile_nets, cuda_graphs=cuda_graphs).items() if value)]
     variants = [parse_variant(spec, device, default_precision) for spec in variants]
     teacher, config = random_teacher(preset, device)
-    if any(variant.compile_options for variant in variants):
-        torch._dynamo.config.recompile_limit = 64          # Variants share the networks: each adds its own graphs.
 
     # One set of networks for all variants (the timing does not depend on the weights), each with its own iteration.
     G, S, D = build_students(teacher, dict(use_fp16=default_precision != 'fp32'), device)

@@ -433,6 +433,23 @@ def test_compiled_networks_compile_once(tmp_path):
     denoiser.sample(torch.randn(4, 3, 16, 16), labels, ts=[0, 10, 20, 30, 39])
     assert graphs() == after_sampling
 
+def test_compiled_networks_are_not_held_to_dynamos_default_recompile_limit():
+    """Every network's forward is one function to dynamo (the weight-grouping decorator's wrapper), and one iteration
+    traces 7 graphs of it (G, S, D and the teacher in their grad modes), sampling an 8th: dynamo's default limit, past
+    which fullgraph compilation stopped with "found no compiled frames" (eager otherwise). Here a module decorated
+    alike is called at ten batch sizes, each its own static-shape graph, after whatever this process compiled before."""
+    from torch._dynamo.utils import counters
+    from training.speed import compile_network
+    class Doubling(torch.nn.Module):
+        @networks_edm2.normalizes_weights_by_group
+        def forward(self, x):
+            return x * 2
+    doubling = compile_network(Doubling(), backend='eager', fullgraph=True)
+    before = counters['stats']['unique_graphs']
+    for batch in range(1, 11):
+        assert torch.equal(doubling(torch.ones(batch)), torch.full([batch], 2.0))
+    assert counters['stats']['unique_graphs'] == before + 10
+
 def test_compiled_networks_are_cacheable_by_aot_autograd():
     """Every node of each network's traced graph passes AOT autograd's cache check (numpy scalars meeting tensors, and
     our autograd Functions unless compile_network admits them, make it bypass the cache), so a restarted compiled

@@ -93,6 +93,10 @@ def set_speed_options(**flags):
 def compile_network(net, **options):
     """torch.compile(net, **options) as every compiled path does it: static shapes, and our autograd Functions
     (Normalize, MaskedClip, traced whole: the networks compile without graph breaks) admitted to AOT autograd's
-    cache, so that a restarted run loads its traced forward and backward graphs instead of tracing them again."""
+    cache, so that a restarted run loads its traced forward and backward graphs instead of tracing them again.
+    Every network's forward is one function to dynamo (normalizes_weights_by_group's wrapper), whose graphs share
+    dynamo's recompile limit: one iteration traces 7 (G, S, D and the teacher in their grad modes) against its
+    default of 8, past which a run would fall back to eager, so the limit is raised."""
     torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(net, dynamic=False, **options)
