@@ -34,10 +34,12 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv('NCVSD_CACHE_DIR', str(tmp_path / 'cache'))
 
 @pytest.fixture(autouse=True)
-def _fresh_statistics_interval():
-    """Each test starts a statistics interval of its own: what an earlier test in this process reported (an xdist
-    worker runs the tests in any order) is collected here, never in the test's status lines."""
+def _same_start_in_any_order():
+    """Each test starts alike wherever it runs (an xdist worker runs the tests in any order): torch's global generator
+    seeded, and a statistics interval of its own (what an earlier test reported is collected here, never in the
+    test's status lines)."""
     from torch_utils import training_stats
+    torch.manual_seed(0)
     training_stats.default_collector.update()
 
 @pytest.fixture
