@@ -15,7 +15,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
 sys.path.insert(0, ROOT)
-torch.set_num_threads(threads_per_process())
+torch.set_num_threads(min(torch.get_num_threads(), threads_per_process()))      # A user's OMP_NUM_THREADS may ask for fewer.
 
 def pytest_configure(config):
     """torch's deprecation warning about its own code (importing inductor defines torch.utils.mkldnn's TorchScript
