@@ -259,9 +259,9 @@ class SnapshotWriter:
         """Write the snapshots (rank 0), their networks in float16 as EDM2 and the published code store them, and a grid
         sampled from the stored weights; returns {ema suffix: exact metrics of the grid samples, or None}."""
         results = {}
+        if dist.get_rank() != 0:
+            return results
         for ema_net, suffix in self.ema.get():
-            if dist.get_rank() != 0:
-                continue
             stored = copy.deepcopy(ema_net).eval().requires_grad_(False).to('cpu', torch.float16)
             denoiser = GenerativeDenoiser(stored, gamma=self.gamma)
             data = dnnlib.EasyDict(ema=denoiser, encoder=self.encoder, dataset_kwargs=self.dataset_kwargs, loss_fn=self.loss_fn)
