@@ -94,7 +94,7 @@ def infinite_batches(data_loader, encoder, device):
         images = encoder.encode_latents(torch.as_tensor(images).to(device, non_blocking=True))
         yield images, torch.as_tensor(labels).to(device, torch.float32, non_blocking=True)
 
-def data_batches(dataset, encoder, device, seed, batch_size, batch_gpu, cur_nimg, num_workers=0, worker_init_fn=None):
+def data_batches(dataset, encoder, device, seed, batch_size, batch_gpu, cur_nimg, num_workers, worker_init_fn):
     """infinite_batches() of this rank's share of the data, from where a run at cur_nimg stands in the shuffled order:
     each iteration reads 3 × batch_size images over all ranks, one batch per phase."""
     sampler = misc.InfiniteSampler(dataset, rank=dist.get_rank(), num_replicas=dist.get_world_size(), seed=seed,
@@ -541,7 +541,6 @@ def training_loop(
         dataset_kwargs, fine_stamps)
     outputs = ScheduledOutputs(run_dir, state, run.checkpoint, snapshots, status_nimg, snapshot_nimg, checkpoint_nimg, fine_stamps,
         device, dict(G=run.G, S=run.S, D=run.D))
-    start_nimg = state.cur_nimg
 
     with stop:
         while True:
@@ -555,7 +554,7 @@ def training_loop(
                 break
             lr = learning_rate_schedule(state.cur_nimg, batch_size, **lr_kwargs)     # At the images seen before this iteration.
             training_stats.report('Loss/learning_rate', lr)                     # The fake score's; G's and D's are scaled.
-            compiling = compile_options and compiled_graphs_needed(state.cur_nimg, start_nimg, batch_size, gan_warmup_nimg)
+            compiling = compile_options and compiled_graphs_needed(state.cur_nimg, outputs.start_nimg, batch_size, gan_warmup_nimg)
             with outputs.training():
                 with compilation_report(compiling, compile_options), misc.memory_advice(device, f'--batch-gpu={batch_gpu}',
                         'use a smaller --batch-gpu (more accumulation rounds: the same hyperparameters, the random draws '
