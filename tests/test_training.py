@@ -692,12 +692,13 @@ def test_gradients_are_averaged_across_ranks(tmp_path, network):
     """Two gloo ranks with identical batches: the reduced gradient is each rank's own (the mean, not the sum), in the
     first step and after DDP has rebuilt its buckets, unscaled in DDP's buckets; the student normalises its weights by
     group (grouped_weight_norm), whose backward nodes ready a UNet level's gradients at once. Where a rank's gradients
-    are not finite, the reduced ones are zeroed on every rank. The DDP wrapper is freed before the group is destroyed.
+    are not finite, the reduced ones are zeroed on every rank. The DDP wrapper is freed before the group is destroyed,
+    and the group's gloo threads end with it (running into the interpreter's exit, they once aborted a rank there).
     A 1x1 convolution on channels-last activations gets its weight's gradient with other strides in the size-1 dims
     only (the same memory layout), which DDP's layout check would report as a performance warning on every rank."""
     script = tmp_path / 'average.py'
     script.write_text(textwrap.dedent(f'''
-        import copy, gc, sys, weakref, torch
+        import copy, gc, os, sys, weakref, torch
         sys.path.insert(0, {ROOT!r})
         from torch_utils import distributed as dist
         from training.gradients import gradient_averaging, finish_gradients_
@@ -723,8 +724,12 @@ def test_gradients_are_averaged_across_ranks(tmp_path, network):
         torch.save(steps, {str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.pt')
         wrapper = weakref.ref(averaging)
         del averaging
+        tasks = '/proc/self/task'                                   # Linux: the names of this process's threads.
+        gloo_threads = lambda: [name for task in os.listdir(tasks) if 'gloo' in (name := open(f'{{tasks}}/{{task}}/comm').read().strip())]
+        assert not os.path.isdir(tasks) or gloo_threads(), 'no gloo threads to watch: have they been renamed?'
         dist.shutdown()
         assert wrapper() is None, 'the DDP wrapper outlived the process group'
+        assert not os.path.isdir(tasks) or not gloo_threads(), f'gloo threads {{gloo_threads()}} outlived the process group'
     '''))
     result = run_python(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)], env={'OMP_NUM_THREADS': '1'})
     assert result.returncode == 0, result.stderr[-3000:]

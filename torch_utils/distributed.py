@@ -6,6 +6,7 @@ The backend follows the device: nccl when every local rank owns a GPU, gloo on t
 import contextlib
 import functools
 import gc
+import importlib
 import itertools
 import multiprocessing
 import os
@@ -72,6 +73,7 @@ def init(device=None):
     if _device.type == 'cuda':
         torch.cuda.set_device(_device)
     if world_size > 1 and not torch.distributed.is_initialized():
+        importlib.import_module('torch.distributed.nn')     # Before the group: its defaults then hold None (see shutdown).
         backend = 'nccl' if _device.type == 'cuda' else 'gloo'
         torch.distributed.init_process_group(backend=backend, init_method='env://')
     if note and get_rank() == 0:
@@ -99,9 +101,11 @@ def barrier():
         torch.distributed.barrier()
 
 def shutdown():
-    """Destroy the process group, after collecting the garbage: uncollected reference cycles can keep a DDP wrapper
-    and its reducer's gloo work alive past the group, until the interpreter's finalisation, where freeing them can
-    abort the process (a two-rank test ended so once, exit -6, 'terminate called without an active exception')."""
+    """Destroy the process group, which ends its threads, while the interpreter is whole: an object still holding the
+    group keeps its gloo threads running into the interpreter's exit, where a two-rank test was seen to abort (exit -6,
+    'terminate called without an active exception', once in some hundreds of runs). Two such holders: reference
+    cycles around a DDP wrapper (collected here first), and torch.distributed.nn's functions, whose `group=group.WORLD`
+    defaults are evaluated when DDP first imports the module (init() imports it before the group exists: None)."""
     if is_distributed():
         gc.collect()
         torch.distributed.destroy_process_group()
