@@ -725,7 +725,14 @@ def test_gradients_are_averaged_across_ranks(tmp_path, network):
         wrapper = weakref.ref(averaging)
         del averaging
         tasks = '/proc/self/task'                                   # Linux: the names of this process's threads.
-        gloo_threads = lambda: [name for task in os.listdir(tasks) if 'gloo' in (name := open(f'{{tasks}}/{{task}}/comm').read().strip())]
+        def gloo_threads():
+            names = []
+            for task in os.listdir(tasks):
+                try:
+                    names.append(open(f'{{tasks}}/{{task}}/comm').read().strip())
+                except FileNotFoundError:                           # A thread that ended after listdir.
+                    pass
+            return [name for name in names if 'gloo' in name]
         assert not os.path.isdir(tasks) or gloo_threads(), 'no gloo threads to watch: have they been renamed?'
         dist.shutdown()
         assert wrapper() is None, 'the DDP wrapper outlived the process group'
